@@ -1,0 +1,35 @@
+"""Test setup.
+
+Without a CUDA device the Triton kernels run through the Triton interpreter on the CPU. The
+interpreter must be switched on before any @triton.jit function is created, i.e. before
+maxvit_fast.kernels is imported, hence before the imports below. On a GPU machine it stays
+off, so the same tests run the compiled kernels.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import maxvit_fast.kernels  # noqa: E402,F401  (creates the kernels in the mode chosen above)
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
