@@ -51,3 +51,21 @@ def load_vit_pytorch_maxvit():
     module = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(module)
     return module
+
+
+def assert_within_reference_error(actual, ref_lowp, ref_fp32, factor=2.0, atol=0.0, name="tensor"):
+    """Low-precision rule: the fused result's error against an fp32 (or fp64) reference is at
+    most ``factor`` times the error of the reference module run in the same low precision,
+    plus ``atol`` (for outputs where the reference happens to round almost exactly)."""
+    truth = ref_fp32.detach().double()
+    err = (actual.detach().double() - truth).abs().max().item()
+    ref_err = (ref_lowp.detach().double() - truth).abs().max().item()
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    bound = factor * ref_err + atol
+    assert err <= bound, f"{name}: error {err:.3e} > {factor:g} x reference's own error {ref_err:.3e} + {atol:g}"
+    return err, ref_err
+
+
+def poison_(t):
+    """Fill with NaN so anything a kernel forgets to write fails the comparison."""
+    return t.fill_(float("nan"))
