@@ -28,17 +28,12 @@ def image_size_ok(size: int, num_stages: int, window_size: int) -> bool:
     return size > 0 and all(s % window_size == 0 for s in _stage_sizes(size, num_stages))
 
 
-def nearest_valid_sizes(size: int, num_stages: int, window_size: int, count: int = 2) -> list[int]:
-    """The valid image sides closest to ``size`` (at most ``count``, smaller first)."""
+def nearest_valid_sizes(size: int, num_stages: int, window_size: int) -> list[int]:
+    """The closest valid image side below ``size`` (if any) and the closest above it."""
     step = window_size * 2 ** (num_stages + 1)  # every multiple of this is valid
-    found = []
-    for delta in range(0, 2 * step + 1):
-        for cand in (size - delta, size + delta):
-            if cand > 0 and cand not in found and image_size_ok(cand, num_stages, window_size):
-                found.append(cand)
-        if len(found) >= count:
-            break
-    return sorted(found[:count])
+    below = next((s for s in range(size - 1, 0, -1) if image_size_ok(s, num_stages, window_size)), None)
+    above = next(s for s in range(size + 1, size + step + 1) if image_size_ok(s, num_stages, window_size))
+    return [s for s in (below, above) if s is not None]
 
 
 def _check_positive_int(name, value):
