@@ -10,11 +10,18 @@ tensor. Windows are
 Each window's sequence is [r register rows, w*w tokens]. ``registers`` is (r, C) for rows shared
 by every window of every image (block step) or (B, r, C) for rows shared by the windows of one
 image (grid step).
+
+Fused path (``fused=True`` where the kernels can run; see ``kernels/window_attention.py``):
+LayerNorm + qkv projection as one cuBLAS GEMM over the whole map (and once for the register rows:
+per block when they are shared, per image in the grid step; k/v only when their outputs are not
+needed), the Triton attention core (autograd Function below, Triton backward), then output
+projection + residual as one ``addmm`` (output dropout in between when training).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..dispatch import use_kernels
 from ..reference import Attention
@@ -61,6 +68,123 @@ def _reference(x, registers, attn: Attention, pattern: str):
     return window_unpartition(seq[:, :, :, r:], w, pattern), seq[:, :, :, :r]
 
 
+def _check_arguments(x, registers, attn, pattern):
+    if pattern not in ("block", "grid"):
+        raise ValueError(f"pattern must be 'block' or 'grid', got {pattern!r}")
+    if x.ndim != 4:
+        raise ValueError(f"x must be (B, H, W, C), got shape {tuple(x.shape)}")
+    b, h, w_, c = x.shape
+    w, r = attn.window_size, attn.num_registers
+    if c != attn.heads * attn.dim_head:
+        raise ValueError(f"x has {c} channels, the attention module expects {attn.heads * attn.dim_head}")
+    if h % w or w_ % w:
+        raise ValueError(f"feature map {h}x{w_} does not divide into {w}x{w} windows")
+    if registers.shape not in ((r, c), (b, r, c)):
+        raise ValueError(f"registers must be ({r}, {c}) or ({b}, {r}, {c}), got {tuple(registers.shape)}")
+
+
+def _fused_unsupported(x, registers, attn) -> str | None:
+    try:
+        from ..kernels import window_attention as K
+    except ImportError:
+        return None  # use_kernels reports the missing Triton itself
+    reason = K.unsupported_reason(attn.window_size, attn.num_registers, attn.dim_head, x.dtype)
+    if reason is not None:
+        return reason
+    tensors = [registers, attn.norm.weight, attn.to_qkv.weight, attn.to_out[0].weight, attn.rel_pos_bias.weight]
+    if attn.norm.bias is not None:
+        tensors.append(attn.norm.bias)
+    if any(t.dtype != x.dtype for t in tensors):
+        return "window attention kernels need x, registers and the attention weights in one dtype"
+    if any(t.device != x.device for t in tensors):
+        return "window attention kernels need x, registers and the attention weights on one device"
+    return None
+
+
+class _WindowAttentionCore(torch.autograd.Function):
+    """softmax(q k^T * scale + bias) (dropout) @ v over every window; Triton forward and backward.
+
+    Inputs: qkv (B, H, W, 3C), register rows (1 or B, r, 3C or 2C), the bias table. Outputs: the
+    per-head outputs (B, H, W, C) and, with register queries, the register rows' (B, nX, nY, r, C).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, reg_qkv, table, rel_pos_indices, cfg):
+        from ..kernels import window_attention as K
+
+        out, reg_out, lse = K.window_attention_forward(qkv, reg_qkv, table, **cfg)
+        ctx.cfg = cfg
+        ctx.save_for_backward(qkv, reg_qkv, table, out, reg_out, lse, rel_pos_indices)
+        if cfg["register_queries"]:
+            return out, reg_out
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out, d_reg_out=None):
+        from ..kernels import window_attention as K
+
+        qkv, reg_qkv, table, out, reg_out, lse, rel_pos_indices = ctx.saved_tensors
+        cfg = ctx.cfg
+        d_out = torch.zeros_like(out) if d_out is None else d_out
+        if d_out.stride(-1) != 1:
+            d_out = d_out.contiguous()
+        if cfg["register_queries"]:
+            d_reg_out = torch.zeros_like(reg_out) if d_reg_out is None else d_reg_out
+        dqkv, d_reg, d_table = K.window_attention_backward(
+            qkv, reg_qkv, table, out, reg_out, lse, d_out, d_reg_out, rel_pos_indices, **cfg
+        )
+        return dqkv, d_reg.to(reg_qkv.dtype), d_table.to(table.dtype), None, None
+
+
+def _draw_seed() -> int:
+    """A seed for the in-kernel dropout, drawn from torch's default generator (so
+    ``torch.manual_seed`` makes fused dropout reproducible)."""
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+
+
+def _project_residual(o, residual, weight, dropout_p, training):
+    """``residual + dropout(o @ weight^T)``: one addmm with the residual as input when there is
+    no dropout."""
+    c = o.shape[-1]
+    if training and dropout_p > 0.0:
+        return F.dropout(F.linear(o, weight), dropout_p, True) + residual
+    flat = torch.addmm(residual.reshape(-1, c), o.reshape(-1, c), weight.t())
+    return flat.view(o.shape)
+
+
+def _fused(x, registers, attn: Attention, pattern: str, need_register_outputs: bool):
+    b, h, w_, c = x.shape
+    w, r = attn.window_size, attn.num_registers
+    nx, ny = h // w, w_ // w
+    norm, qkv_weight = attn.norm, attn.to_qkv.weight
+    register_queries = bool(need_register_outputs)
+
+    qkv = F.linear(F.layer_norm(x, (c,), norm.weight, norm.bias, norm.eps), qkv_weight)
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    regs = registers if registers.ndim == 3 else registers.unsqueeze(0)  # (1 or B, r, C)
+    reg_weight = qkv_weight if register_queries else qkv_weight[c:]  # grid step: k, v only
+    reg_qkv = F.linear(F.layer_norm(regs, (c,), norm.weight, norm.bias, norm.eps), reg_weight)
+
+    training = attn.training
+    attn_p = float(attn.attend[1].p) if training else 0.0
+    cfg = dict(
+        window=w, num_registers=r, heads=attn.heads, head_dim=attn.dim_head,
+        grid_pattern=pattern == "grid", register_queries=register_queries, scale=attn.scale,
+        dropout_p=attn_p, seed=_draw_seed() if attn_p > 0.0 else 0,
+    )
+    result = _WindowAttentionCore.apply(qkv, reg_qkv, attn.rel_pos_bias.weight, attn.rel_pos_indices, cfg)
+    o, o_reg = result if register_queries else (result, None)
+
+    out_weight, out_p = attn.to_out[0].weight, float(attn.to_out[1].p)
+    out = _project_residual(o, x, out_weight, out_p, training)
+    reg_out = None
+    if register_queries:
+        reg_residual = regs[:, None, None].expand(b, nx, ny, r, c)
+        reg_out = _project_residual(o_reg, reg_residual, out_weight, out_p, training)
+    return out, reg_out
+
+
 def window_attention_residual(
     x: torch.Tensor,
     registers: torch.Tensor,
@@ -75,7 +199,8 @@ def window_attention_residual(
     updated register rows of every window, or None when ``need_register_outputs`` is False
     (the grid step drops them, so the fused path does not compute their queries).
     """
-    if use_kernels(x, fused, unsupported="no fused window-attention kernel yet"):
-        raise AssertionError("unreachable: no fused window-attention kernel is registered")
+    _check_arguments(x, registers, attn, pattern)
+    if fused and use_kernels(x, fused, unsupported=_fused_unsupported(x, registers, attn)):
+        return _fused(x, registers, attn, pattern, need_register_outputs)
     out, regs = _reference(x, registers, attn, pattern)
     return out, (regs if need_register_outputs else None)

@@ -1,0 +1,582 @@
+"""Window attention core of the MaxViT block and grid steps (forward and backward).
+
+What runs here, per window and head: gather the window's q/k/v rows straight from the
+(B, H, W, 3C) qkv map by index arithmetic (pattern "block": pixel (X*w + a, Y*w + b); "grid":
+pixel (a*nX + X, b*nY + Y)) plus the r register rows from a small (Breg, r, Creg) tensor, add the
+relative-position bias gathered from the ((2w-1)^2 + 1, heads) table, softmax, attention dropout,
+P @ V, and write each head's output straight to its pixel. The backward recomputes S and P from
+q, k and the saved row logsumexp. Nothing per window is materialised in memory: no partition
+copies, no (heads, n, n) bias, no probabilities.
+
+Fusion decision (what is fused here, what stays in cuBLAS, and why):
+- LayerNorm and the qkv projection are per token, so the caller runs them once on the whole
+  (B, H, W, C) map (one cuBLAS GEMM) and once per block (block step: r register rows, q/k/v) or
+  once per image (grid step: r rows per image, k/v only). Fusing the projection into this kernel
+  would recompute the register rows' projection in every window and would need a C x 3C weight
+  tile per program (C up to 512 at MaxViT-T: 1.5 MiB in bf16, far over shared memory), i.e. a
+  K-loop GEMM inside the attention kernel for no saving over cuBLAS reading qkv once.
+- Fused here: window partition + register prepend + bias gather + masked softmax + dropout +
+  P @ V + scatter back to pixels (forward); recompute + dropout mask + dV, dP, dS, dQ, dK +
+  register-row and bias-table partial sums (backward).
+- The output projection and the residual add are one cuBLAS call in the caller (addmm with the
+  residual as input, beta = 1); the output dropout, when training, is torch's.
+
+Tiles: the whole sequence n = r + w*w sits in one key tile BLOCK_N = next_pow2(n) (16..128), so the
+softmax is a plain max-subtracted softmax (no online rescaling); queries are split into BLOCK_M <= 64
+row tiles (grid axis 2). Supported: n <= 128, i.e. every w <= 10 with r <= 16, w = 11 with r <= 7;
+larger windows fall back to the reference (a key-tile loop would lift this; not done).
+Padded keys get -inf before the max, and every row has at least one real key (n >= 2), so no row
+is fully masked; padded query rows are never stored, and in the backward their logsumexp is
+loaded as +inf so their probabilities are exactly 0.
+
+Backward determinism: each backward program owns one head, one query tile and a group of
+consecutive windows. It writes dQ/dK/dV of token rows directly (no two programs write the same
+element when there is one query tile; with several query tiles dK/dV go to per-tile fp32 partials
+summed by torch), the register rows' dQ/dK/dV per window to an fp32 buffer that torch sums, and
+its group's bias-gradient sum (dS summed over its windows, fp32, in registers) to a per-program
+partial that torch sums and scatters into the table (scatter_ without accumulation: for a fixed
+token query row, the token keys map to distinct table entries). No atomics: the backward is
+deterministic (bitwise, for a fixed launch configuration).
+
+Dropout: keep = tl.rand(seed, ((window * heads + head) * n + i) * n + j) >= p for query i and key
+j (int64 offsets), so the mask depends only on the seed and the element, not on tile sizes, and
+the backward regenerates it.
+
+Numerics: fp32 accumulation; scores in base 2 (q.k * scale * log2(e) + bias * log2(e), exp2); P is
+rounded to the input dtype before P @ V (as flash attention does). fp32 inputs use
+input_precision="ieee" dots (no TF32). Under the Triton interpreter the dot operands are upcast to
+fp32 after rounding to the input dtype (UPCAST_DOT), because the interpreter's bf16 tl.dot is
+wrong (triton issue 11584).
+
+Resource report (sm_80 / sm_90, w=7, r=4, dim_head=32, fp16 and bf16, num_warps=4; from
+`python -m tests.test_window_attention` -> report_resources(), which calls maxvit_fast.aot):
+see RESOURCE_REPORT below (filled from that command's output).
+
+GPU speed: not measured (no GPU in this session).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+LOG2E = 1.4426950408889634
+
+# Tests set this to True so every buffer the kernels should write completely starts as NaN.
+POISON_OUTPUTS = False
+
+MAX_SEQ_TILE = 128
+
+RESOURCE_REPORT = """
+(filled in below after the first AOT run)
+"""
+
+
+# ----------------------------------------------------------------------------------------------
+# index helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _token_pixel(tok, X, Y, nX, nY, WINDOW: tl.constexpr, GRID_PATTERN: tl.constexpr):
+    """(row, col) of token ``tok`` (row-major (a, b) inside the window) of window (X, Y)."""
+    a = tok // WINDOW
+    b = tok % WINDOW
+    if GRID_PATTERN:
+        row = a * nX + X
+        col = b * nY + Y
+    else:
+        row = X * WINDOW + a
+        col = Y * WINDOW + b
+    return row.to(tl.int64), col.to(tl.int64)
+
+
+@triton.jit
+def _bias_tile_log2(table_ptr, stride_table_t, stride_table_h, head, seq_q, seq_k,
+                    SEQ: tl.constexpr, NUM_REG: tl.constexpr, WINDOW: tl.constexpr):
+    """Relative-position bias (times log2 e) for query rows seq_q and key rows seq_k, gathered
+    from the table; -inf on padded keys."""
+    span: tl.constexpr = 2 * WINDOW - 1
+    tq = tl.maximum(seq_q - NUM_REG, 0)
+    tk = tl.maximum(seq_k - NUM_REG, 0)
+    idx = ((tq // WINDOW)[:, None] - (tk // WINDOW)[None, :] + (WINDOW - 1)) * span \
+        + ((tq % WINDOW)[:, None] - (tk % WINDOW)[None, :] + (WINDOW - 1))
+    with_register = (seq_q < NUM_REG)[:, None] | (seq_k < NUM_REG)[None, :]
+    idx = tl.where(with_register, span * span, idx)
+    valid = (seq_q < SEQ)[:, None] & (seq_k < SEQ)[None, :]
+    bias = tl.load(table_ptr + idx * stride_table_t + head * stride_table_h, mask=valid, other=0.0)
+    bias = bias.to(tl.float32) * 1.4426950408889634
+    return tl.where((seq_k < SEQ)[None, :], bias, float("-inf"))
+
+
+@triton.jit
+def _dot_operand(x, ELEM: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Round to the input dtype (the GPU's tensor-core operand); under the interpreter compute
+    the dot in fp32 on the rounded values."""
+    x = x.to(ELEM)
+    if UPCAST_DOT:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _keep_mask(seed, win, head, heads, seq_q, seq_k, dropout_p, SEQ: tl.constexpr):
+    offs = ((win * heads + head) * SEQ + seq_q.to(tl.int64)[:, None]) * SEQ + seq_k[None, :]
+    return tl.rand(seed, offs) >= dropout_p
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def window_attention_fwd_kernel(
+    qkv_ptr, stride_qkv_b, stride_qkv_h, stride_qkv_w,  # (B, H, W, 3C): q | k | v channels
+    reg_ptr, stride_reg_b, stride_reg_r, reg_q_off, reg_k_off, reg_v_off,  # register rows (Breg, r, Creg)
+    table_ptr, stride_table_t, stride_table_h,  # ((2w-1)^2 + 1, heads)
+    out_ptr, stride_out_b, stride_out_h, stride_out_w,  # (B, H, W, C) per-head outputs
+    reg_out_ptr, stride_reg_out_win, stride_reg_out_r,  # (windows, r, C) register-row outputs
+    lse_ptr, stride_lse_win, stride_lse_h,  # (windows, heads, n - Q_START) fp32, base 2
+    C, heads, nX, nY, num_windows, windows_per_program,
+    qk_scale_log2, seed, dropout_p,
+    WINDOW: tl.constexpr, NUM_REG: tl.constexpr, HEAD_DIM: tl.constexpr, Q_START: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRID_PATTERN: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    SEQ: tl.constexpr = NUM_REG + WINDOW * WINDOW
+    ELEM: tl.constexpr = qkv_ptr.dtype.element_ty
+    group = tl.program_id(0)
+    head = tl.program_id(1)
+    q_tile = tl.program_id(2)
+
+    # Sequence rows: [0, NUM_REG) registers, then window tokens. Queries start at Q_START
+    # (NUM_REG in the grid step, whose register outputs are dropped).
+    seq_q = Q_START + q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    seq_k = tl.arange(0, BLOCK_N)
+    q_valid = seq_q < SEQ
+    k_valid = seq_k < SEQ
+    q_is_reg = seq_q < NUM_REG
+    k_is_reg = seq_k < NUM_REG
+    q_tok = tl.maximum(seq_q - NUM_REG, 0)
+    k_tok = tl.maximum(seq_k - NUM_REG, 0)
+    ch = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
+
+    bias = _bias_tile_log2(table_ptr, stride_table_t, stride_table_h, head, seq_q, seq_k, SEQ, NUM_REG, WINDOW)
+
+    win_start = group * windows_per_program
+    win_end = tl.minimum(win_start + windows_per_program, num_windows)
+    for win_index in range(win_start, win_end):
+        win = tl.cast(win_index, tl.int64)  # a tensor also under the interpreter (where range yields ints)
+        img = win // (nX * nY)
+        X = (win % (nX * nY)) // nY
+        Y = win % nY
+        img64 = img
+        q_row, q_col = _token_pixel(q_tok, X, Y, nX, nY, WINDOW, GRID_PATTERN)
+        k_row, k_col = _token_pixel(k_tok, X, Y, nX, nY, WINDOW, GRID_PATTERN)
+        q_pix = img64 * stride_qkv_b + q_row * stride_qkv_h + q_col * stride_qkv_w
+        k_pix = img64 * stride_qkv_b + k_row * stride_qkv_h + k_col * stride_qkv_w
+        q_reg = img64 * stride_reg_b + seq_q.to(tl.int64) * stride_reg_r
+        k_reg = img64 * stride_reg_b + seq_k.to(tl.int64) * stride_reg_r
+
+        q_ptrs = tl.where(q_is_reg[:, None], reg_ptr + (q_reg + reg_q_off)[:, None] + ch[None, :],
+                          qkv_ptr + q_pix[:, None] + ch[None, :])
+        k_ptrs = tl.where(k_is_reg[:, None], reg_ptr + (k_reg + reg_k_off)[:, None] + ch[None, :],
+                          qkv_ptr + (k_pix + C)[:, None] + ch[None, :])
+        v_ptrs = tl.where(k_is_reg[:, None], reg_ptr + (k_reg + reg_v_off)[:, None] + ch[None, :],
+                          qkv_ptr + (k_pix + 2 * C)[:, None] + ch[None, :])
+        q = tl.load(q_ptrs, mask=q_valid[:, None], other=0.0)
+        k = tl.load(k_ptrs, mask=k_valid[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=k_valid[:, None], other=0.0)
+
+        s = tl.dot(_dot_operand(q, ELEM, UPCAST_DOT), tl.trans(_dot_operand(k, ELEM, UPCAST_DOT)),
+                   input_precision=DOT_PRECISION)
+        s = s * qk_scale_log2 + bias
+        row_max = tl.max(s, 1)
+        p = tl.math.exp2(s - row_max[:, None])
+        row_sum = tl.sum(p, 1)
+        p = p * (1.0 / row_sum)[:, None]
+        lse = row_max + tl.math.log2(row_sum)
+        if DROPOUT:
+            keep = _keep_mask(seed, win, head, heads, seq_q, seq_k, dropout_p, SEQ)
+            p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+        o = tl.dot(_dot_operand(p, ELEM, UPCAST_DOT), _dot_operand(v, ELEM, UPCAST_DOT),
+                   input_precision=DOT_PRECISION)
+
+        o_pix = img64 * stride_out_b + q_row * stride_out_h + q_col * stride_out_w
+        o_reg = win * stride_reg_out_win + seq_q.to(tl.int64) * stride_reg_out_r
+        o_ptrs = tl.where(q_is_reg[:, None], reg_out_ptr + o_reg[:, None] + ch[None, :],
+                          out_ptr + o_pix[:, None] + ch[None, :])
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=q_valid[:, None])
+        lse_ptrs = lse_ptr + win * stride_lse_win + head * stride_lse_h + (seq_q - Q_START)
+        tl.store(lse_ptrs, lse, mask=q_valid)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def window_attention_bwd_kernel(
+    qkv_ptr, stride_qkv_b, stride_qkv_h, stride_qkv_w,
+    reg_ptr, stride_reg_b, stride_reg_r, reg_q_off, reg_k_off, reg_v_off,
+    table_ptr, stride_table_t, stride_table_h,
+    out_ptr, stride_out_b, stride_out_h, stride_out_w,  # saved forward outputs O
+    reg_out_ptr, stride_reg_out_win, stride_reg_out_r,
+    dout_ptr, stride_dout_b, stride_dout_h, stride_dout_w,  # dO
+    dreg_out_ptr, stride_dreg_out_win, stride_dreg_out_r,
+    lse_ptr, stride_lse_win, stride_lse_h,
+    dq_ptr, stride_dq_b, stride_dq_h, stride_dq_w,  # token dQ: channels [0, C) of this map
+    dkv_ptr, stride_dkv_tile, stride_dkv_b, stride_dkv_h, stride_dkv_w, dk_off, dv_off,  # token dK, dV
+    dreg_ptr, stride_dreg_tile, stride_dreg_win, stride_dreg_r,  # fp32 register-row dq|dk|dv per window
+    dbias_ptr, stride_dbias_group, stride_dbias_h,  # fp32 (groups, heads, q tiles, BLOCK_M, BLOCK_N)
+    C, heads, nX, nY, num_windows, windows_per_program,
+    qk_scale_log2, sm_scale, seed, dropout_p,
+    WINDOW: tl.constexpr, NUM_REG: tl.constexpr, HEAD_DIM: tl.constexpr, Q_START: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRID_PATTERN: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    SEQ: tl.constexpr = NUM_REG + WINDOW * WINDOW
+    ELEM: tl.constexpr = qkv_ptr.dtype.element_ty
+    group = tl.program_id(0)
+    head = tl.program_id(1)
+    q_tile = tl.program_id(2)
+
+    seq_q = Q_START + q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    seq_k = tl.arange(0, BLOCK_N)
+    q_valid = seq_q < SEQ
+    k_valid = seq_k < SEQ
+    q_is_reg = seq_q < NUM_REG
+    k_is_reg = seq_k < NUM_REG
+    q_tok = tl.maximum(seq_q - NUM_REG, 0)
+    k_tok = tl.maximum(seq_k - NUM_REG, 0)
+    ch = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
+
+    bias = _bias_tile_log2(table_ptr, stride_table_t, stride_table_h, head, seq_q, seq_k, SEQ, NUM_REG, WINDOW)
+    dbias = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    win_start = group * windows_per_program
+    win_end = tl.minimum(win_start + windows_per_program, num_windows)
+    for win_index in range(win_start, win_end):
+        win = tl.cast(win_index, tl.int64)  # a tensor also under the interpreter (where range yields ints)
+        img = win // (nX * nY)
+        X = (win % (nX * nY)) // nY
+        Y = win % nY
+        img64 = img
+        win64 = win
+        q_row, q_col = _token_pixel(q_tok, X, Y, nX, nY, WINDOW, GRID_PATTERN)
+        k_row, k_col = _token_pixel(k_tok, X, Y, nX, nY, WINDOW, GRID_PATTERN)
+        q_pix = img64 * stride_qkv_b + q_row * stride_qkv_h + q_col * stride_qkv_w
+        k_pix = img64 * stride_qkv_b + k_row * stride_qkv_h + k_col * stride_qkv_w
+        q_reg = img64 * stride_reg_b + seq_q.to(tl.int64) * stride_reg_r
+        k_reg = img64 * stride_reg_b + seq_k.to(tl.int64) * stride_reg_r
+
+        q_ptrs = tl.where(q_is_reg[:, None], reg_ptr + (q_reg + reg_q_off)[:, None] + ch[None, :],
+                          qkv_ptr + q_pix[:, None] + ch[None, :])
+        k_ptrs = tl.where(k_is_reg[:, None], reg_ptr + (k_reg + reg_k_off)[:, None] + ch[None, :],
+                          qkv_ptr + (k_pix + C)[:, None] + ch[None, :])
+        v_ptrs = tl.where(k_is_reg[:, None], reg_ptr + (k_reg + reg_v_off)[:, None] + ch[None, :],
+                          qkv_ptr + (k_pix + 2 * C)[:, None] + ch[None, :])
+        q = tl.load(q_ptrs, mask=q_valid[:, None], other=0.0)
+        k = tl.load(k_ptrs, mask=k_valid[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=k_valid[:, None], other=0.0)
+
+        # Query-row tensors of the output side: O and dO live at the token's pixel, or in the
+        # per-window register-output rows.
+        o_reg = win64 * stride_reg_out_win + seq_q.to(tl.int64) * stride_reg_out_r
+        o_pix = img64 * stride_out_b + q_row * stride_out_h + q_col * stride_out_w
+        o_ptrs = tl.where(q_is_reg[:, None], reg_out_ptr + o_reg[:, None] + ch[None, :],
+                          out_ptr + o_pix[:, None] + ch[None, :])
+        do_reg = win64 * stride_dreg_out_win + seq_q.to(tl.int64) * stride_dreg_out_r
+        do_pix = img64 * stride_dout_b + q_row * stride_dout_h + q_col * stride_dout_w
+        do_ptrs = tl.where(q_is_reg[:, None], dreg_out_ptr + do_reg[:, None] + ch[None, :],
+                           dout_ptr + do_pix[:, None] + ch[None, :])
+        o = tl.load(o_ptrs, mask=q_valid[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=q_valid[:, None], other=0.0)
+        # delta_i = sum_j P_ij dP_ij = dO_i . O_i (also with dropout: O holds the dropped P).
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        lse = tl.load(lse_ptr + win64 * stride_lse_win + head * stride_lse_h + (seq_q - Q_START),
+                      mask=q_valid, other=float("inf"))
+
+        s = tl.dot(_dot_operand(q, ELEM, UPCAST_DOT), tl.trans(_dot_operand(k, ELEM, UPCAST_DOT)),
+                   input_precision=DOT_PRECISION)
+        s = s * qk_scale_log2 + bias
+        p = tl.math.exp2(s - lse[:, None])  # exactly 0 on padded keys (-inf) and rows (+inf)
+        dp = tl.dot(_dot_operand(do, ELEM, UPCAST_DOT), tl.trans(_dot_operand(v, ELEM, UPCAST_DOT)),
+                    input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = _keep_mask(seed, win, head, heads, seq_q, seq_k, dropout_p, SEQ)
+            inv_keep = 1.0 / (1.0 - dropout_p)
+            p_dropped = tl.where(keep, p * inv_keep, 0.0)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        else:
+            p_dropped = p
+        ds = p * (dp - delta[:, None])  # gradient of the natural-units score q.k*scale + bias
+        dbias += ds
+
+        dv = tl.dot(tl.trans(_dot_operand(p_dropped, ELEM, UPCAST_DOT)), _dot_operand(do, ELEM, UPCAST_DOT),
+                    input_precision=DOT_PRECISION)
+        ds_op = _dot_operand(ds, ELEM, UPCAST_DOT)
+        dq = tl.dot(ds_op, _dot_operand(k, ELEM, UPCAST_DOT), input_precision=DOT_PRECISION) * sm_scale
+        dk = tl.dot(tl.trans(ds_op), _dot_operand(q, ELEM, UPCAST_DOT), input_precision=DOT_PRECISION) * sm_scale
+
+        # Token rows straight to their pixels; register rows to the per-window fp32 buffer.
+        q_tok_mask = (q_valid & ~q_is_reg)[:, None]
+        dq_pix = img64 * stride_dq_b + q_row * stride_dq_h + q_col * stride_dq_w
+        tl.store(dq_ptr + dq_pix[:, None] + ch[None, :], dq.to(dq_ptr.dtype.element_ty), mask=q_tok_mask)
+        dreg_base = dreg_ptr + q_tile * stride_dreg_tile + win64 * stride_dreg_win
+        q_dreg = seq_q.to(tl.int64) * stride_dreg_r + reg_q_off
+        tl.store(dreg_base + q_dreg[:, None] + ch[None, :], dq, mask=q_is_reg[:, None])
+
+        k_tok_mask = (k_valid & ~k_is_reg)[:, None]
+        dkv_pix = q_tile * stride_dkv_tile + img64 * stride_dkv_b + k_row * stride_dkv_h + k_col * stride_dkv_w
+        tl.store(dkv_ptr + (dkv_pix + dk_off)[:, None] + ch[None, :], dk.to(dkv_ptr.dtype.element_ty), mask=k_tok_mask)
+        tl.store(dkv_ptr + (dkv_pix + dv_off)[:, None] + ch[None, :], dv.to(dkv_ptr.dtype.element_ty), mask=k_tok_mask)
+        k_dreg = seq_k.to(tl.int64) * stride_dreg_r
+        tl.store(dreg_base + (k_dreg + reg_k_off)[:, None] + ch[None, :], dk, mask=k_is_reg[:, None])
+        tl.store(dreg_base + (k_dreg + reg_v_off)[:, None] + ch[None, :], dv, mask=k_is_reg[:, None])
+
+    tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    dbias_base = dbias_ptr + group * stride_dbias_group + head * stride_dbias_h + q_tile * (BLOCK_M * BLOCK_N)
+    tl.store(dbias_base + tile, dbias)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def tile_config(window: int, num_registers: int, register_queries: bool) -> dict:
+    """Tile sizes for one window sequence; raises ValueError when it does not fit one key tile."""
+    seq = num_registers + window * window
+    q_start = 0 if register_queries else num_registers
+    block_n = max(16, _next_pow2(seq))
+    if block_n > MAX_SEQ_TILE:
+        raise ValueError(f"sequence r + w*w = {seq} needs a key tile of {block_n} > {MAX_SEQ_TILE}")
+    block_m = max(16, min(64, _next_pow2(seq - q_start)))
+    q_tiles = triton.cdiv(seq - q_start, block_m)
+    num_warps = 4 if block_n <= 64 else 8
+    return dict(seq=seq, q_start=q_start, BLOCK_M=block_m, BLOCK_N=block_n, q_tiles=q_tiles, num_warps=num_warps)
+
+
+def unsupported_reason(window: int, num_registers: int, head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why these kernels cannot run this configuration, or None."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"window attention kernels support fp16/bf16/fp32, got {dtype}"
+    if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1):
+        return f"window attention kernels need dim_head a power of two in [16, 128], got {head_dim}"
+    seq = num_registers + window * window
+    if _next_pow2(seq) > MAX_SEQ_TILE:
+        return (f"window attention kernels need r + w*w <= {MAX_SEQ_TILE}, got {num_registers} + "
+                f"{window}*{window} = {seq}")
+    return None
+
+
+def _windows_per_program(num_windows: int, other_programs: int, target_programs: int, minimum: int) -> int:
+    per = max(minimum, triton.cdiv(num_windows * other_programs, target_programs))
+    return max(1, min(per, num_windows))
+
+
+def _alloc(shape, dtype, device, fill_nan_when_poisoning=True):
+    if POISON_OUTPUTS and fill_nan_when_poisoning:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _register_layout(reg_qkv: torch.Tensor, C: int, register_queries: bool):
+    """Channel offsets of q, k, v inside the register rows: (r, 3C) with queries, (r, 2C) without."""
+    if register_queries:
+        if reg_qkv.shape[-1] != 3 * C:
+            raise ValueError(f"register q/k/v rows must have {3 * C} channels, got {reg_qkv.shape[-1]}")
+        return 0, C, 2 * C
+    if reg_qkv.shape[-1] != 2 * C:
+        raise ValueError(f"register k/v rows must have {2 * C} channels, got {reg_qkv.shape[-1]}")
+    return 0, 0, C
+
+
+def _check_inputs(qkv, reg_qkv, table, window, num_registers, heads, head_dim):
+    if qkv.ndim != 4:
+        raise ValueError(f"qkv must be (B, H, W, 3C), got shape {tuple(qkv.shape)}")
+    B, H, W, C3 = qkv.shape
+    C = heads * head_dim
+    if C3 != 3 * C:
+        raise ValueError(f"qkv has {C3} channels, expected 3 * heads * dim_head = {3 * C}")
+    if H % window or W % window:
+        raise ValueError(f"feature map {H}x{W} does not divide into {window}x{window} windows")
+    if reg_qkv.ndim != 3 or reg_qkv.shape[1] != num_registers or reg_qkv.shape[0] not in (1, B):
+        raise ValueError(f"register rows must be (1 or B, r={num_registers}, channels), got {tuple(reg_qkv.shape)}")
+    if table.shape != ((2 * window - 1) ** 2 + 1, heads):
+        raise ValueError(f"bias table must be {((2 * window - 1) ** 2 + 1, heads)}, got {tuple(table.shape)}")
+    for name, t in (("qkv", qkv), ("register rows", reg_qkv)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have contiguous channels (stride 1), got strides {t.stride()}")
+    if reg_qkv.dtype != qkv.dtype:
+        raise ValueError(f"register rows are {reg_qkv.dtype}, qkv is {qkv.dtype}")
+    return B, H, W, C
+
+
+def _dot_precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def window_attention_forward(
+    qkv, reg_qkv, table, *, window, num_registers, heads, head_dim, grid_pattern, register_queries,
+    scale, dropout_p=0.0, seed=0, out=None, reg_out=None, lse=None,
+):
+    """Attention core over every window.
+
+    qkv: (B, H, W, 3C) token q|k|v (channels contiguous). reg_qkv: (1 or B, r, 3C) register q|k|v
+    when ``register_queries`` (block step), else (1 or B, r, 2C) register k|v (grid step); a batch
+    of 1 is shared by every image. table: ((2w-1)^2 + 1, heads).
+    Returns (out (B, H, W, C), reg_out (B, nX, nY, r, C) or None, lse (windows, heads, n - q0) fp32).
+    ``out``/``reg_out``/``lse`` may be passed preallocated (contiguous).
+    """
+    B, H, W, C = _check_inputs(qkv, reg_qkv, table, window, num_registers, heads, head_dim)
+    cfg = tile_config(window, num_registers, register_queries)
+    q_off, k_off, v_off = _register_layout(reg_qkv, C, register_queries)
+    nX, nY = H // window, W // window
+    num_windows = B * nX * nY
+    dev, dtype = qkv.device, qkv.dtype
+    if out is None:
+        out = _alloc((B, H, W, C), dtype, dev)
+    if register_queries and reg_out is None:
+        reg_out = _alloc((B, nX, nY, num_registers, C), dtype, dev)
+    if lse is None:
+        lse = _alloc((num_windows, heads, cfg["seq"] - cfg["q_start"]), torch.float32, dev)
+    reg_out_arg = reg_out if register_queries else out
+    reg_out_view = reg_out_arg.view(num_windows, num_registers, C) if register_queries else None
+    if num_windows == 0:
+        return out, reg_out, lse
+
+    wpp = _windows_per_program(num_windows, heads * cfg["q_tiles"], target_programs=4096, minimum=1)
+    grid = (triton.cdiv(num_windows, wpp), heads, cfg["q_tiles"])
+    reg_batch_stride = reg_qkv.stride(0) if reg_qkv.shape[0] > 1 else 0
+    window_attention_fwd_kernel[grid](
+        qkv, qkv.stride(0), qkv.stride(1), qkv.stride(2),
+        reg_qkv, reg_batch_stride, reg_qkv.stride(1), q_off, k_off, v_off,
+        table, table.stride(0), table.stride(1),
+        out, out.stride(0), out.stride(1), out.stride(2),
+        reg_out_arg, *((reg_out_view.stride(0), reg_out_view.stride(1)) if register_queries else (0, 0)),
+        lse, lse.stride(0), lse.stride(1),
+        C, heads, nX, nY, num_windows, wpp,
+        float(scale) * LOG2E, int(seed), float(dropout_p),
+        WINDOW=window, NUM_REG=num_registers, HEAD_DIM=head_dim, Q_START=cfg["q_start"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GRID_PATTERN=bool(grid_pattern),
+        DROPOUT=dropout_p > 0.0, UPCAST_DOT=INTERPRET, DOT_PRECISION=_dot_precision(dtype),
+        num_warps=cfg["num_warps"],
+    )
+    return out, reg_out, lse
+
+
+def window_attention_backward(
+    qkv, reg_qkv, table, out, reg_out, lse, d_out, d_reg_out, rel_pos_indices, *, window, num_registers,
+    heads, head_dim, grid_pattern, register_queries, scale, dropout_p=0.0, seed=0, dqkv=None,
+):
+    """Gradients of :func:`window_attention_forward` (same arguments; its outputs out/reg_out/lse;
+    d_out (B, H, W, C) and d_reg_out (B, nX, nY, r, C) or None).
+
+    Returns (dqkv (B, H, W, 3C) in qkv's dtype, d_reg (reg_qkv's shape, fp32: summed over the
+    windows sharing each row), d_table (table's shape, fp32)). ``rel_pos_indices`` is the
+    (n, n) table-index map used to scatter the summed score gradients into the table.
+    """
+    B, H, W, C = _check_inputs(qkv, reg_qkv, table, window, num_registers, heads, head_dim)
+    cfg = tile_config(window, num_registers, register_queries)
+    q_off, k_off, v_off = _register_layout(reg_qkv, C, register_queries)
+    nX, nY = H // window, W // window
+    num_windows = B * nX * nY
+    dev, dtype = qkv.device, qkv.dtype
+    seq, q_start, q_tiles = cfg["seq"], cfg["q_start"], cfg["q_tiles"]
+    BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    for name, t in (("d_out", d_out), ("out", out)):
+        if t.shape != (B, H, W, C) or t.stride(-1) != 1:
+            raise ValueError(f"{name} must be (B, H, W, C) with contiguous channels, got {tuple(t.shape)} {t.stride()}")
+    if dqkv is None:
+        dqkv = _alloc((B, H, W, 3 * C), dtype, dev)
+    if num_windows == 0:
+        return dqkv.zero_(), torch.zeros(reg_qkv.shape, dtype=torch.float32, device=dev), \
+            torch.zeros(table.shape, dtype=torch.float32, device=dev)
+
+    if register_queries:
+        reg_out_v = reg_out.reshape(num_windows, num_registers, C)
+        d_reg_out_v = d_reg_out.reshape(num_windows, num_registers, C)
+        if d_reg_out_v.stride(-1) != 1:
+            d_reg_out_v = d_reg_out_v.contiguous()
+        reg_out_strides = (reg_out_v.stride(0), reg_out_v.stride(1))
+        d_reg_out_strides = (d_reg_out_v.stride(0), d_reg_out_v.stride(1))
+    else:
+        reg_out_v, d_reg_out_v = out, d_out
+        reg_out_strides = d_reg_out_strides = (0, 0)
+
+    # Token dK/dV: straight into dqkv with one query tile, else per-tile fp32 partials.
+    if q_tiles == 1:
+        dkv, dkv_tile_stride, dk_off, dv_off = dqkv, 0, C, 2 * C
+    else:
+        dkv = _alloc((q_tiles, B, H, W, 2 * C), torch.float32, dev)
+        dkv_tile_stride, dk_off, dv_off = dkv.stride(0), 0, C
+    dkv_strides = (dkv.stride(-4), dkv.stride(-3), dkv.stride(-2))
+    c_reg = reg_qkv.shape[-1]
+    if q_tiles == 1:
+        dreg = _alloc((1, num_windows, num_registers, c_reg), torch.float32, dev)
+    else:  # register query rows sit in tile 0 only: the other tiles' q part must read as zero
+        dreg = torch.zeros((q_tiles, num_windows, num_registers, c_reg), dtype=torch.float32, device=dev)
+
+    wpp = _windows_per_program(num_windows, heads * q_tiles, target_programs=1024, minimum=8)
+    groups = triton.cdiv(num_windows, wpp)
+    dbias = _alloc((groups, heads, q_tiles, BLOCK_M, BLOCK_N), torch.float32, dev)
+    reg_batch_stride = reg_qkv.stride(0) if reg_qkv.shape[0] > 1 else 0
+    window_attention_bwd_kernel[(groups, heads, q_tiles)](
+        qkv, qkv.stride(0), qkv.stride(1), qkv.stride(2),
+        reg_qkv, reg_batch_stride, reg_qkv.stride(1), q_off, k_off, v_off,
+        table, table.stride(0), table.stride(1),
+        out, out.stride(0), out.stride(1), out.stride(2),
+        reg_out_v, *reg_out_strides,
+        d_out, d_out.stride(0), d_out.stride(1), d_out.stride(2),
+        d_reg_out_v, *d_reg_out_strides,
+        lse, lse.stride(0), lse.stride(1),
+        dqkv, dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
+        dkv, dkv_tile_stride, *dkv_strides, dk_off, dv_off,
+        dreg, dreg.stride(0), dreg.stride(1), dreg.stride(2),
+        dbias, dbias.stride(0), dbias.stride(1),
+        C, heads, nX, nY, num_windows, wpp,
+        float(scale) * LOG2E, float(scale), int(seed), float(dropout_p),
+        WINDOW=window, NUM_REG=num_registers, HEAD_DIM=head_dim, Q_START=q_start,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, GRID_PATTERN=bool(grid_pattern),
+        DROPOUT=dropout_p > 0.0, UPCAST_DOT=INTERPRET, DOT_PRECISION=_dot_precision(dtype),
+        num_warps=cfg["num_warps"],
+    )
+    if q_tiles > 1:
+        dqkv[..., C:] = dkv.sum(0).to(dtype)
+
+    # Register rows: sum over the windows that share them (all windows, or those of one image).
+    if reg_qkv.shape[0] == 1:
+        d_reg = dreg.sum(dim=(0, 1)).unsqueeze(0)
+    else:
+        d_reg = dreg.view(q_tiles, B, nX * nY, num_registers, c_reg).sum(dim=(0, 2))
+
+    # Bias table: dS summed over windows -> (heads, queries, keys) -> table entries.
+    scores = dbias.sum(0).reshape(heads, q_tiles * BLOCK_M, BLOCK_N)[:, : seq - q_start, :seq]
+    d_table = bias_table_gradient(scores, rel_pos_indices[q_start:, :], num_registers - q_start, num_registers, table.shape[0])
+    return dqkv, d_reg, d_table
+
+
+def bias_table_gradient(scores, indices, first_token_query, num_registers, table_size):
+    """Scatter summed score gradients (heads, queries, keys) into a (table_size, heads) table
+    gradient. Pairs with a register all go to the last entry; for token query rows the token keys
+    hit distinct entries, so a non-accumulating scatter per row followed by a sum over rows is
+    deterministic."""
+    heads = scores.shape[0]
+    r, t0 = num_registers, first_token_query
+    tokens = scores[:, t0:, r:]
+    buf = torch.zeros((heads, tokens.shape[1], table_size), dtype=torch.float32, device=scores.device)
+    buf.scatter_(2, indices[t0:, r:].to(scores.device).expand(heads, -1, -1), tokens)
+    d_table = buf.sum(1).t().contiguous()
+    d_table[table_size - 1] += scores[:, :t0, :].sum(dim=(1, 2)) + scores[:, t0:, :r].sum(dim=(1, 2))
+    return d_table
