@@ -1,14 +1,405 @@
-"""MBConv (with its residual where the block has one) on NCHW tensors of any memory format."""
+"""MBConv (with its residual where the block has one) on NCHW tensors of any memory format.
+
+``mbconv(x, module, fused)`` computes ``module(x)`` for the reference MBConv (an nn.Sequential,
+or an MBConvResidual wrapping one; see maxvit_fast/reference.py).
+
+Fused path, eval mode (BatchNorm folded; 4 kernel launches, hidden tensor written twice and read
+twice in total):
+  1. kernels/pointwise_conv.py   expand 1x1 conv + BN1 + GELU          -> h1 (B, H, W, hidden)
+  2. kernels/depthwise_conv.py   3x3 depthwise + BN2 + GELU, and the per-tile channel sums for
+                                 the SE mean                            -> h2 (B, Ho, Wo, hidden)
+  3. kernels/squeeze_excitation.py  mean -> Linear -> SiLU -> Linear -> sigmoid, per image -> gate
+  4. kernels/pointwise_conv.py   project 1x1 conv on gate * h2 (gate applied to the A tile in
+                                 registers) + BN3 (+ residual x)        -> out (B, Ho, Wo, dim_out)
+
+Fused path, train mode (BatchNorm with batch statistics; each BN input is produced by a kernel
+that also writes per-tile statistics, merged on the host in fp32, and the normalisation + GELU is
+applied by the NEXT kernel as it loads its input):
+  1. pointwise_conv   y1 = conv1(x) + bias, tile stats of y1            -> BN1 batch stats
+  2. depthwise_conv   y2 = dwconv(gelu(BN1(y1))) + bias, tile stats     -> BN2 batch stats
+  3. squeeze_excitation.affine_gelu_tile_sums: SE sums of gelu(BN2(y2)); se_gate -> gate
+  4. pointwise_conv   y3 = conv3(gate * gelu(BN2(y2))) + bias, stats    -> BN3 batch stats
+  5. torch            out = BN3(y3) (+ x), an elementwise pass over the (small) output
+  Running statistics are updated from the same batch statistics (maxvit_fast/batchnorm.py).
+  Eval-mode BN is never used in train mode: the mode comes from the BatchNorm layers' own
+  ``training`` flags (mixed flags fall back to the reference).
+
+Backward (both modes): an autograd Function whose backward recomputes the reference function
+with torch ops (F.conv2d, F.batch_norm with the batch statistics and NO running-stat update in
+train mode / with the forward's running statistics in eval mode, F.gelu, ...) and
+differentiates it with torch.autograd. The gradients are therefore exactly the reference's
+(same ops on the same inputs); the cost is one reference forward inside the backward, and only
+x and the parameters are saved (activation memory of a checkpointed block).
+
+Layout: the fused path works channels-last. x is read through the view
+``x.permute(0, 2, 3, 1).reshape(B, H*W, C)``, which is free for NCHW-contiguous and
+channels-last inputs (the kernel takes the strides); ``reshape`` copies (to channels-last) only
+when H and W cannot be merged (e.g. a width slice of a larger tensor). The residual is read
+through the same view. The result is returned as an NCHW-shaped view of a channels-last
+(B, Ho, Wo, C) tensor: ``out.permute(0, 2, 3, 1)`` (what the model does next) is contiguous.
+
+Drop path (MBConvResidual.dropsample): identity in eval mode and at probability 0 (the model's
+setting): the residual is fused. In train mode with probability > 0 the fused path computes the
+block without its residual and applies the module's own Dropsample and the add with torch.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..batchnorm import FoldCache, batch_stats_from_tiles, bn_scale_shift, fold_batchnorm, update_running_stats_
 from ..dispatch import use_kernels
+from ..reference import MBConvResidual, SqueezeExcitation
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Folded eval-mode parameters per MBConv module (see FoldCache for what invalidates an entry).
+folded_cache = FoldCache()
+
+
+def _empty(shape, dtype, device):
+    """Every buffer the fused path hands a kernel to write comes from here (tests replace it
+    with a NaN-filled allocation to catch anything a kernel leaves unwritten)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@dataclass
+class _Parts:
+    conv1: nn.Conv2d
+    bn1: nn.BatchNorm2d
+    dw: nn.Conv2d
+    bn2: nn.BatchNorm2d
+    se_reduce: nn.Linear
+    se_expand: nn.Linear
+    conv3: nn.Conv2d
+    bn3: nn.BatchNorm2d
+    net: nn.Sequential
+    residual: bool
+    dropsample: nn.Module | None
+
+    @property
+    def stride(self) -> int:
+        return self.dw.stride[0]
+
+    @property
+    def bns(self):
+        return (self.bn1, self.bn2, self.bn3)
+
+    def params(self):
+        """The parameters the block's output depends on, in a fixed order."""
+        return (
+            self.conv1.weight, self.conv1.bias, self.bn1.weight, self.bn1.bias,
+            self.dw.weight, self.dw.bias, self.bn2.weight, self.bn2.bias,
+            self.se_reduce.weight, self.se_expand.weight,
+            self.conv3.weight, self.conv3.bias, self.bn3.weight, self.bn3.bias,
+        )
+
+
+def _split(module: nn.Module) -> _Parts | str:
+    """The block's layers, or the reason the fused path cannot run it."""
+    residual, dropsample, net = False, None, module
+    if isinstance(module, MBConvResidual):
+        residual, dropsample, net = True, module.dropsample, module.fn
+    if not isinstance(net, nn.Sequential) or len(net) != 9:
+        return "module is not a reference MBConv (nn.Sequential of 9 layers)"
+    conv1, bn1, act1, dw, bn2, act2, se, conv3, bn3 = net
+    bn_ok = all(
+        type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats and bn.running_mean is not None
+        for bn in (bn1, bn2, bn3)
+    )
+    if not bn_ok:
+        return "MBConv BatchNorm layers must be affine BatchNorm2d with running statistics"
+    if not all(type(a) is nn.GELU and a.approximate == "none" for a in (act1, act2)):
+        return "MBConv activations must be exact (erf) nn.GELU"
+    for conv in (conv1, conv3):
+        if not (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+                and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
+                and conv.bias is not None):
+            return "MBConv 1x1 convs must be plain Conv2d(kernel 1, bias)"
+    hidden = conv1.out_channels
+    if not (type(dw) is nn.Conv2d and dw.kernel_size == (3, 3) and dw.stride in ((1, 1), (2, 2))
+            and dw.padding == (1, 1) and dw.dilation == (1, 1) and dw.groups == hidden
+            and dw.in_channels == hidden and dw.out_channels == hidden and dw.bias is not None
+            and dw.padding_mode == "zeros"):
+        return "MBConv depthwise conv must be Conv2d(hidden, hidden, 3, stride 1 or 2, padding 1, groups=hidden, bias)"
+    if conv3.in_channels != hidden or bn1.num_features != hidden or bn2.num_features != hidden \
+            or bn3.num_features != conv3.out_channels:
+        return "MBConv channel counts are inconsistent"
+    if type(se) is not SqueezeExcitation or len(se.gate) != 6:
+        return "MBConv squeeze-excitation is not the reference SqueezeExcitation"
+    se_reduce, silu, se_expand, sigmoid = se.gate[1], se.gate[2], se.gate[3], se.gate[4]
+    if not (type(se_reduce) is nn.Linear and se_reduce.bias is None and type(silu) is nn.SiLU
+            and type(se_expand) is nn.Linear and se_expand.bias is None and type(sigmoid) is nn.Sigmoid
+            and se_reduce.in_features == hidden and se_expand.out_features == hidden):
+        return "MBConv squeeze-excitation layers differ from the reference"
+    if residual and (conv1.in_channels != conv3.out_channels or dw.stride != (1, 1)):
+        return "MBConv residual needs dim_in == dim_out and stride 1"
+    return _Parts(conv1, bn1, dw, bn2, se_reduce, se_expand, conv3, bn3, net, residual, dropsample)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # older torch: no device argument
+        return torch.is_autocast_enabled()
+
+
+def _unsupported_reason(x: torch.Tensor, parts: _Parts | str) -> str | None:
+    if isinstance(parts, str):
+        return parts
+    if x.dtype not in _FUSED_DTYPES:
+        return f"fused MBConv supports fp16/bf16/fp32, got {x.dtype}"
+    conv_dtypes = {p.dtype for p in (parts.conv1.weight, parts.conv1.bias, parts.dw.weight, parts.dw.bias,
+                                     parts.conv3.weight, parts.conv3.bias, parts.se_reduce.weight,
+                                     parts.se_expand.weight)}
+    if conv_dtypes != {x.dtype}:
+        return f"fused MBConv needs the conv/SE weights in the input dtype {x.dtype}, got {sorted(map(str, conv_dtypes))}"
+    devices = {t.device for t in (*parts.net.parameters(), *parts.net.buffers())}
+    if devices != {x.device}:
+        return "MBConv parameters are not on the input's device"
+    if x.numel() == 0:
+        return "empty input"
+    if _autocast_on(x.device.type):
+        return "autocast is enabled (the fused MBConv runs in the input dtype)"
+    flags = {bn.training for bn in parts.bns}
+    if len(flags) != 1:
+        return "MBConv BatchNorm layers are in mixed train/eval modes"
+    if parts.bn1.training:
+        B, _, H, W = x.shape
+        Ho, Wo = (H - 1) // parts.stride + 1, (W - 1) // parts.stride + 1
+        if B * H * W < 2 or B * Ho * Wo < 2:
+            return "train-mode BatchNorm needs more than one value per channel"  # reference raises
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Prepared weights
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class _Weights:
+    w1_t: torch.Tensor       # (dim_in, hidden), input dtype
+    w3_t: torch.Tensor       # (hidden, dim_out), input dtype
+    dw_w: torch.Tensor       # (9, hidden) fp32, tap-major
+    dw_b: torch.Tensor       # (hidden,) fp32
+    se_reduce: torch.Tensor  # (R, hidden), contiguous
+    se_expand: torch.Tensor  # (hidden, R), contiguous
+    scale1: torch.Tensor | None = None  # eval: folded BN1/BN3 epilogue scale/shift (fp32)
+    shift1: torch.Tensor | None = None
+    scale3: torch.Tensor | None = None
+    shift3: torch.Tensor | None = None
+
+
+def _layout_weights(p: _Parts) -> _Weights:
+    hidden = p.conv1.out_channels
+    return _Weights(
+        w1_t=p.conv1.weight.detach().reshape(hidden, -1).t().contiguous(),
+        w3_t=p.conv3.weight.detach().reshape(p.conv3.out_channels, hidden).t().contiguous(),
+        dw_w=p.dw.weight.detach().reshape(hidden, 9).t().float().contiguous(),
+        dw_b=p.dw.bias.detach().float().contiguous(),
+        se_reduce=p.se_reduce.weight.detach().contiguous(),
+        se_expand=p.se_expand.weight.detach().contiguous(),
+    )
+
+
+def _fold_eval_weights(p: _Parts) -> _Weights:
+    with torch.no_grad():
+        w = _layout_weights(p)
+        w.scale1, w.shift1 = fold_batchnorm(p.bn1, p.conv1.bias)
+        scale2, shift2 = fold_batchnorm(p.bn2, p.dw.bias)
+        w.dw_w = (w.dw_w * scale2[None, :]).contiguous()
+        w.dw_b = shift2
+        w.scale3, w.shift3 = fold_batchnorm(p.bn3, p.conv3.bias)
+    return w
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel pipelines (no autograd): return the block output as a contiguous (B, Ho, Wo, dim_out)
+# ----------------------------------------------------------------------------------------------
+
+def _pixels_view(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C): a view for NCHW-contiguous and channels-last tensors; a
+    channels-last copy only when H and W are not mergeable."""
+    B, C, H, W = x.shape
+    return x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+
+
+def _forward_eval(x: torch.Tensor, p: _Parts, w: _Weights, add_residual: bool) -> torch.Tensor:
+    from ..kernels.depthwise_conv import depthwise_conv3x3, depthwise_output_size, depthwise_tiles_per_image
+    from ..kernels.pointwise_conv import pointwise_conv
+    from ..kernels.squeeze_excitation import se_gate
+
+    B, _, H, W = x.shape
+    hidden, dim_out = p.conv1.out_channels, p.conv3.out_channels
+    dev, dt = x.device, x.dtype
+    Ho, Wo = depthwise_output_size(H, p.stride), depthwise_output_size(W, p.stride)
+    T = depthwise_tiles_per_image(Ho, Wo)
+
+    a = _pixels_view(x)
+    h1 = pointwise_conv(a, w.w1_t, w.scale1, w.shift1, out_gelu=True, out=_empty((B, H * W, hidden), dt, dev))
+    h2, tile_sum, _ = depthwise_conv3x3(
+        h1.view(B, H, W, hidden), w.dw_w, w.dw_b, p.stride, out_gelu=True,
+        out=_empty((B, Ho, Wo, hidden), dt, dev), tile_sum=_empty((B * T, hidden), torch.float32, dev),
+    )
+    gate = se_gate(tile_sum, B, Ho * Wo, w.se_reduce, w.se_expand, out=_empty((B, hidden), torch.float32, dev))
+    out = pointwise_conv(
+        h2.view(B, Ho * Wo, hidden), w.w3_t, w.scale3, w.shift3, gate=gate,
+        residual=a if add_residual else None, out=_empty((B, Ho * Wo, dim_out), dt, dev),
+    )
+    return out.view(B, Ho, Wo, dim_out)
+
+
+def _forward_train(x: torch.Tensor, p: _Parts, add_residual: bool) -> torch.Tensor:
+    from ..kernels.depthwise_conv import (depthwise_conv3x3, depthwise_conv_config, depthwise_output_size,
+                                          depthwise_tiles_per_image)
+    from ..kernels.pointwise_conv import pointwise_conv, pointwise_conv_config
+    from ..kernels.squeeze_excitation import affine_gelu_tile_sums, se_gate
+
+    B, dim_in, H, W = x.shape
+    hidden, dim_out = p.conv1.out_channels, p.conv3.out_channels
+    dev, dt = x.device, x.dtype
+    Ho, Wo = depthwise_output_size(H, p.stride), depthwise_output_size(W, p.stride)
+    P1, P2 = H * W, Ho * Wo
+    T = depthwise_tiles_per_image(Ho, Wo)
+    with torch.no_grad():
+        w = _layout_weights(p)
+        f32 = dict(dtype=torch.float32, device=dev)
+
+        def pointwise_tile_counts(M, N, K, in_affine):
+            block_m = pointwise_conv_config(N, K, dt, in_affine)["BLOCK_M"]
+            counts = torch.full((-(-M // block_m),), float(block_m), **f32)
+            counts[-1] = M - block_m * (counts.numel() - 1)
+            return counts
+
+        def stats_buffers(rows, channels):
+            return dict(tile_sum=_empty((rows, channels), torch.float32, dev),
+                        tile_m2=_empty((rows, channels), torch.float32, dev))
+
+        # 1. expand conv + conv bias; BN1 statistics
+        a = _pixels_view(x)
+        counts1 = pointwise_tile_counts(B * P1, hidden, dim_in, False)
+        y1, s1, m1 = pointwise_conv(
+            a, w.w1_t, torch.ones(hidden, **f32), p.conv1.bias.detach().float().contiguous(), stats=True,
+            out=_empty((B, P1, hidden), dt, dev), **stats_buffers(counts1.numel(), hidden),
+        )
+        mean1, var1 = batch_stats_from_tiles(s1, m1, counts1)
+        update_running_stats_(p.bn1, mean1, var1, B * P1)
+        scale1, shift1 = bn_scale_shift(p.bn1, mean1, var1)
+
+        # 2. depthwise conv on gelu(BN1(y1)) + conv bias; BN2 statistics
+        y2, s2, m2 = depthwise_conv3x3(
+            y1.view(B, H, W, hidden), w.dw_w, w.dw_b, p.stride, in_scale=scale1, in_shift=shift1,
+            out_gelu=False, m2=True, out=_empty((B, Ho, Wo, hidden), dt, dev), **stats_buffers(B * T, hidden),
+        )
+        block_p = depthwise_conv_config(hidden, dt)["BLOCK_P"]
+        counts2 = torch.full((T,), float(block_p), **f32)
+        counts2[-1] = P2 - block_p * (T - 1)
+        mean2, var2 = batch_stats_from_tiles(s2, m2, counts2.repeat(B))
+        update_running_stats_(p.bn2, mean2, var2, B * P2)
+        scale2, shift2 = bn_scale_shift(p.bn2, mean2, var2)
+
+        # 3. squeeze-excitation on gelu(BN2(y2))
+        y2 = y2.view(B, P2, hidden)
+        tile_sum = affine_gelu_tile_sums(y2, scale2, shift2, out=_empty((B * T, hidden), torch.float32, dev))
+        gate = se_gate(tile_sum, B, P2, w.se_reduce, w.se_expand, out=_empty((B, hidden), torch.float32, dev))
+
+        # 4. project conv on gate * gelu(BN2(y2)) + conv bias; BN3 statistics
+        counts3 = pointwise_tile_counts(B * P2, dim_out, hidden, True)
+        y3, s3, m3 = pointwise_conv(
+            y2, w.w3_t, torch.ones(dim_out, **f32), p.conv3.bias.detach().float().contiguous(),
+            gate=gate, in_scale=scale2, in_shift=shift2, stats=True,
+            out=_empty((B, P2, dim_out), dt, dev), **stats_buffers(counts3.numel(), dim_out),
+        )
+        mean3, var3 = batch_stats_from_tiles(s3, m3, counts3)
+        update_running_stats_(p.bn3, mean3, var3, B * P2)
+        scale3, shift3 = bn_scale_shift(p.bn3, mean3, var3)
+
+        # 5. BN3 (+ residual): elementwise over the block output, in fp32, one rounding
+        out = torch.addcmul(shift3, y3.float(), scale3)
+        if add_residual:
+            out += a.float()
+        return out.to(dt).view(B, Ho, Wo, dim_out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference function for the backward (functional form of reference.MBConv)
+# ----------------------------------------------------------------------------------------------
+
+def _reference_function(x, params, p: _Parts, training: bool, bn_stats, add_residual: bool):
+    (w1, b1, g1, be1, wd, bd, g2, be2, wr, we, w3, b3, g3, be3) = params
+
+    def bn(y, layer, idx, weight, bias):
+        if training:  # batch statistics; the forward already updated the running statistics
+            return F.batch_norm(y, None, None, weight, bias, True, 0.0, layer.eps)
+        return F.batch_norm(y, bn_stats[2 * idx], bn_stats[2 * idx + 1], weight, bias, False, 0.0, layer.eps)
+
+    h = F.gelu(bn(F.conv2d(x, w1, b1), p.bn1, 0, g1, be1))
+    h = F.gelu(bn(F.conv2d(h, wd, bd, stride=p.stride, padding=1, groups=h.shape[1]), p.bn2, 1, g2, be2))
+    gate = torch.sigmoid(F.linear(F.silu(F.linear(h.mean(dim=(2, 3)), wr)), we))
+    y = bn(F.conv2d(h * gate[:, :, None, None], w3, b3), p.bn3, 2, g3, be3)
+    return y + x if add_residual else y
+
+
+class _FusedMBConv(torch.autograd.Function):
+    """Forward: the kernel pipelines. Backward: autograd through ``_reference_function``."""
+
+    @staticmethod
+    def forward(ctx, x, p: _Parts, training: bool, add_residual: bool, *params):
+        if training:
+            bn_stats = ()
+            out = _forward_train(x, p, add_residual)
+        else:
+            bn_stats = tuple(t.detach().clone() for bn in p.bns for t in (bn.running_mean, bn.running_var))
+            out = _forward_eval(x, p, folded_cache.get(p.net, lambda: _fold_eval_weights(p)), add_residual)
+        ctx.p, ctx.training, ctx.add_residual, ctx.bn_stats = p, training, add_residual, bn_stats
+        ctx.save_for_backward(x, *params)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, *params = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(needs[0])
+            p_in = [t.detach().requires_grad_(need) for t, need in zip(params, needs[4:])]
+            y = _reference_function(x_in, p_in, ctx.p, ctx.training, ctx.bn_stats, ctx.add_residual)
+            inputs = [t for t in (x_in, *p_in) if t.requires_grad]
+            grads = iter(torch.autograd.grad(y.permute(0, 2, 3, 1), inputs, grad_out, allow_unused=True))
+        grad_x = next(grads) if needs[0] else None
+        grad_params = [next(grads) if t.requires_grad else None for t in p_in]
+        return (grad_x, None, None, None, *grad_params)
+
+
+def _fused(x: torch.Tensor, p: _Parts) -> torch.Tensor:
+    training = p.bn1.training
+    drop = p.residual and p.dropsample is not None and p.dropsample.training and p.dropsample.prob > 0
+    add_residual = p.residual and not drop
+    params = p.params()
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params)):
+        out = _FusedMBConv.apply(x, p, training, add_residual, *params)
+    elif training:
+        out = _forward_train(x, p, add_residual)
+    else:
+        out = _forward_eval(x, p, folded_cache.get(p.net, lambda: _fold_eval_weights(p)), add_residual)
+    out = out.permute(0, 3, 1, 2)  # NCHW shape, channels-last strides
+    if drop:
+        out = p.dropsample(out) + x
+    return out
 
 
 def mbconv(x: torch.Tensor, module: nn.Module, fused: bool = False) -> torch.Tensor:
-    if use_kernels(x, fused, unsupported="no fused MBConv kernel yet"):
-        raise AssertionError("unreachable: no fused MBConv kernel is registered")
+    if not fused:
+        return module(x)
+    parts = _split(module)
+    if not isinstance(parts, str):
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            raise ValueError(f"MBConv input must be a 4-D (B, C, H, W) tensor, got {getattr(x, 'shape', type(x))}")
+        if x.shape[1] != parts.conv1.in_channels:
+            raise ValueError(f"MBConv input has {x.shape[1]} channels, the block expects {parts.conv1.in_channels}")
+    if use_kernels(x, fused, unsupported=_unsupported_reason(x, parts)):
+        return _fused(x, parts)
     return module(x)

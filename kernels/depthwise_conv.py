@@ -1,0 +1,178 @@
+"""Depthwise 3x3 convolution (padding 1, stride 1 or 2) on channels-last pixels, with bias, GELU
+and per-tile channel sums for the squeeze-excitation mean (or BatchNorm batch statistics).
+
+    y[b, p, c] = [gelu]( sum_{kh,kw} w[kh*3+kw, c] * act(x[b, hi, wi, c]) + bias[c] )
+    act(v)     = v                                       (eval: x is already GELU(BN(conv1)))
+               = gelu(v * in_scale[c] + in_shift[c])     (train: BN1 with batch statistics + GELU
+                                                          applied on load; padding taps are 0)
+    tile_sum[b*T + t, c] = sum over the tile's pixels of y          (always)
+    tile_m2 [b*T + t, c] = sum of (y - tile mean)^2 over the tile   (WRITE_M2, train)
+
+Layout: x is (B, H, W, C) contiguous, y is (B, Ho, Wo, C) contiguous, w is (9, C) fp32
+contiguous (tap-major, so one tap's weights for a channel block are one contiguous load), bias
+fp32 (C,). Grid: (B * T, cdiv(C, BLOCK_C)) with T = cdiv(Ho*Wo, BLOCK_P): a tile is BLOCK_P
+consecutive output pixels (row-major) of ONE image times BLOCK_C channels, channels contiguous,
+so the per-tile sums are per-(image, channel) partial sums.
+
+Decisions
+- SE pooling: deterministic per-tile partial sums written to a (B*T, C) fp32 buffer and reduced
+  by the SE kernel (kernels/squeeze_excitation.py), not atomics: bitwise reproducible, no
+  zero-init pass, and the buffer is small (B=64, 56x56 output, C=256: 64*49*256*4 B = 3.2 MB,
+  against 103 MB for the bf16 hidden tensor it summarises).
+- In eval mode BatchNorm is folded into w and bias on the host (fp32; the kernel computes in
+  fp32), so the kernel is conv + bias + GELU.
+- Each tap is a masked [BLOCK_P, BLOCK_C] load; the 9 taps of neighbouring pixels overlap and are
+  served from L1/L2, so DRAM traffic stays near the compulsory read of x and write of y.
+- Blocks: BLOCK_P = 64 pixels x BLOCK_C = 64 channels (128 B of a bf16 channel vector per pixel),
+  4 warps. GPU speed (and the fraction of copy bandwidth): not measured.
+
+Resources: TBD
+GPU speed: not measured.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gelu(x):
+    # exact (erf) GELU, nn.GELU's default
+    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def depthwise_conv3x3_kernel(
+    x_ptr, w_ptr, bias_ptr, in_scale_ptr, in_shift_ptr,
+    out_ptr, tile_sum_ptr, tile_m2_ptr,
+    H, W, Ho, Wo, C, tiles_per_image,
+    STRIDE: tl.constexpr, IN_AFFINE_GELU: tl.constexpr, OUT_GELU: tl.constexpr, WRITE_M2: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_tile = tl.program_id(0)  # image * tiles_per_image + tile
+    pid_c = tl.program_id(1)
+    image = pid_tile // tiles_per_image
+    tile = pid_tile % tiles_per_image
+
+    num_pixels = Ho * Wo
+    offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_p = offs_p < num_pixels
+    mask_c = offs_c < C
+    ho = offs_p // Wo
+    wo = offs_p % Wo
+
+    x_image = x_ptr + image.to(tl.int64) * H * W * C
+    if IN_AFFINE_GELU:
+        in_scale = tl.load(in_scale_ptr + offs_c, mask=mask_c, other=0.0)
+        in_shift = tl.load(in_shift_ptr + offs_c, mask=mask_c, other=0.0)
+
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for kh in tl.static_range(3):
+        hi = ho * STRIDE - 1 + kh
+        row_ok = mask_p & (hi >= 0) & (hi < H)
+        for kw in tl.static_range(3):
+            wi = wo * STRIDE - 1 + kw
+            tap_ok = (row_ok & (wi >= 0) & (wi < W))[:, None] & mask_c[None, :]
+            v = tl.load(x_image + ((hi * W + wi) * C)[:, None] + offs_c[None, :], mask=tap_ok, other=0.0)
+            v = v.to(tl.float32)
+            if IN_AFFINE_GELU:
+                # the zero padding is applied to the activation, not to the raw input
+                v = tl.where(tap_ok, _gelu(v * in_scale[None, :] + in_shift[None, :]), 0.0)
+            w = tl.load(w_ptr + (kh * 3 + kw) * C + offs_c, mask=mask_c, other=0.0)
+            acc += v * w[None, :]
+
+    bias = tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0)
+    y = acc + bias[None, :]
+    if OUT_GELU:
+        y = _gelu(y)
+    mask_out = mask_p[:, None] & mask_c[None, :]
+    out_rows = (image.to(tl.int64) * num_pixels + offs_p) * C
+    tl.store(out_ptr + out_rows[:, None] + offs_c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+    y_valid = tl.where(mask_p[:, None], y, 0.0)
+    tile_sum = tl.sum(y_valid, axis=0)
+    tl.store(tile_sum_ptr + pid_tile * C + offs_c, tile_sum, mask=mask_c)
+    if WRITE_M2:
+        count = tl.minimum(num_pixels - tile * BLOCK_P, BLOCK_P).to(tl.float32)
+        centred = tl.where(mask_p[:, None], y - (tile_sum / count)[None, :], 0.0)
+        tl.store(tile_m2_ptr + pid_tile * C + offs_c, tl.sum(centred * centred, axis=0), mask=mask_c)
+
+
+def depthwise_conv_config(C: int, dtype: torch.dtype) -> dict:
+    return dict(BLOCK_P=64, BLOCK_C=max(16, min(64, triton.next_power_of_2(C))), num_warps=4)
+
+
+def depthwise_output_size(size: int, stride: int) -> int:
+    return (size - 1) // stride + 1  # kernel 3, padding 1
+
+
+def depthwise_tiles_per_image(Ho: int, Wo: int) -> int:
+    return triton.cdiv(Ho * Wo, depthwise_conv_config(1, torch.float32)["BLOCK_P"])
+
+
+def depthwise_conv3x3(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor,
+    stride: int,
+    *,
+    in_scale: torch.Tensor | None = None,
+    in_shift: torch.Tensor | None = None,
+    out_gelu: bool = True,
+    m2: bool = False,
+    out: torch.Tensor | None = None,
+    tile_sum: torch.Tensor | None = None,
+    tile_m2: torch.Tensor | None = None,
+):
+    """Launch the depthwise conv. x: (B, H, W, C) contiguous fp16/bf16/fp32; w: (9, C) fp32
+    contiguous (tap kh*3+kw); bias (and in_scale/in_shift): fp32 (C,).
+
+    Returns (out, tile_sum, tile_m2): out (B, Ho, Wo, C) contiguous in x's dtype; tile_sum and
+    tile_m2 (tile_m2 only when ``m2``, else None) fp32 (B * T, C), T = tiles per image
+    (``depthwise_tiles_per_image``); tile t of image b covers output pixels
+    [t*BLOCK_P, (t+1)*BLOCK_P) of that image in row-major order.
+    """
+    if x.ndim != 4 or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous (B, H, W, C) tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
+    if stride not in (1, 2):
+        raise ValueError(f"stride must be 1 or 2, got {stride}")
+    B, H, W, C = x.shape
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError("in_scale and in_shift go together")
+    for name, t, shape in (("w", w, (9, C)), ("bias", bias, (C,)), ("in_scale", in_scale, (C,)),
+                           ("in_shift", in_shift, (C,))):
+        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous fp32 tensor of shape {shape}")
+    Ho, Wo = depthwise_output_size(H, stride), depthwise_output_size(W, stride)
+    cfg = depthwise_conv_config(C, x.dtype)
+    T = triton.cdiv(Ho * Wo, cfg["BLOCK_P"])
+    if out is None:
+        out = torch.empty((B, Ho, Wo, C), device=x.device, dtype=x.dtype)
+    elif tuple(out.shape) != (B, Ho, Wo, C) or not out.is_contiguous() or out.dtype != x.dtype:
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(B, Ho, Wo, C)}")
+    stat_shape = (B * T, C)
+    if tile_sum is None:
+        tile_sum = torch.empty(stat_shape, device=x.device, dtype=torch.float32)
+    if m2 and tile_m2 is None:
+        tile_m2 = torch.empty(stat_shape, device=x.device, dtype=torch.float32)
+    for name, t in (("tile_sum", tile_sum), ("tile_m2", tile_m2 if m2 else None)):
+        if t is not None and (tuple(t.shape) != stat_shape or not t.is_contiguous() or t.dtype != torch.float32):
+            raise ValueError(f"{name} must be a contiguous fp32 tensor of shape {stat_shape}")
+    if B * Ho * Wo * C == 0:
+        return out, tile_sum, (tile_m2 if m2 else None)
+    grid = (B * T, triton.cdiv(C, cfg["BLOCK_C"]))
+    depthwise_conv3x3_kernel[grid](
+        x, w, bias,
+        in_scale if in_scale is not None else bias,
+        in_shift if in_shift is not None else bias,
+        out, tile_sum, tile_m2 if m2 else tile_sum,
+        H, W, Ho, Wo, C, T,
+        STRIDE=stride, IN_AFFINE_GELU=in_scale is not None, OUT_GELU=out_gelu, WRITE_M2=m2,
+        **cfg,
+    )
+    return out, tile_sum, (tile_m2 if m2 else None)

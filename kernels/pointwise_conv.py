@@ -1,0 +1,235 @@
+"""1x1 convolution over channels-last pixels as a matmul with a fused prologue and epilogue.
+
+    out[b, p, n] = epilogue( sum_k prologue(a[b, p, k]) * w_t[k, n] )
+
+prologue (per input element, fp32):   a                              (expand conv, eval)
+                                      a * gate[b, k]                 (project conv, eval: SE gate)
+                                      gelu(a * in_scale[k] + in_shift[k]) [* gate[b, k]]
+                                                                     (train: the previous
+                                                                      BatchNorm with batch
+                                                                      statistics, then GELU)
+epilogue (per output element, fp32):  acc * out_scale[n] + out_shift[n]   (folded BatchNorm, or
+                                                                      scale 1 / conv bias)
+                                      [gelu] [+ residual[b, p, n]]
+                                      optional per-tile column sum and centred sum of squares of
+                                      the stored value (train: BatchNorm batch statistics).
+
+Layout: ``a`` is (B, P, K) with any strides (P = pixels of one image, so an NCHW tensor's
+``permute(0, 2, 3, 1).reshape(B, H*W, C)`` view is read in place, no copy); ``w_t`` is the conv
+weight transposed to (K, N), contiguous; ``out`` is (B, P, N) contiguous (channels-last).
+Tiles run over the flattened M = B*P rows, so a tile may span two images: the gate is gathered
+per row (b = m // P).
+
+Decisions
+- BatchNorm is applied as a per-output-channel scale/shift in the fp32 epilogue instead of being
+  multiplied into the weight: the weight stays exactly the module's (no extra rounding of W*s to
+  bf16), at one FMA per output element. Same function, better rounding.
+- The SE gate multiplies the A tile in registers (fp32, then back to the operand dtype for the
+  tensor-core dot): the gated hidden tensor is never written.
+- fp32 inputs use ``input_precision="ieee"`` (no TF32) so the fp32 path meets 1e-5 relative;
+  fp16/bf16 use tensor cores (HMMA on sm_80, HMMA/HGMMA on sm_90) with fp32 accumulation.
+- Under the Triton interpreter ``UPCAST_DOT`` upcasts the dot operands to fp32 (bf16 tl.dot is
+  wrong there, triton issue 11584); on a GPU it is off.
+- Triton matmul vs cuBLAS (torch.matmul) + a separate epilogue: NOT MEASURED (no GPU in this
+  session). The Triton kernel is the default for both 1x1 convs because the alternative needs
+  extra passes over the hidden tensor that the fusion exists to remove: for the expand conv,
+  torch.matmul writes the pre-activation hidden tensor and an epilogue kernel reads and rewrites
+  it (2 extra hidden-sized passes); for the project conv, the gate would have to be applied to a
+  materialised copy of the hidden tensor first (2 extra passes). Revisit with measurements.
+- Block sizes (``pointwise_conv_config``): 16-bit: 128x128x64 tiles (BLOCK_K = 32 when the
+  prologue runs the train-mode GELU), 8 warps, 3 stages; fp32: 64x64x32, 4 warps, 2 stages.
+  BLOCK_N/BLOCK_K shrink to the next power of two >= 16 for narrow layers. GPU speed of these
+  choices: not measured.
+
+Resources: TBD
+GPU speed: not measured.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+
+@triton.jit
+def _gelu(x):
+    # exact (erf) GELU, nn.GELU's default
+    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def pointwise_conv_kernel(
+    a_ptr, w_ptr, out_ptr,
+    out_scale_ptr, out_shift_ptr,
+    gate_ptr, in_scale_ptr, in_shift_ptr,
+    res_ptr, tile_sum_ptr, tile_m2_ptr,
+    M, N, K, P,
+    stride_ab, stride_ap, stride_ak,
+    stride_rb, stride_rp, stride_rn,
+    IN_AFFINE_GELU: tl.constexpr, HAS_GATE: tl.constexpr,
+    OUT_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WRITE_STATS: tl.constexpr,
+    FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # N tiles vary fastest, so programs running together share one A row block (L2 reuse).
+    pid = tl.program_id(0)
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n_tiles
+    pid_n = pid % num_n_tiles
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    image = offs_m // P
+    pixel = offs_m - image * P
+    a_rows = image.to(tl.int64) * stride_ab + pixel.to(tl.int64) * stride_ap
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        mask_a = mask_m[:, None] & mask_k[None, :]
+        a = tl.load(a_ptr + a_rows[:, None] + offs_k[None, :] * stride_ak, mask=mask_a, other=0.0)
+        if IN_AFFINE_GELU:
+            in_scale = tl.load(in_scale_ptr + offs_k, mask=mask_k, other=0.0)
+            in_shift = tl.load(in_shift_ptr + offs_k, mask=mask_k, other=0.0)
+            # padded columns: scale = shift = 0 -> gelu(0) = 0, so they add nothing
+            a_f32 = _gelu(a.to(tl.float32) * in_scale[None, :] + in_shift[None, :])
+            if HAS_GATE:
+                gate = tl.load(gate_ptr + image[:, None] * K + offs_k[None, :], mask=mask_a, other=0.0)
+                a_f32 = a_f32 * gate
+            a = a_f32.to(a_ptr.dtype.element_ty)
+        elif HAS_GATE:
+            gate = tl.load(gate_ptr + image[:, None] * K + offs_k[None, :], mask=mask_a, other=0.0)
+            a = (a.to(tl.float32) * gate).to(a_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST_DOT:
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+        elif FP32_IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+
+    out_scale = tl.load(out_scale_ptr + offs_n, mask=mask_n, other=0.0)
+    out_shift = tl.load(out_shift_ptr + offs_n, mask=mask_n, other=0.0)
+    y = acc * out_scale[None, :] + out_shift[None, :]
+
+    if WRITE_STATS:
+        # BatchNorm batch statistics of y, per tile: column sum and sum of squares about the
+        # tile's own mean (merged across tiles with Chan's formula on the host: no cancellation).
+        rows_valid = mask_m[:, None]
+        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        col_sum = tl.sum(tl.where(rows_valid, y, 0.0), axis=0)
+        centred = tl.where(rows_valid, y - (col_sum / count)[None, :], 0.0)
+        tl.store(tile_sum_ptr + pid_m * N + offs_n, col_sum, mask=mask_n)
+        tl.store(tile_m2_ptr + pid_m * N + offs_n, tl.sum(centred * centred, axis=0), mask=mask_n)
+
+    if OUT_GELU:
+        y = _gelu(y)
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    if HAS_RESIDUAL:
+        res_rows = image.to(tl.int64) * stride_rb + pixel.to(tl.int64) * stride_rp
+        res = tl.load(res_ptr + res_rows[:, None] + offs_n[None, :] * stride_rn, mask=mask_out, other=0.0)
+        y += res.to(tl.float32)
+    out_rows = offs_m.to(tl.int64) * N
+    tl.store(out_ptr + out_rows[:, None] + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
+def _pow2_clamp(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def pointwise_conv_config(N: int, K: int, dtype: torch.dtype, in_affine_gelu: bool = False) -> dict:
+    """Block sizes and launch options for one 1x1 conv (see the header for the reasoning)."""
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=_pow2_clamp(N, 16, 64), BLOCK_K=_pow2_clamp(K, 16, 32),
+                    num_warps=4, num_stages=2)
+    block_k = 32 if in_affine_gelu else 64
+    return dict(BLOCK_M=128, BLOCK_N=_pow2_clamp(N, 16, 128), BLOCK_K=_pow2_clamp(K, 16, block_k),
+                num_warps=8, num_stages=3)
+
+
+def pointwise_conv(
+    a: torch.Tensor,
+    w_t: torch.Tensor,
+    out_scale: torch.Tensor,
+    out_shift: torch.Tensor,
+    *,
+    gate: torch.Tensor | None = None,
+    in_scale: torch.Tensor | None = None,
+    in_shift: torch.Tensor | None = None,
+    out_gelu: bool = False,
+    residual: torch.Tensor | None = None,
+    stats: bool = False,
+    out: torch.Tensor | None = None,
+    tile_sum: torch.Tensor | None = None,
+    tile_m2: torch.Tensor | None = None,
+):
+    """Launch the fused 1x1 conv.
+
+    a: (B, P, K), any strides, fp16/bf16/fp32. w_t: (K, N) contiguous, a's dtype.
+    out_scale, out_shift, in_scale, in_shift: fp32 (N,) / (K,) contiguous. gate: fp32 (B, K)
+    contiguous. residual: (B, P, N), any strides. out: (B, P, N) contiguous, a's dtype.
+    Returns out, or (out, tile_sum, tile_m2) with fp32 (ceil(B*P / BLOCK_M), N) per-tile
+    statistics when ``stats``; the rows of tile t are rows [t*BLOCK_M, (t+1)*BLOCK_M) of the
+    flattened (B*P, N) output.
+    """
+    if a.ndim != 3 or w_t.ndim != 2:
+        raise ValueError(f"expected a (B, P, K) and w_t (K, N), got {tuple(a.shape)} and {tuple(w_t.shape)}")
+    B, P, K = a.shape
+    N = w_t.shape[1]
+    if w_t.shape[0] != K:
+        raise ValueError(f"w_t has {w_t.shape[0]} input channels, a has {K}")
+    if a.dtype not in (torch.float16, torch.bfloat16, torch.float32) or w_t.dtype != a.dtype:
+        raise TypeError(f"a and w_t must share one of fp16/bf16/fp32, got {a.dtype} and {w_t.dtype}")
+    if not w_t.is_contiguous():
+        raise ValueError("w_t must be contiguous")
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError("in_scale and in_shift go together")
+    for name, t, shape in (("out_scale", out_scale, (N,)), ("out_shift", out_shift, (N,)),
+                           ("in_scale", in_scale, (K,)), ("in_shift", in_shift, (K,)), ("gate", gate, (B, K))):
+        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous fp32 tensor of shape {shape}")
+    if residual is not None and tuple(residual.shape) != (B, P, N):
+        raise ValueError(f"residual must be (B, P, N) = {(B, P, N)}, got {tuple(residual.shape)}")
+    M = B * P
+    cfg = pointwise_conv_config(N, K, a.dtype, in_scale is not None)
+    if out is None:
+        out = torch.empty((B, P, N), device=a.device, dtype=a.dtype)
+    elif tuple(out.shape) != (B, P, N) or not out.is_contiguous() or out.dtype != a.dtype:
+        raise ValueError(f"out must be a contiguous {a.dtype} tensor of shape {(B, P, N)}")
+    num_m_tiles = triton.cdiv(M, cfg["BLOCK_M"])
+    if stats:
+        if tile_sum is None:
+            tile_sum = torch.empty((num_m_tiles, N), device=a.device, dtype=torch.float32)
+        if tile_m2 is None:
+            tile_m2 = torch.empty((num_m_tiles, N), device=a.device, dtype=torch.float32)
+        for name, t in (("tile_sum", tile_sum), ("tile_m2", tile_m2)):
+            if tuple(t.shape) != (num_m_tiles, N) or not t.is_contiguous() or t.dtype != torch.float32:
+                raise ValueError(f"{name} must be a contiguous fp32 tensor of shape {(num_m_tiles, N)}")
+    if M == 0:
+        return (out, tile_sum, tile_m2) if stats else out
+    res = residual if residual is not None else out
+    grid = (num_m_tiles * triton.cdiv(N, cfg["BLOCK_N"]),)
+    pointwise_conv_kernel[grid](
+        a, w_t, out,
+        out_scale, out_shift,
+        gate if gate is not None else out_scale,
+        in_scale if in_scale is not None else out_scale,
+        in_shift if in_shift is not None else out_shift,
+        res,
+        tile_sum if stats else out_scale,
+        tile_m2 if stats else out_scale,
+        M, N, K, P,
+        a.stride(0), a.stride(1), a.stride(2),
+        res.stride(0), res.stride(1), res.stride(2),
+        IN_AFFINE_GELU=in_scale is not None, HAS_GATE=gate is not None,
+        OUT_GELU=out_gelu, HAS_RESIDUAL=residual is not None, WRITE_STATS=stats,
+        FP32_IEEE=a.dtype == torch.float32, UPCAST_DOT=INTERPRET,
+        **cfg,
+    )
+    return (out, tile_sum, tile_m2) if stats else out

@@ -1,0 +1,161 @@
+"""Squeeze-excitation gate from per-tile channel sums, one program per image:
+
+    mean[c] = sum_t tile_sum[b*T + t, c] / num_pixels
+    hidden  = silu(w_reduce @ mean)          w_reduce: (R, C), Linear(C -> R, no bias)
+    gate    = sigmoid(w_expand @ hidden)     w_expand: (C, R), Linear(R -> C, no bias)
+
+and, for train mode, the pooling pass that produces those tile sums from the pre-BatchNorm
+depthwise output (eval mode gets them for free from the depthwise kernel):
+
+    tile_sum[b*T + t, c] = sum over the tile's pixels of gelu(y[b, p, c] * scale[c] + shift[c])
+
+Decisions
+- The gate is fp32 (B, C); the project conv multiplies its A tile by it (kernels/pointwise_conv.py),
+  so the gated hidden tensor never exists.
+- The MLP keeps the whole reduced vector (R <= 512 for MaxViT-T) in registers: BLOCK_R =
+  next_pow2(R), and the C loop walks BLOCK_C = max(1, 4096 // BLOCK_R) channels at a time, so
+  each weight tile is at most 4096 fp32 values (32 per thread at 4 warps). Both weight matrices
+  are read once per image (from L2 after the first image).
+- The tile-sum reduction is deterministic (fixed order over the T tiles, no atomics).
+- All math in fp32 (weights and sums upcast), stricter than the reference's low-precision mean.
+
+Resources: TBD
+GPU speed: not measured (the work is tiny: B programs, 2*R*C MACs each).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gelu(x):
+    # exact (erf) GELU, nn.GELU's default
+    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def se_gate_kernel(
+    tile_sum_ptr, w_reduce_ptr, w_expand_ptr, gate_ptr,
+    T, C, R, inv_num_pixels,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    image = tl.program_id(0)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    sums_image = tile_sum_ptr + image.to(tl.int64) * T * C
+
+    hidden = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        channel_sum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            part = tl.load(sums_image + offs_t[:, None] * C + offs_c[None, :],
+                           mask=(offs_t < T)[:, None] & mask_c[None, :], other=0.0)
+            channel_sum += tl.sum(part, axis=0)
+        mean = channel_sum * inv_num_pixels
+        w_reduce = tl.load(w_reduce_ptr + offs_r[:, None] * C + offs_c[None, :],
+                           mask=mask_r[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+        hidden += tl.sum(w_reduce * mean[None, :], axis=1)
+    hidden = hidden / (1.0 + tl.exp(-hidden))  # SiLU
+
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        w_expand = tl.load(w_expand_ptr + offs_c[:, None] * R + offs_r[None, :],
+                           mask=mask_c[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+        logit = tl.sum(w_expand * hidden[None, :], axis=1)
+        tl.store(gate_ptr + image * C + offs_c, 1.0 / (1.0 + tl.exp(-logit)), mask=mask_c)
+
+
+@triton.jit
+def affine_gelu_tile_sums_kernel(
+    y_ptr, scale_ptr, shift_ptr, tile_sum_ptr,
+    P, C, tiles_per_image,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_tile = tl.program_id(0)  # image * tiles_per_image + tile
+    pid_c = tl.program_id(1)
+    image = pid_tile // tiles_per_image
+    tile = pid_tile % tiles_per_image
+    offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_p = offs_p < P
+    mask_c = offs_c < C
+    mask = mask_p[:, None] & mask_c[None, :]
+    rows = (image.to(tl.int64) * P + offs_p) * C
+    y = tl.load(y_ptr + rows[:, None] + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
+    shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
+    a = tl.where(mask, _gelu(y * scale[None, :] + shift[None, :]), 0.0)
+    tl.store(tile_sum_ptr + pid_tile * C + offs_c, tl.sum(a, axis=0), mask=mask_c)
+
+
+def se_gate_config(C: int, R: int) -> dict:
+    block_r = max(16, triton.next_power_of_2(max(R, 1)))
+    block_c = max(1, min(triton.next_power_of_2(C), 4096 // block_r))
+    return dict(BLOCK_T=16, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4)
+
+
+def se_gate(
+    tile_sum: torch.Tensor,
+    num_images: int,
+    num_pixels: int,
+    w_reduce: torch.Tensor,
+    w_expand: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """tile_sum: fp32 (B*T, C) contiguous, image-major; w_reduce (R, C) and w_expand (C, R)
+    contiguous, any float dtype. Returns the fp32 gate (B, C)."""
+    if tile_sum.ndim != 2 or tile_sum.dtype != torch.float32 or not tile_sum.is_contiguous():
+        raise ValueError("tile_sum must be a contiguous fp32 (B*T, C) tensor")
+    BT, C = tile_sum.shape
+    B = num_images
+    if B <= 0 or BT % B != 0:
+        raise ValueError(f"tile_sum has {BT} rows, not a multiple of num_images={B}")
+    T = BT // B
+    R = w_reduce.shape[0]
+    if tuple(w_reduce.shape) != (R, C) or tuple(w_expand.shape) != (C, R):
+        raise ValueError(f"w_reduce must be (R, {C}) and w_expand ({C}, R), got {tuple(w_reduce.shape)}, {tuple(w_expand.shape)}")
+    if not (w_reduce.is_contiguous() and w_expand.is_contiguous()):
+        raise ValueError("SE weights must be contiguous")
+    if out is None:
+        out = torch.empty((B, C), device=tile_sum.device, dtype=torch.float32)
+    elif tuple(out.shape) != (B, C) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous fp32 tensor of shape {(B, C)}")
+    cfg = se_gate_config(C, R)
+    se_gate_kernel[(B,)](tile_sum, w_reduce, w_expand, out, T, C, R, 1.0 / num_pixels, **cfg)
+    return out
+
+
+def affine_gelu_tile_sums_config(C: int) -> dict:
+    return dict(BLOCK_P=64, BLOCK_C=max(16, min(64, triton.next_power_of_2(C))), num_warps=4)
+
+
+def affine_gelu_tile_sums(
+    y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y: (B, P, C) contiguous; scale, shift fp32 (C,). Returns fp32 (B*T, C) per-tile sums of
+    gelu(y * scale + shift), T = cdiv(P, 64) (the depthwise kernel's tiling)."""
+    if y.ndim != 3 or not y.is_contiguous():
+        raise ValueError(f"y must be a contiguous (B, P, C) tensor, got shape {tuple(y.shape)}")
+    B, P, C = y.shape
+    cfg = affine_gelu_tile_sums_config(C)
+    T = triton.cdiv(P, cfg["BLOCK_P"])
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t.dtype != torch.float32 or tuple(t.shape) != (C,) or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous fp32 tensor of shape {(C,)}")
+    if out is None:
+        out = torch.empty((B * T, C), device=y.device, dtype=torch.float32)
+    elif tuple(out.shape) != (B * T, C) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous fp32 tensor of shape {(B * T, C)}")
+    if y.numel() == 0:
+        return out
+    grid = (B * T, triton.cdiv(C, cfg["BLOCK_C"]))
+    affine_gelu_tile_sums_kernel[grid](y, scale, shift, out, P, C, T, **cfg)
+    return out

@@ -1,0 +1,132 @@
+"""BatchNorm helpers for the fused ops: eval-mode folding, batch statistics from per-tile
+partials, and running-statistic updates identical to ``nn.BatchNorm2d``'s.
+
+Eval mode: BN(y) = y * scale + shift with scale = gamma / sqrt(running_var + eps) and
+shift = beta - running_mean * scale, computed in fp32 whatever the parameter dtype.
+Train mode: the kernels write per-tile (sum, centred sum of squares) partials of the BN input;
+``batch_stats_from_tiles`` merges them with Chan's parallel formula (no E[y^2] - E[y]^2
+cancellation) and ``update_running_stats_`` applies momentum (or the cumulative average when
+momentum is None), the unbiased variance and ``num_batches_tracked`` exactly as
+``F.batch_norm`` does.
+
+``FoldCache`` stores derived tensors per module and recomputes them whenever anything they were
+derived from may have changed; see its docstring.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def bn_scale_shift(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor):
+    """fp32 (scale, shift) with BN(y) = y * scale + shift for the given mean and biased variance."""
+    scale = torch.rsqrt(var.float() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.float()
+    shift = -mean.float() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.float()
+    return scale.contiguous(), shift.contiguous()
+
+
+def fold_batchnorm(bn: nn.BatchNorm2d, conv_bias: torch.Tensor | None):
+    """Eval-mode BN after a conv with bias ``conv_bias``: fp32 (scale, shift) such that
+    BN(conv_nobias(x) + conv_bias) = conv_nobias(x) * scale + shift."""
+    with torch.no_grad():
+        scale, shift = bn_scale_shift(bn, bn.running_mean, bn.running_var)
+        if conv_bias is not None:
+            shift = shift + conv_bias.float() * scale
+        return scale.contiguous(), shift.contiguous()
+
+
+def batch_stats_from_tiles(tile_sum: torch.Tensor, tile_m2: torch.Tensor, counts: torch.Tensor):
+    """Merge per-tile partials into the batch mean and biased variance (fp32, per channel).
+
+    tile_sum, tile_m2: (T, C) sums and centred sums of squares of each tile's rows;
+    counts: (T,) number of rows in each tile.
+    """
+    counts = counts.to(device=tile_sum.device, dtype=torch.float32)
+    total = counts.sum()
+    mean = tile_sum.sum(0) / total
+    tile_mean = tile_sum / counts[:, None]
+    m2 = tile_m2.sum(0) + (counts[:, None] * (tile_mean - mean).square()).sum(0)
+    return mean, m2 / total
+
+
+def update_running_stats_(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """What ``nn.BatchNorm2d.forward`` in train mode does to the buffers, given the batch mean and
+    biased variance over ``count`` values per channel."""
+    if not (bn.training and bn.track_running_stats):
+        return
+    with torch.no_grad():
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                factor = 1.0 / float(bn.num_batches_tracked)
+        if bn.running_mean is None:
+            return
+        unbiased = var * (count / (count - 1))
+        for buf, value in ((bn.running_mean, mean), (bn.running_var, unbiased)):
+            buf.copy_((factor * value + (1.0 - factor) * buf.float()).to(buf.dtype))
+
+
+def _tensor_key(t: torch.Tensor):
+    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
+
+
+class FoldCache:
+    """Derived tensors (folded BatchNorm, transposed weights) cached per module.
+
+    The entry for a module is reused only while its key is unchanged. The key holds, for every
+    parameter and buffer of the module: data_ptr, the in-place version counter ``_version``,
+    dtype, device, shape and strides; plus every submodule's ``training`` flag and every
+    BatchNorm's ``eps``. So an optimizer step or any in-place write (version bump),
+    ``load_state_dict`` (copy_, a version bump), ``.to()``/``.half()`` (new storage, dtype or
+    device) and ``train()``/``eval()`` all invalidate it. The entry also holds aliases
+    (``detach()``) of the source tensors: their storage stays alive while the entry exists, so a
+    new tensor can never reuse an old address and look unchanged (the stale source storage is
+    freed at the next recompute).
+
+    Not seen: writes through ``param.data`` (``.data`` has its own version counter, by PyTorch
+    design). Call ``clear(module)`` after such writes.
+    """
+
+    def __init__(self):
+        self._entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @staticmethod
+    def key(module: nn.Module):
+        try:
+            tensors = tuple(_tensor_key(t) for t in (*module.parameters(), *module.buffers()))
+        except RuntimeError:  # inference tensors have no version counter: do not cache
+            return None
+        flags = tuple(m.training for m in module.modules())
+        eps = tuple(m.eps for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+        return tensors, flags, eps
+
+    def get(self, module: nn.Module, build: Callable[[], object]):
+        key = self.key(module)
+        entry = self._entries.get(module)
+        if key is not None and entry is not None and entry[0] == key:
+            return entry[2]
+        value = build()
+        if key is not None:
+            pinned = tuple(t.detach() for t in (*module.parameters(), *module.buffers()))
+            self._entries[module] = (key, pinned, value)
+        else:
+            self._entries.pop(module, None)
+        return value
+
+    def clear(self, module: nn.Module | None = None) -> None:
+        if module is None:
+            self._entries.clear()
+        else:
+            self._entries.pop(module, None)
+
+    def __contains__(self, module: nn.Module) -> bool:
+        return module in self._entries
