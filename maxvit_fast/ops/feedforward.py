@@ -1,19 +1,132 @@
-"""FeedForward + residual over tokens (any leading shape, channels last)."""
+"""FeedForward + residual over tokens (any leading shape, channels last).
+
+Fused path: ``maxvit_fast.kernels.feedforward`` (LayerNorm -> Linear -> GELU -> Dropout ->
+Linear -> Dropout -> + x in one kernel, or two for wide layers), with dropout drawn inside the
+kernels from a philox seed that is itself drawn from torch's default generator, so
+``torch.manual_seed`` makes a training step reproducible.
+
+Backward (documented split): the forward saves only its inputs and the seed. The backward
+regenerates both dropout keep masks with a Triton kernel (the same philox counters as the
+forward), recomputes the feed-forward with the reference torch ops under those masks and
+differentiates that with autograd. The gradients are therefore exactly the reference module's
+for the mask the forward used, and the 4C-wide hidden activation is never kept between forward
+and backward (it is recomputed, as activation checkpointing would).
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..dispatch import use_kernels
 
 
-def feedforward_residual(x: torch.Tensor, ff: nn.Sequential, fused: bool = False) -> torch.Tensor:
-    """``ff(x) + x`` for tokens ``x`` of shape (..., C).
+def _unsupported_reason(x: torch.Tensor, ff: nn.Sequential) -> str | None:
+    """Why the fused kernels cannot compute ``ff`` on ``x`` (None when they can)."""
+    kinds = (nn.LayerNorm, nn.Linear, nn.GELU, nn.Dropout, nn.Linear, nn.Dropout)
+    if len(ff) != len(kinds) or not all(type(m) is k for m, k in zip(ff, kinds)):
+        return "feed-forward is not LayerNorm, Linear, GELU, Dropout, Linear, Dropout"
+    norm, lin1, gelu, _, lin2, _ = ff
+    if gelu.approximate != "none":
+        return f"GELU(approximate={gelu.approximate!r}) is not fused (only the exact erf form)"
+    if norm.weight is None or norm.bias is None:
+        return "LayerNorm without elementwise affine parameters"
+    if lin1.bias is None or lin2.bias is None:
+        return "Linear without bias"
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {x.dtype} (fused feed-forward supports float16, bfloat16, float32)"
+    params = (norm.weight, norm.bias, lin1.weight, lin1.bias, lin2.weight, lin2.bias)
+    if any(p.dtype != x.dtype for p in params):
+        return "parameters and input have different dtypes"
+    if any(p.device != x.device for p in params):
+        return "parameters and input are on different devices"
+    if x.numel() // max(x.shape[-1], 1) >= 2**31:
+        return "more than 2**31 - 1 tokens in one call"
+    return None
+
+
+def _dropout_p(module: nn.Dropout) -> float:
+    return float(module.p) if module.training else 0.0
+
+
+class _FusedFeedForwardResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden, p_out, seed):
+        from ..kernels import feedforward as kernels
+
+        out = kernels.feedforward_residual(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, p_hidden, p_out, seed)
+        ctx.save_for_backward(x, ln_weight, ln_bias, w1, b1, w2, b2)
+        ctx.eps, ctx.p_hidden, ctx.p_out, ctx.seed = eps, p_hidden, p_out, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inputs = ctx.saved_tensors
+        needs = ctx.needs_input_grad[: len(inputs)]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, needs)]
+            out = reference_with_masks(*leaves, ctx.eps, ctx.p_hidden, ctx.p_out, ctx.seed)
+            wanted = [t for t, n in zip(leaves, needs) if n]
+            grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        return (*(next(grads) if n else None for n in needs), None, None, None, None)
+
+
+def keep_masks(x: torch.Tensor, hidden: int, p_hidden: float, p_out: float, seed: int):
+    """The fused forward's dropout keep masks for tokens ``x`` (..., C): (hidden mask
+    (..., hidden) or None, output mask (..., C) or None)."""
+    from ..kernels import feedforward as kernels
+
+    C = x.shape[-1]
+    M = x.numel() // C
+    lead = x.shape[:-1]
+    m_hidden = m_out = None
+    if p_hidden > 0:
+        m_hidden = kernels.dropout_keep_mask(M, hidden, p_hidden, seed, kernels.STREAM_HIDDEN, x.device).view(*lead, hidden)
+    if p_out > 0:
+        m_out = kernels.dropout_keep_mask(M, C, p_out, seed, kernels.STREAM_OUT, x.device).view(*lead, C)
+    return m_hidden, m_out
+
+
+def _apply_dropout(t: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    if keep is None:
+        return t
+    if p >= 1.0:
+        return t * 0
+    return t * keep * (1.0 / (1.0 - p))
+
+
+def reference_with_masks(x, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden, p_out, seed):
+    """The feed-forward + residual in reference torch ops, with the fused kernels' dropout
+    masks for ``seed`` (what the backward differentiates, and what tests compare to)."""
+    m_hidden, m_out = keep_masks(x, w1.shape[0], p_hidden, p_out, seed)
+    h = F.gelu(F.linear(F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps), w1, b1))
+    y = F.linear(_apply_dropout(h, m_hidden, p_hidden), w2, b2)
+    return _apply_dropout(y, m_out, p_out) + x
+
+
+def feedforward_residual(
+    x: torch.Tensor, ff: nn.Sequential, fused: bool = False, seed: int | None = None
+) -> torch.Tensor:
+    """``ff(x) + x`` for tokens ``x`` of shape (..., C), a new tensor of x's shape.
 
     The feed-forward is per token, so it runs on the whole feature map at once: the window
-    partition of the reference does not change its result.
+    partition of the reference does not change its result. ``seed`` (fused path, training
+    only) fixes the dropout masks; by default it is drawn from torch's default generator.
     """
-    if use_kernels(x, fused, unsupported="no fused feed-forward kernel yet"):
-        raise AssertionError("unreachable: no fused feed-forward kernel is registered")
-    return ff(x) + x
+    if not use_kernels(x, fused, unsupported=_unsupported_reason(x, ff)):
+        return ff(x) + x
+    norm, lin1, _, drop_hidden, lin2, drop_out = ff
+    if x.shape[-1] != norm.weight.shape[0]:
+        raise ValueError(f"tokens have {x.shape[-1]} channels, the feed-forward expects {norm.weight.shape[0]}")
+    p_hidden, p_out = _dropout_p(drop_hidden), _dropout_p(drop_out)
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if (p_hidden > 0 or p_out > 0) else 0
+    args = (x, norm.weight, norm.bias, lin1.weight, lin1.bias, lin2.weight, lin2.bias,
+            float(norm.eps), p_hidden, p_out, int(seed))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args[:7]):
+        return _FusedFeedForwardResidual.apply(*args)
+    from ..kernels import feedforward as kernels
+
+    return kernels.feedforward_residual(x, norm.weight, norm.bias, float(norm.eps), lin1.weight, lin1.bias,
+                                        lin2.weight, lin2.bias, p_hidden, p_out, int(seed))

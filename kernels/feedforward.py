@@ -1,0 +1,458 @@
+"""Fused feed-forward with residual: out = Dropout(Linear2(Dropout(GELU(Linear1(LayerNorm(x)))))) + x.
+
+DECISIONS (header filled in below after the resource-report survey)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+SQRT1_2 = tl.constexpr(0.7071067811865476)
+
+# Dropout streams: the philox counter (column, row, stream, 0) names every random number.
+STREAM_HIDDEN = 0
+STREAM_OUT = 1
+
+
+# --------------------------------------------------------------------------------------------
+# device helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mma(a, b, acc, FP32_DOT: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. FP32_DOT: exact fp32 products (fp32 inputs, and
+    bf16 under the interpreter, whose bf16 dot is wrong); otherwise tensor-core fp16/bf16."""
+    if FP32_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _cast(v, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """v (fp32) -> dtype. ROUND_BF16 (interpreter, bf16 only): the interpreter converts fp32 to
+    bf16 by truncation, which doubles the rounding error; round to nearest even on the bits
+    first, so the conversion below is exact."""
+    if ROUND_BF16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
+def _keep(seed, rows, cols, STREAM: tl.constexpr, p):
+    """(len(rows), len(cols)) dropout keep mask: philox(seed; col, row, STREAM, 0), the top 24
+    bits as a uniform u in [0, 1), kept when u >= p (probability 1 - p, as nn.Dropout)."""
+    c0 = (cols[None, :] + 0 * rows[:, None]).to(tl.uint32)
+    c1 = (rows[:, None] + 0 * cols[None, :]).to(tl.uint32)
+    zero = c0 * 0
+    r, _, _, _ = tl.philox(seed, c0, c1, zero + STREAM, zero)
+    u = (r >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    return u >= p
+
+
+@triton.jit
+def _gelu(v):
+    # nn.GELU() default: the exact erf form
+    return 0.5 * v * (1.0 + tl.math.erf(v * SQRT1_2))
+
+
+@triton.jit
+def _token_offsets(rows, D1, stride0, stride1):
+    """Element offset of token ``rows`` (flat index over the leading dims, coalesced to two:
+    row = i0 * D1 + i1) in a tensor with leading strides (stride0, stride1)."""
+    # int32 division (row < M < 2**31), int64 offsets
+    return (rows // D1).to(tl.int64) * stride0 + (rows % D1).to(tl.int64) * stride1
+
+
+# --------------------------------------------------------------------------------------------
+# kernel A: the whole MLP in one pass, 4C hidden kept on chip
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def ff_fused_mlp_kernel(
+    x_ptr, out_ptr, ln_w_ptr, ln_b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    M, D1,
+    stride_x0, stride_x1, stride_xc, stride_o0, stride_o1, stride_oc,
+    eps, seed, p_hidden, p_out, scale_hidden, scale_out,
+    C: tl.constexpr, HIDDEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+    DROPOUT_HIDDEN: tl.constexpr, DROPOUT_OUT: tl.constexpr, FP32_DOT: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    """One program: BLOCK_M tokens, all C channels (BLOCK_C >= C, masked). The normalised
+    tile is the A operand of every hidden chunk; each (BLOCK_M, BLOCK_H) chunk of the hidden
+    activation goes from the first dot through bias, GELU and dropout straight into the
+    second dot, so the 4C-wide hidden never leaves the SM.
+
+    W1 is (HIDDEN, C) and W2 is (C, HIDDEN), both contiguous (nn.Linear layout)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    chans = tl.arange(0, BLOCK_C)
+    row_ok = rows < M
+    chan_ok = chans < C
+    tile_ok = row_ok[:, None] & chan_ok[None, :]
+
+    x_tile_ptrs = x_ptr + _token_offsets(rows, D1, stride_x0, stride_x1)[:, None] + chans[None, :] * stride_xc
+    x = tl.load(x_tile_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+
+    # LayerNorm from the loaded rows: two-pass mean / variance in fp32 (biased, as nn.LayerNorm)
+    mean = tl.sum(x, axis=1) / C
+    xc = tl.where(tile_ok, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+    gamma = tl.load(ln_w_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
+    beta = tl.load(ln_b_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
+    # padded channels: gamma = beta = 0, so they are 0 in the A operand
+    xn = _cast(xc * rstd[:, None] * gamma[None, :] + beta[None, :], x_ptr.dtype.element_ty, ROUND_BF16)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for h0 in range(0, HIDDEN, BLOCK_H):
+        hid = h0 + tl.arange(0, BLOCK_H)
+        hid_ok = hid < HIDDEN
+        # W1^T chunk (BLOCK_C, BLOCK_H): element (k, n) = W1[n, k]
+        w1 = tl.load(w1_ptr + hid[None, :] * C + chans[:, None], mask=chan_ok[:, None] & hid_ok[None, :], other=0.0)
+        b1 = tl.load(b1_ptr + hid, mask=hid_ok, other=0.0).to(tl.float32)
+        pre = _mma(xn, w1, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), FP32_DOT) + b1[None, :]
+        act = _gelu(pre)  # padded hidden columns: pre = 0 -> GELU 0, and their W2 rows are 0
+        if DROPOUT_HIDDEN:
+            act = tl.where(_keep(seed, rows, hid, 0, p_hidden), act * scale_hidden, 0.0)
+        # W2^T chunk (BLOCK_H, BLOCK_C): element (n, c) = W2[c, n]
+        w2 = tl.load(w2_ptr + chans[None, :] * HIDDEN + hid[:, None], mask=hid_ok[:, None] & chan_ok[None, :], other=0.0)
+        acc = _mma(_cast(act, w2_ptr.dtype.element_ty, ROUND_BF16), w2, acc, FP32_DOT)
+
+    b2 = tl.load(b2_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
+    y = acc + b2[None, :]
+    if DROPOUT_OUT:
+        y = tl.where(_keep(seed, rows, chans, 1, p_out), y * scale_out, 0.0)
+    # residual: reload x (an L1/L2 hit) rather than keep the fp32 tile, or its pointers, live
+    # across the loop
+    x_tile_ptrs = x_ptr + _token_offsets(rows, D1, stride_x0, stride_x1)[:, None] + chans[None, :] * stride_xc
+    y += tl.load(x_tile_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+    out_ptrs = out_ptr + _token_offsets(rows, D1, stride_o0, stride_o1)[:, None] + chans[None, :] * stride_oc
+    tl.store(out_ptrs, _cast(y, out_ptr.dtype.element_ty, ROUND_BF16), mask=tile_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# kernels B1 + B2: two matmuls through a (M, HIDDEN) buffer, for widths whose accumulator does
+# not fit on chip
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def ff_up_kernel(
+    x_ptr, hidden_ptr, ln_w_ptr, ln_b_ptr, w1_ptr, b1_ptr,
+    M, D1,
+    stride_x0, stride_x1, stride_xc,
+    eps, seed, p_hidden, scale_hidden,
+    C: tl.constexpr, HIDDEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DROPOUT_HIDDEN: tl.constexpr, FP32_DOT: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    """hidden[rows, cols] = Dropout(GELU(LayerNorm(x) @ W1^T + b1)) for a (BLOCK_M, BLOCK_N)
+    tile; hidden is a contiguous (M, HIDDEN) buffer in the input dtype."""
+    # axis 0 walks the output columns, so the programs that share one row tile run together
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < HIDDEN
+    x_rows = x_ptr + _token_offsets(rows, D1, stride_x0, stride_x1)
+
+    # Token statistics, one pass over C in BLOCK_K chunks: each chunk's exact mean and sum of
+    # squared deviations, merged into the running ones (Chan et al.), so no E[x^2] - mean^2
+    # cancellation. Every chunk but the last is full, so the count before chunk k0 is k0.
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        ok = row_ok[:, None] & (ks < C)[None, :]
+        xk = tl.load(x_rows[:, None] + ks[None, :] * stride_xc, mask=ok, other=0.0).to(tl.float32)
+        n_chunk = tl.minimum(C - k0, BLOCK_K).to(tl.float32)
+        chunk_mean = tl.sum(xk, axis=1) / n_chunk
+        d = tl.where(ok, xk - chunk_mean[:, None], 0.0)
+        n_total = k0 + n_chunk
+        delta = chunk_mean - mean
+        mean += delta * (n_chunk / n_total)
+        m2 += tl.sum(d * d, axis=1) + delta * delta * (k0 * n_chunk / n_total)
+    rstd = 1.0 / tl.sqrt(m2 / C + eps)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < C
+        xk = tl.load(x_rows[:, None] + ks[None, :] * stride_xc, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        gamma = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        beta = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        xn = (xk.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+        w1 = tl.load(w1_ptr + cols[None, :] * C + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _mma(_cast(xn, w1_ptr.dtype.element_ty, ROUND_BF16), w1, acc, FP32_DOT)
+
+    b1 = tl.load(b1_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    act = _gelu(acc + b1[None, :])
+    if DROPOUT_HIDDEN:
+        act = tl.where(_keep(seed, rows, cols, 0, p_hidden), act * scale_hidden, 0.0)
+    h_ptrs = hidden_ptr + rows.to(tl.int64)[:, None] * HIDDEN + cols[None, :]
+    tl.store(h_ptrs, _cast(act, hidden_ptr.dtype.element_ty, ROUND_BF16), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def ff_down_kernel(
+    hidden_ptr, x_ptr, out_ptr, w2_ptr, b2_ptr,
+    M, D1,
+    stride_x0, stride_x1, stride_xc, stride_o0, stride_o1, stride_oc,
+    seed, p_out, scale_out,
+    C: tl.constexpr, HIDDEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DROPOUT_OUT: tl.constexpr, FP32_DOT: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    """out[rows, chans] = Dropout(hidden @ W2^T + b2) + x for a (BLOCK_M, BLOCK_N) tile."""
+    # axis 0 walks the output columns, so the programs that share one row tile run together
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    chans = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    chan_ok = chans < C
+    h_rows = hidden_ptr + rows.to(tl.int64)[:, None] * HIDDEN
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, HIDDEN, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < HIDDEN
+        h = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        # W2^T chunk (BLOCK_K, BLOCK_N): element (k, c) = W2[c, k]
+        w2 = tl.load(w2_ptr + chans[None, :] * HIDDEN + ks[:, None], mask=k_ok[:, None] & chan_ok[None, :], other=0.0)
+        acc = _mma(h, w2, acc, FP32_DOT)
+
+    b2 = tl.load(b2_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
+    y = acc + b2[None, :]
+    if DROPOUT_OUT:
+        y = tl.where(_keep(seed, rows, chans, 1, p_out), y * scale_out, 0.0)
+    tile_ok = row_ok[:, None] & chan_ok[None, :]
+    x = tl.load(x_ptr + _token_offsets(rows, D1, stride_x0, stride_x1)[:, None] + chans[None, :] * stride_xc,
+                mask=tile_ok, other=0.0)
+    y += x.to(tl.float32)
+    out_ptrs = out_ptr + _token_offsets(rows, D1, stride_o0, stride_o1)[:, None] + chans[None, :] * stride_oc
+    tl.store(out_ptrs, _cast(y, out_ptr.dtype.element_ty, ROUND_BF16), mask=tile_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# dropout mask regeneration (backward)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def ff_dropout_keep_kernel(
+    keep_ptr, M, N, seed, p,
+    STREAM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """keep[row, col] (uint8, (M, N) contiguous) = 1 where the forward kept element (row, col)
+    of dropout STREAM."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _keep(seed, rows, cols, STREAM, p)
+    ok = (rows < M)[:, None] & (cols < N)[None, :]
+    tl.store(keep_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], keep.to(tl.uint8), mask=ok)
+
+
+# --------------------------------------------------------------------------------------------
+# launcher
+# --------------------------------------------------------------------------------------------
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def fp32_dot(dtype: torch.dtype) -> bool:
+    """Whether the kernels multiply in fp32 ("ieee"): fp32 inputs, and bf16 under the
+    interpreter (its bf16 tl.dot is wrong, triton issue 11584)."""
+    return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
+
+
+# One-pass kernel tiles by BLOCK_C = next_power_of_2(C), for fp16/bf16 (see the header for
+# the resource report behind each entry). Wider layers use the two-kernel path.
+FUSED_MLP_TILES = {
+    16: dict(BLOCK_M=64, BLOCK_H=64, num_warps=4, num_stages=3),
+    32: dict(BLOCK_M=64, BLOCK_H=64, num_warps=4, num_stages=3),
+    64: dict(BLOCK_M=64, BLOCK_H=64, num_warps=4, num_stages=3),
+    128: dict(BLOCK_M=64, BLOCK_H=64, num_warps=8, num_stages=3),
+    256: dict(BLOCK_M=64, BLOCK_H=32, num_warps=8, num_stages=3),
+}
+FUSED_MLP_TILES_FP32 = {}
+
+UP_TILES = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+DOWN_TILES = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+UP_TILES_FP32 = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2)
+DOWN_TILES_FP32 = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2)
+
+
+def fused_mlp_config(C: int, dtype: torch.dtype) -> dict | None:
+    """Tiles of the one-pass kernel for width C, or None where the two-kernel path is used."""
+    table = FUSED_MLP_TILES_FP32 if dtype == torch.float32 else FUSED_MLP_TILES
+    return table.get(triton.next_power_of_2(C))
+
+
+def _default_fused_config(C: int) -> dict:
+    # a forced one-pass launch outside the table (tests of the one-pass kernel at any width)
+    return dict(BLOCK_M=32, BLOCK_H=32, num_warps=4, num_stages=2)
+
+
+def two_pass_configs(C: int, hidden: int, dtype: torch.dtype) -> tuple[dict, dict]:
+    """Tiles of (ff_up_kernel, ff_down_kernel)."""
+    if dtype == torch.float32:
+        return UP_TILES_FP32, DOWN_TILES_FP32
+    return UP_TILES, DOWN_TILES
+
+
+def _coalesce_leading(shape, *strides):
+    """Merge adjacent leading dims that are one run of memory in every tensor (size-1 dims
+    dropped), keeping row-major order. Returns (sizes, [strides per tensor])."""
+    sizes, merged = [], [[] for _ in strides]
+    for i, size in enumerate(shape):
+        if size == 1:
+            continue
+        if sizes and all(m[-1] == s[i] * size for m, s in zip(merged, strides)):
+            sizes[-1] *= size
+            for m, s in zip(merged, strides):
+                m[-1] = s[i]
+            continue
+        sizes.append(size)
+        for m, s in zip(merged, strides):
+            m.append(s[i])
+    return sizes, merged
+
+
+def _two_leading(sizes, strides):
+    """(D1, stride0, stride1) for a coalesced layout of at most two leading dims."""
+    if len(sizes) == 0:
+        return 1, 0, 0
+    if len(sizes) == 1:
+        return sizes[0], 0, strides[0]
+    return sizes[1], strides[0], strides[1]
+
+
+def _check_params(x, ln_weight, ln_bias, w1, b1, w2, b2):
+    C = x.shape[-1]
+    hidden = w1.shape[0]
+    expected = {
+        "ln_weight": (ln_weight, (C,)), "ln_bias": (ln_bias, (C,)), "w1": (w1, (hidden, C)),
+        "b1": (b1, (hidden,)), "w2": (w2, (C, hidden)), "b2": (b2, (C,)),
+    }
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape} for width {C}, hidden {hidden}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{name} is {t.dtype} on {t.device}; x is {x.dtype} on {x.device}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+
+
+def feedforward_residual(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
+    w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+    p_hidden: float = 0.0, p_out: float = 0.0, seed: int = 0,
+    out: torch.Tensor | None = None, path: str | None = None,
+) -> torch.Tensor:
+    """``Dropout_out(Linear2(Dropout_hidden(GELU(Linear1(LayerNorm(x)))))) + x`` per token.
+
+    x is (..., C) with any strides; the result (``out``, or a new tensor laid out like x) has the
+    same shape. Dropout keeps element (token, column) of each stream by philox(seed; column,
+    token, stream); token is the row-major index over x's leading dims. ``path`` forces
+    "fused" (hidden on chip) or "two_pass"; None picks by width.
+    """
+    _check_params(x, ln_weight, ln_bias, w1, b1, w2, b2)
+    C = x.shape[-1]
+    hidden = w1.shape[0]
+    if out is None:
+        out = torch.empty_like(x)
+    elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out is {tuple(out.shape)} {out.dtype} on {out.device}; x is {tuple(x.shape)} {x.dtype} on {x.device}")
+    M = x.numel() // C if C else 0
+    if M == 0:
+        return out
+    if M >= 2**31:
+        raise ValueError(f"{M} tokens: at most 2**31 - 1 per call")
+    if not (0.0 <= p_hidden <= 1.0 and 0.0 <= p_out <= 1.0):
+        raise ValueError(f"dropout probabilities must be in [0, 1], got {p_hidden}, {p_out}")
+
+    # Leading dims coalesced to at most two for x and out together; otherwise go through
+    # contiguous copies (never the case for the model's channels-last views).
+    kernel_x, kernel_out = x, out
+    sizes, (sx, so) = _coalesce_leading(x.shape[:-1], x.stride()[:-1], out.stride()[:-1])
+    if len(sizes) > 2:
+        kernel_x = x.contiguous()
+        kernel_out = out if out.is_contiguous() else torch.empty_like(x, memory_format=torch.contiguous_format)
+        sizes, (sx, so) = _coalesce_leading(x.shape[:-1], kernel_x.stride()[:-1], kernel_out.stride()[:-1])
+    D1, stride_x0, stride_x1 = _two_leading(sizes, sx)
+    _, stride_o0, stride_o1 = _two_leading(sizes, so)
+    stride_xc, stride_oc = kernel_x.stride(-1), kernel_out.stride(-1)
+
+    ln_weight, ln_bias, w1, b1, w2, b2 = (t.contiguous() for t in (ln_weight, ln_bias, w1, b1, w2, b2))
+    dropout = dict(
+        seed=int(seed),
+        p_hidden=float(p_hidden), scale_hidden=1.0 / (1.0 - p_hidden) if p_hidden < 1.0 else 0.0,
+        p_out=float(p_out), scale_out=1.0 / (1.0 - p_out) if p_out < 1.0 else 0.0,
+    )
+    use_fp32_dot = fp32_dot(x.dtype)
+    round_bf16 = INTERPRET and x.dtype == torch.bfloat16
+
+    fused_cfg = fused_mlp_config(C, x.dtype)
+    if path is None:
+        path = "fused" if fused_cfg is not None else "two_pass"
+    if path == "fused":
+        cfg = dict(fused_cfg or _default_fused_config(C))
+        num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
+        ff_fused_mlp_kernel[grid](
+            kernel_x, kernel_out, ln_weight, ln_bias, w1, b1, w2, b2,
+            M, D1, stride_x0, stride_x1, stride_xc, stride_o0, stride_o1, stride_oc,
+            float(eps), dropout["seed"], dropout["p_hidden"], dropout["p_out"],
+            dropout["scale_hidden"], dropout["scale_out"],
+            C=C, HIDDEN=hidden, BLOCK_C=triton.next_power_of_2(C), **cfg,
+            DROPOUT_HIDDEN=p_hidden > 0, DROPOUT_OUT=p_out > 0, FP32_DOT=use_fp32_dot, ROUND_BF16=round_bf16,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    elif path == "two_pass":
+        up_cfg, down_cfg = (dict(c) for c in two_pass_configs(C, hidden, x.dtype))
+        hidden_buf = torch.empty((M, hidden), dtype=x.dtype, device=x.device)
+        nw, ns = up_cfg.pop("num_warps"), up_cfg.pop("num_stages")
+        grid = (triton.cdiv(hidden, up_cfg["BLOCK_N"]), triton.cdiv(M, up_cfg["BLOCK_M"]))
+        ff_up_kernel[grid](
+            kernel_x, hidden_buf, ln_weight, ln_bias, w1, b1,
+            M, D1, stride_x0, stride_x1, stride_xc,
+            float(eps), dropout["seed"], dropout["p_hidden"], dropout["scale_hidden"],
+            C=C, HIDDEN=hidden, **up_cfg, DROPOUT_HIDDEN=p_hidden > 0, FP32_DOT=use_fp32_dot, ROUND_BF16=round_bf16,
+            num_warps=nw, num_stages=ns,
+        )
+        nw, ns = down_cfg.pop("num_warps"), down_cfg.pop("num_stages")
+        grid = (triton.cdiv(C, down_cfg["BLOCK_N"]), triton.cdiv(M, down_cfg["BLOCK_M"]))
+        ff_down_kernel[grid](
+            hidden_buf, kernel_x, kernel_out, w2, b2,
+            M, D1, stride_x0, stride_x1, stride_xc, stride_o0, stride_o1, stride_oc,
+            dropout["seed"], dropout["p_out"], dropout["scale_out"],
+            C=C, HIDDEN=hidden, **down_cfg, DROPOUT_OUT=p_out > 0, FP32_DOT=use_fp32_dot, ROUND_BF16=round_bf16,
+            num_warps=nw, num_stages=ns,
+        )
+    else:
+        raise ValueError(f"path must be 'fused', 'two_pass' or None, got {path!r}")
+    if kernel_out is not out:
+        out.copy_(kernel_out)
+    return out
+
+
+def dropout_keep_mask(M: int, N: int, p: float, seed: int, stream: int, device) -> torch.Tensor:
+    """The (M, N) bool keep mask the forward kernels used for dropout ``stream``
+    (STREAM_HIDDEN: N = hidden width, STREAM_OUT: N = C)."""
+    keep = torch.empty((M, N), dtype=torch.uint8, device=device)
+    if M and N:
+        BLOCK_M, BLOCK_N = 32, 64
+        grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+        ff_dropout_keep_kernel[grid](keep, M, N, int(seed), float(p), STREAM=stream, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    return keep.view(torch.bool)
