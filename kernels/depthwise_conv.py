@@ -1,30 +1,36 @@
 """Depthwise 3x3 convolution (padding 1, stride 1 or 2) on channels-last pixels, with bias, GELU
 and per-tile channel sums for the squeeze-excitation mean (or BatchNorm batch statistics).
 
-    y[b, p, c] = [gelu]( sum_{kh,kw} w[kh*3+kw, c] * act(x[b, hi, wi, c]) + bias[c] )
-    act(v)     = v                                       (eval: x is already GELU(BN(conv1)))
-               = gelu(v * in_scale[c] + in_shift[c])     (train: BN1 with batch statistics + GELU
-                                                          applied on load; padding taps are 0)
+    y[b, p, c] = [gelu]( sum_{kh,kw} w[kh*3+kw, c] * x[b, hi, wi, c] + bias[c] )
     tile_sum[b*T + t, c] = sum over the tile's pixels of y          (always)
     tile_m2 [b*T + t, c] = sum of (y - tile mean)^2 over the tile   (WRITE_M2, train)
 
 Layout: x is (B, H, W, C) contiguous, y is (B, Ho, Wo, C) contiguous, w is (9, C) fp32
 contiguous (tap-major, so one tap's weights for a channel block are one contiguous load), bias
-fp32 (C,). Grid: (B * T, cdiv(C, BLOCK_C)) with T = cdiv(Ho*Wo, BLOCK_P): a tile is BLOCK_P
+fp32 (C,). Grid: B * T * cdiv(C, BLOCK_C) programs, T = cdiv(Ho*Wo, BLOCK_P), channel tiles
+fastest (programs running together read whole cache lines of the same pixels); a tile is BLOCK_P
 consecutive output pixels (row-major) of ONE image times BLOCK_C channels, channels contiguous,
 so the per-tile sums are per-(image, channel) partial sums.
 
 Decisions
 - SE pooling: deterministic per-tile partial sums written to a (B*T, C) fp32 buffer and reduced
   by the SE kernel (kernels/squeeze_excitation.py), not atomics: bitwise reproducible, no
-  zero-init pass, and the buffer is small (B=64, 56x56 output, C=256: 64*49*256*4 B = 3.2 MB,
-  against 103 MB for the bf16 hidden tensor it summarises).
+  zero-init pass, and the buffer is small (B=64, 56x56 output, C=256, T=98: 64*98*256*4 B =
+  6.4 MB, against 103 MB for the bf16 hidden tensor it summarises).
 - In eval mode BatchNorm is folded into w and bias on the host (fp32; the kernel computes in
-  fp32), so the kernel is conv + bias + GELU.
+  fp32), so the kernel is conv + bias + GELU. In train mode the input is already
+  gelu(BN1(y1)) (kernels/batchnorm_gelu.py) and the kernel writes conv + bias and its statistics.
+  (Applying BN1 + GELU to each of the 9 taps on load was tried: 9x the erf work and 213-255
+  registers with stack spills on sm_80 at 16-32 values per thread; the separate in-place
+  BN+GELU pass costs one read + write of the hidden tensor instead. Speed of either: not
+  measured.)
 - Each tap is a masked [BLOCK_P, BLOCK_C] load; the 9 taps of neighbouring pixels overlap and are
   served from L1/L2, so DRAM traffic stays near the compulsory read of x and write of y.
-- Blocks: BLOCK_P = 64 pixels x BLOCK_C = 64 channels (128 B of a bf16 channel vector per pixel),
-  4 warps. GPU speed (and the fraction of copy bandwidth): not measured.
+- Blocks: BLOCK_P = 32 pixels x BLOCK_C = 32 channels, 4 warps (8 values per thread). The
+  compiler issues the 9 tap loads up front, so registers grow with values per thread: sm_80,
+  bf16, stride 2: 64x64/4 warps 188-196 registers, 32x64/4 warps 138, 32x32/4 warps 80 (all
+  LOCAL 0). 80 registers allow 6 CTAs (24 warps) per SM to hide load latency. GPU speed (and the
+  fraction of copy bandwidth): not measured.
 
 Resources: TBD
 GPU speed: not measured.
@@ -36,23 +42,23 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _gelu(x):
-    # exact (erf) GELU, nn.GELU's default
-    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+from . import INTERPRET
+from .mbconv_helpers import gelu, to_storage
 
 
 @triton.jit
 def depthwise_conv3x3_kernel(
-    x_ptr, w_ptr, bias_ptr, in_scale_ptr, in_shift_ptr,
+    x_ptr, w_ptr, bias_ptr,
     out_ptr, tile_sum_ptr, tile_m2_ptr,
     H, W, Ho, Wo, C, tiles_per_image,
-    STRIDE: tl.constexpr, IN_AFFINE_GELU: tl.constexpr, OUT_GELU: tl.constexpr, WRITE_M2: tl.constexpr,
+    STRIDE: tl.constexpr, OUT_GELU: tl.constexpr, WRITE_M2: tl.constexpr,
+    EMULATE_BF16_RTNE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_tile = tl.program_id(0)  # image * tiles_per_image + tile
-    pid_c = tl.program_id(1)
+    pid = tl.program_id(0)
+    num_c_tiles = tl.cdiv(C, BLOCK_C)
+    pid_tile = pid // num_c_tiles  # image * tiles_per_image + tile
+    pid_c = pid % num_c_tiles
     image = pid_tile // tiles_per_image
     tile = pid_tile % tiles_per_image
 
@@ -65,9 +71,6 @@ def depthwise_conv3x3_kernel(
     wo = offs_p % Wo
 
     x_image = x_ptr + image.to(tl.int64) * H * W * C
-    if IN_AFFINE_GELU:
-        in_scale = tl.load(in_scale_ptr + offs_c, mask=mask_c, other=0.0)
-        in_shift = tl.load(in_shift_ptr + offs_c, mask=mask_c, other=0.0)
 
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for kh in tl.static_range(3):
@@ -77,20 +80,16 @@ def depthwise_conv3x3_kernel(
             wi = wo * STRIDE - 1 + kw
             tap_ok = (row_ok & (wi >= 0) & (wi < W))[:, None] & mask_c[None, :]
             v = tl.load(x_image + ((hi * W + wi) * C)[:, None] + offs_c[None, :], mask=tap_ok, other=0.0)
-            v = v.to(tl.float32)
-            if IN_AFFINE_GELU:
-                # the zero padding is applied to the activation, not to the raw input
-                v = tl.where(tap_ok, _gelu(v * in_scale[None, :] + in_shift[None, :]), 0.0)
             w = tl.load(w_ptr + (kh * 3 + kw) * C + offs_c, mask=mask_c, other=0.0)
-            acc += v * w[None, :]
+            acc += v.to(tl.float32) * w[None, :]
 
     bias = tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0)
     y = acc + bias[None, :]
     if OUT_GELU:
-        y = _gelu(y)
+        y = gelu(y)
     mask_out = mask_p[:, None] & mask_c[None, :]
     out_rows = (image.to(tl.int64) * num_pixels + offs_p) * C
-    tl.store(out_ptr + out_rows[:, None] + offs_c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask_out)
+    tl.store(out_ptr + out_rows[:, None] + offs_c[None, :], to_storage(y, out_ptr.dtype.element_ty, EMULATE_BF16_RTNE), mask=mask_out)
 
     y_valid = tl.where(mask_p[:, None], y, 0.0)
     tile_sum = tl.sum(y_valid, axis=0)
@@ -102,7 +101,7 @@ def depthwise_conv3x3_kernel(
 
 
 def depthwise_conv_config(C: int, dtype: torch.dtype) -> dict:
-    return dict(BLOCK_P=64, BLOCK_C=max(16, min(64, triton.next_power_of_2(C))), num_warps=4)
+    return dict(BLOCK_P=32, BLOCK_C=max(16, min(32, triton.next_power_of_2(C))), num_warps=4)
 
 
 def depthwise_output_size(size: int, stride: int) -> int:
@@ -119,8 +118,6 @@ def depthwise_conv3x3(
     bias: torch.Tensor,
     stride: int,
     *,
-    in_scale: torch.Tensor | None = None,
-    in_shift: torch.Tensor | None = None,
     out_gelu: bool = True,
     m2: bool = False,
     out: torch.Tensor | None = None,
@@ -128,7 +125,7 @@ def depthwise_conv3x3(
     tile_m2: torch.Tensor | None = None,
 ):
     """Launch the depthwise conv. x: (B, H, W, C) contiguous fp16/bf16/fp32; w: (9, C) fp32
-    contiguous (tap kh*3+kw); bias (and in_scale/in_shift): fp32 (C,).
+    contiguous (tap kh*3+kw); bias: fp32 (C,).
 
     Returns (out, tile_sum, tile_m2): out (B, Ho, Wo, C) contiguous in x's dtype; tile_sum and
     tile_m2 (tile_m2 only when ``m2``, else None) fp32 (B * T, C), T = tiles per image
@@ -142,10 +139,7 @@ def depthwise_conv3x3(
     if stride not in (1, 2):
         raise ValueError(f"stride must be 1 or 2, got {stride}")
     B, H, W, C = x.shape
-    if (in_scale is None) != (in_shift is None):
-        raise ValueError("in_scale and in_shift go together")
-    for name, t, shape in (("w", w, (9, C)), ("bias", bias, (C,)), ("in_scale", in_scale, (C,)),
-                           ("in_shift", in_shift, (C,))):
+    for name, t, shape in (("w", w, (9, C)), ("bias", bias, (C,))):
         if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous fp32 tensor of shape {shape}")
     Ho, Wo = depthwise_output_size(H, stride), depthwise_output_size(W, stride)
@@ -165,14 +159,12 @@ def depthwise_conv3x3(
             raise ValueError(f"{name} must be a contiguous fp32 tensor of shape {stat_shape}")
     if B * Ho * Wo * C == 0:
         return out, tile_sum, (tile_m2 if m2 else None)
-    grid = (B * T, triton.cdiv(C, cfg["BLOCK_C"]))
+    grid = (B * T * triton.cdiv(C, cfg["BLOCK_C"]),)
     depthwise_conv3x3_kernel[grid](
-        x, w, bias,
-        in_scale if in_scale is not None else bias,
-        in_shift if in_shift is not None else bias,
-        out, tile_sum, tile_m2 if m2 else tile_sum,
+        x, w, bias, out, tile_sum, tile_m2 if m2 else tile_sum,
         H, W, Ho, Wo, C, T,
-        STRIDE=stride, IN_AFFINE_GELU=in_scale is not None, OUT_GELU=out_gelu, WRITE_M2=m2,
+        STRIDE=stride, OUT_GELU=out_gelu, WRITE_M2=m2,
+        EMULATE_BF16_RTNE=INTERPRET and x.dtype == torch.bfloat16,
         **cfg,
     )
     return out, tile_sum, (tile_m2 if m2 else None)

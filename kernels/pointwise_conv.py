@@ -2,12 +2,8 @@
 
     out[b, p, n] = epilogue( sum_k prologue(a[b, p, k]) * w_t[k, n] )
 
-prologue (per input element, fp32):   a                              (expand conv, eval)
-                                      a * gate[b, k]                 (project conv, eval: SE gate)
-                                      gelu(a * in_scale[k] + in_shift[k]) [* gate[b, k]]
-                                                                     (train: the previous
-                                                                      BatchNorm with batch
-                                                                      statistics, then GELU)
+prologue (per input element):        a                              (expand conv)
+                                      a * gate[b, k]                 (project conv: SE gate)
 epilogue (per output element, fp32):  acc * out_scale[n] + out_shift[n]   (folded BatchNorm, or
                                                                       scale 1 / conv bias)
                                       [gelu] [+ residual[b, p, n]]
@@ -52,26 +48,22 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-
-
-@triton.jit
-def _gelu(x):
-    # exact (erf) GELU, nn.GELU's default
-    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+from .mbconv_helpers import gelu, to_storage
 
 
 @triton.jit
 def pointwise_conv_kernel(
     a_ptr, w_ptr, out_ptr,
     out_scale_ptr, out_shift_ptr,
-    gate_ptr, in_scale_ptr, in_shift_ptr,
+    gate_ptr,
     res_ptr, tile_sum_ptr, tile_m2_ptr,
     M, N, K, P,
     stride_ab, stride_ap, stride_ak,
     stride_rb, stride_rp, stride_rn,
-    IN_AFFINE_GELU: tl.constexpr, HAS_GATE: tl.constexpr,
+    HAS_GATE: tl.constexpr,
     OUT_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WRITE_STATS: tl.constexpr,
-    FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    A_K_CONTIGUOUS: tl.constexpr, RES_N_CONTIGUOUS: tl.constexpr,
+    FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # N tiles vary fastest, so programs running together share one A row block (L2 reuse).
@@ -93,19 +85,14 @@ def pointwise_conv_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         mask_a = mask_m[:, None] & mask_k[None, :]
-        a = tl.load(a_ptr + a_rows[:, None] + offs_k[None, :] * stride_ak, mask=mask_a, other=0.0)
-        if IN_AFFINE_GELU:
-            in_scale = tl.load(in_scale_ptr + offs_k, mask=mask_k, other=0.0)
-            in_shift = tl.load(in_shift_ptr + offs_k, mask=mask_k, other=0.0)
-            # padded columns: scale = shift = 0 -> gelu(0) = 0, so they add nothing
-            a_f32 = _gelu(a.to(tl.float32) * in_scale[None, :] + in_shift[None, :])
-            if HAS_GATE:
-                gate = tl.load(gate_ptr + image[:, None] * K + offs_k[None, :], mask=mask_a, other=0.0)
-                a_f32 = a_f32 * gate
-            a = a_f32.to(a_ptr.dtype.element_ty)
-        elif HAS_GATE:
+        if A_K_CONTIGUOUS:  # channels-last input: say so, so the loads vectorise along k
+            a_cols = offs_k
+        else:
+            a_cols = offs_k * stride_ak
+        a = tl.load(a_ptr + a_rows[:, None] + a_cols[None, :], mask=mask_a, other=0.0)
+        if HAS_GATE:
             gate = tl.load(gate_ptr + image[:, None] * K + offs_k[None, :], mask=mask_a, other=0.0)
-            a = (a.to(tl.float32) * gate).to(a_ptr.dtype.element_ty)
+            a = to_storage(a.to(tl.float32) * gate, a_ptr.dtype.element_ty, EMULATE_BF16_RTNE)
         w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if UPCAST_DOT:
             acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
@@ -129,27 +116,31 @@ def pointwise_conv_kernel(
         tl.store(tile_m2_ptr + pid_m * N + offs_n, tl.sum(centred * centred, axis=0), mask=mask_n)
 
     if OUT_GELU:
-        y = _gelu(y)
+        y = gelu(y)
     mask_out = mask_m[:, None] & mask_n[None, :]
     if HAS_RESIDUAL:
         res_rows = image.to(tl.int64) * stride_rb + pixel.to(tl.int64) * stride_rp
-        res = tl.load(res_ptr + res_rows[:, None] + offs_n[None, :] * stride_rn, mask=mask_out, other=0.0)
+        if RES_N_CONTIGUOUS:
+            res_cols = offs_n
+        else:
+            res_cols = offs_n * stride_rn
+        res = tl.load(res_ptr + res_rows[:, None] + res_cols[None, :], mask=mask_out, other=0.0)
         y += res.to(tl.float32)
     out_rows = offs_m.to(tl.int64) * N
-    tl.store(out_ptr + out_rows[:, None] + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask_out)
+    tl.store(out_ptr + out_rows[:, None] + offs_n[None, :], to_storage(y, out_ptr.dtype.element_ty, EMULATE_BF16_RTNE), mask=mask_out)
 
 
 def _pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-def pointwise_conv_config(N: int, K: int, dtype: torch.dtype, in_affine_gelu: bool = False) -> dict:
-    """Block sizes and launch options for one 1x1 conv (see the header for the reasoning)."""
+def pointwise_conv_config(N: int, K: int, dtype: torch.dtype, has_prologue: bool = False) -> dict:
+    """Block sizes and launch options for one 1x1 conv (see the header for the reasoning).
+    ``has_prologue``: the A tile is scaled by the SE gate in registers."""
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=_pow2_clamp(N, 16, 64), BLOCK_K=_pow2_clamp(K, 16, 32),
+        return dict(BLOCK_M=64, BLOCK_N=_pow2_clamp(N, 16, 64), BLOCK_K=_pow2_clamp(K, 16, 16),
                     num_warps=4, num_stages=2)
-    block_k = 32 if in_affine_gelu else 64
-    return dict(BLOCK_M=128, BLOCK_N=_pow2_clamp(N, 16, 128), BLOCK_K=_pow2_clamp(K, 16, block_k),
+    return dict(BLOCK_M=128, BLOCK_N=_pow2_clamp(N, 16, 128), BLOCK_K=_pow2_clamp(K, 16, 32 if has_prologue else 64),
                 num_warps=8, num_stages=3)
 
 
@@ -160,8 +151,6 @@ def pointwise_conv(
     out_shift: torch.Tensor,
     *,
     gate: torch.Tensor | None = None,
-    in_scale: torch.Tensor | None = None,
-    in_shift: torch.Tensor | None = None,
     out_gelu: bool = False,
     residual: torch.Tensor | None = None,
     stats: bool = False,
@@ -172,7 +161,7 @@ def pointwise_conv(
     """Launch the fused 1x1 conv.
 
     a: (B, P, K), any strides, fp16/bf16/fp32. w_t: (K, N) contiguous, a's dtype.
-    out_scale, out_shift, in_scale, in_shift: fp32 (N,) / (K,) contiguous. gate: fp32 (B, K)
+    out_scale, out_shift: fp32 (N,) contiguous. gate: fp32 (B, K)
     contiguous. residual: (B, P, N), any strides. out: (B, P, N) contiguous, a's dtype.
     Returns out, or (out, tile_sum, tile_m2) with fp32 (ceil(B*P / BLOCK_M), N) per-tile
     statistics when ``stats``; the rows of tile t are rows [t*BLOCK_M, (t+1)*BLOCK_M) of the
@@ -188,16 +177,13 @@ def pointwise_conv(
         raise TypeError(f"a and w_t must share one of fp16/bf16/fp32, got {a.dtype} and {w_t.dtype}")
     if not w_t.is_contiguous():
         raise ValueError("w_t must be contiguous")
-    if (in_scale is None) != (in_shift is None):
-        raise ValueError("in_scale and in_shift go together")
-    for name, t, shape in (("out_scale", out_scale, (N,)), ("out_shift", out_shift, (N,)),
-                           ("in_scale", in_scale, (K,)), ("in_shift", in_shift, (K,)), ("gate", gate, (B, K))):
+    for name, t, shape in (("out_scale", out_scale, (N,)), ("out_shift", out_shift, (N,)), ("gate", gate, (B, K))):
         if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous fp32 tensor of shape {shape}")
     if residual is not None and tuple(residual.shape) != (B, P, N):
         raise ValueError(f"residual must be (B, P, N) = {(B, P, N)}, got {tuple(residual.shape)}")
     M = B * P
-    cfg = pointwise_conv_config(N, K, a.dtype, in_scale is not None)
+    cfg = pointwise_conv_config(N, K, a.dtype, gate is not None)
     if out is None:
         out = torch.empty((B, P, N), device=a.device, dtype=a.dtype)
     elif tuple(out.shape) != (B, P, N) or not out.is_contiguous() or out.dtype != a.dtype:
@@ -219,17 +205,17 @@ def pointwise_conv(
         a, w_t, out,
         out_scale, out_shift,
         gate if gate is not None else out_scale,
-        in_scale if in_scale is not None else out_scale,
-        in_shift if in_shift is not None else out_shift,
         res,
         tile_sum if stats else out_scale,
         tile_m2 if stats else out_scale,
         M, N, K, P,
         a.stride(0), a.stride(1), a.stride(2),
         res.stride(0), res.stride(1), res.stride(2),
-        IN_AFFINE_GELU=in_scale is not None, HAS_GATE=gate is not None,
+        HAS_GATE=gate is not None,
         OUT_GELU=out_gelu, HAS_RESIDUAL=residual is not None, WRITE_STATS=stats,
+        A_K_CONTIGUOUS=a.stride(2) == 1, RES_N_CONTIGUOUS=res.stride(2) == 1,
         FP32_IEEE=a.dtype == torch.float32, UPCAST_DOT=INTERPRET,
+        EMULATE_BF16_RTNE=INTERPRET and a.dtype == torch.bfloat16,
         **cfg,
     )
     return (out, tile_sum, tile_m2) if stats else out

@@ -4,10 +4,8 @@
     hidden  = silu(w_reduce @ mean)          w_reduce: (R, C), Linear(C -> R, no bias)
     gate    = sigmoid(w_expand @ hidden)     w_expand: (C, R), Linear(R -> C, no bias)
 
-and, for train mode, the pooling pass that produces those tile sums from the pre-BatchNorm
-depthwise output (eval mode gets them for free from the depthwise kernel):
-
-    tile_sum[b*T + t, c] = sum over the tile's pixels of gelu(y[b, p, c] * scale[c] + shift[c])
+The tile sums come from the depthwise kernel (eval) or the BN2 + GELU pass (train), T tiles per
+image in any order (the sum over t is taken in a fixed order: deterministic).
 
 Decisions
 - The gate is fp32 (B, C); the project conv multiplies its A tile by it (kernels/pointwise_conv.py),
@@ -28,12 +26,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _gelu(x):
-    # exact (erf) GELU, nn.GELU's default
-    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
 
 
 @triton.jit
@@ -72,29 +64,6 @@ def se_gate_kernel(
         tl.store(gate_ptr + image * C + offs_c, 1.0 / (1.0 + tl.exp(-logit)), mask=mask_c)
 
 
-@triton.jit
-def affine_gelu_tile_sums_kernel(
-    y_ptr, scale_ptr, shift_ptr, tile_sum_ptr,
-    P, C, tiles_per_image,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    pid_tile = tl.program_id(0)  # image * tiles_per_image + tile
-    pid_c = tl.program_id(1)
-    image = pid_tile // tiles_per_image
-    tile = pid_tile % tiles_per_image
-    offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_p = offs_p < P
-    mask_c = offs_c < C
-    mask = mask_p[:, None] & mask_c[None, :]
-    rows = (image.to(tl.int64) * P + offs_p) * C
-    y = tl.load(y_ptr + rows[:, None] + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
-    shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
-    a = tl.where(mask, _gelu(y * scale[None, :] + shift[None, :]), 0.0)
-    tl.store(tile_sum_ptr + pid_tile * C + offs_c, tl.sum(a, axis=0), mask=mask_c)
-
-
 def se_gate_config(C: int, R: int) -> dict:
     block_r = max(16, triton.next_power_of_2(max(R, 1)))
     block_c = max(1, min(triton.next_power_of_2(C), 4096 // block_r))
@@ -130,32 +99,4 @@ def se_gate(
         raise ValueError(f"out must be a contiguous fp32 tensor of shape {(B, C)}")
     cfg = se_gate_config(C, R)
     se_gate_kernel[(B,)](tile_sum, w_reduce, w_expand, out, T, C, R, 1.0 / num_pixels, **cfg)
-    return out
-
-
-def affine_gelu_tile_sums_config(C: int) -> dict:
-    return dict(BLOCK_P=64, BLOCK_C=max(16, min(64, triton.next_power_of_2(C))), num_warps=4)
-
-
-def affine_gelu_tile_sums(
-    y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """y: (B, P, C) contiguous; scale, shift fp32 (C,). Returns fp32 (B*T, C) per-tile sums of
-    gelu(y * scale + shift), T = cdiv(P, 64) (the depthwise kernel's tiling)."""
-    if y.ndim != 3 or not y.is_contiguous():
-        raise ValueError(f"y must be a contiguous (B, P, C) tensor, got shape {tuple(y.shape)}")
-    B, P, C = y.shape
-    cfg = affine_gelu_tile_sums_config(C)
-    T = triton.cdiv(P, cfg["BLOCK_P"])
-    for name, t in (("scale", scale), ("shift", shift)):
-        if t.dtype != torch.float32 or tuple(t.shape) != (C,) or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous fp32 tensor of shape {(C,)}")
-    if out is None:
-        out = torch.empty((B * T, C), device=y.device, dtype=torch.float32)
-    elif tuple(out.shape) != (B * T, C) or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous fp32 tensor of shape {(B * T, C)}")
-    if y.numel() == 0:
-        return out
-    grid = (B * T, triton.cdiv(C, cfg["BLOCK_C"]))
-    affine_gelu_tile_sums_kernel[grid](y, scale, shift, out, P, C, T, **cfg)
     return out

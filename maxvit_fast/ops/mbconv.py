@@ -12,14 +12,17 @@ twice in total):
   4. kernels/pointwise_conv.py   project 1x1 conv on gate * h2 (gate applied to the A tile in
                                  registers) + BN3 (+ residual x)        -> out (B, Ho, Wo, dim_out)
 
-Fused path, train mode (BatchNorm with batch statistics; each BN input is produced by a kernel
-that also writes per-tile statistics, merged on the host in fp32, and the normalisation + GELU is
-applied by the NEXT kernel as it loads its input):
-  1. pointwise_conv   y1 = conv1(x) + bias, tile stats of y1            -> BN1 batch stats
-  2. depthwise_conv   y2 = dwconv(gelu(BN1(y1))) + bias, tile stats     -> BN2 batch stats
-  3. squeeze_excitation.affine_gelu_tile_sums: SE sums of gelu(BN2(y2)); se_gate -> gate
-  4. pointwise_conv   y3 = conv3(gate * gelu(BN2(y2))) + bias, stats    -> BN3 batch stats
-  5. torch            out = BN3(y3) (+ x), an elementwise pass over the (small) output
+Fused path, train mode (BatchNorm with batch statistics: a BN cannot normalise before the
+statistics of its whole input exist, so each BN input is written once by the kernel that
+produces it, together with per-tile (sum, centred sum of squares); the host merges those in fp32
+(Chan's formula) and an in-place BN + GELU pass normalises):
+  1. pointwise_conv   y1 = conv1(x) + bias, tile statistics              -> BN1 batch statistics
+  2. batchnorm_gelu   h1 = gelu(BN1(y1)), in place
+  3. depthwise_conv   y2 = dwconv(h1) + bias, tile statistics            -> BN2 batch statistics
+  4. batchnorm_gelu   h2 = gelu(BN2(y2)), in place, with the SE sums
+  5. squeeze_excitation  gate
+  6. pointwise_conv   y3 = conv3(gate * h2) + bias, tile statistics      -> BN3 batch statistics
+  7. torch            out = BN3(y3) (+ x), elementwise over the dim_out-wide output
   Running statistics are updated from the same batch statistics (maxvit_fast/batchnorm.py).
   Eval-mode BN is never used in train mode: the mode comes from the BatchNorm layers' own
   ``training`` flags (mixed flags fall back to the reference).
@@ -253,72 +256,74 @@ def _forward_eval(x: torch.Tensor, p: _Parts, w: _Weights, add_residual: bool) -
     return out.view(B, Ho, Wo, dim_out)
 
 
+def _tile_counts(total: int, block: int, repeat: int = 1) -> torch.Tensor:
+    """Rows per tile when ``total`` rows are cut into tiles of ``block`` (the last one partial),
+    the pattern repeated ``repeat`` times (once per image for per-image tilings)."""
+    n = -(-total // block)
+    counts = [float(block)] * (n - 1) + [float(total - block * (n - 1))]
+    return torch.tensor(counts * repeat, dtype=torch.float32)
+
+
 def _forward_train(x: torch.Tensor, p: _Parts, add_residual: bool) -> torch.Tensor:
+    from ..kernels.batchnorm_gelu import batchnorm_gelu, batchnorm_gelu_tiles_per_image
     from ..kernels.depthwise_conv import (depthwise_conv3x3, depthwise_conv_config, depthwise_output_size,
                                           depthwise_tiles_per_image)
     from ..kernels.pointwise_conv import pointwise_conv, pointwise_conv_config
-    from ..kernels.squeeze_excitation import affine_gelu_tile_sums, se_gate
+    from ..kernels.squeeze_excitation import se_gate
 
     B, dim_in, H, W = x.shape
     hidden, dim_out = p.conv1.out_channels, p.conv3.out_channels
     dev, dt = x.device, x.dtype
+    f32 = torch.float32
     Ho, Wo = depthwise_output_size(H, p.stride), depthwise_output_size(W, p.stride)
     P1, P2 = H * W, Ho * Wo
-    T = depthwise_tiles_per_image(Ho, Wo)
+    T_dw, T_bn = depthwise_tiles_per_image(Ho, Wo), batchnorm_gelu_tiles_per_image(P2)
+    block_m1 = pointwise_conv_config(hidden, dim_in, dt, False)["BLOCK_M"]
+    block_m3 = pointwise_conv_config(dim_out, hidden, dt, True)["BLOCK_M"]
+    counts1 = _tile_counts(B * P1, block_m1).to(dev)
+    counts2 = _tile_counts(P2, depthwise_conv_config(hidden, dt)["BLOCK_P"], repeat=B).to(dev)
+    counts3 = _tile_counts(B * P2, block_m3).to(dev)
+
+    def stats_buffers(rows, channels):
+        return dict(tile_sum=_empty((rows, channels), f32, dev), tile_m2=_empty((rows, channels), f32, dev))
+
     with torch.no_grad():
         w = _layout_weights(p)
-        f32 = dict(dtype=torch.float32, device=dev)
 
-        def pointwise_tile_counts(M, N, K, in_affine):
-            block_m = pointwise_conv_config(N, K, dt, in_affine)["BLOCK_M"]
-            counts = torch.full((-(-M // block_m),), float(block_m), **f32)
-            counts[-1] = M - block_m * (counts.numel() - 1)
-            return counts
-
-        def stats_buffers(rows, channels):
-            return dict(tile_sum=_empty((rows, channels), torch.float32, dev),
-                        tile_m2=_empty((rows, channels), torch.float32, dev))
-
-        # 1. expand conv + conv bias; BN1 statistics
+        # 1. y1 = expand conv + conv bias, with tile statistics -> BN1 batch statistics
         a = _pixels_view(x)
-        counts1 = pointwise_tile_counts(B * P1, hidden, dim_in, False)
         y1, s1, m1 = pointwise_conv(
-            a, w.w1_t, torch.ones(hidden, **f32), p.conv1.bias.detach().float().contiguous(), stats=True,
-            out=_empty((B, P1, hidden), dt, dev), **stats_buffers(counts1.numel(), hidden),
+            a, w.w1_t, torch.ones(hidden, dtype=f32, device=dev), p.conv1.bias.detach().float().contiguous(),
+            stats=True, out=_empty((B, P1, hidden), dt, dev), **stats_buffers(counts1.numel(), hidden),
         )
         mean1, var1 = batch_stats_from_tiles(s1, m1, counts1)
         update_running_stats_(p.bn1, mean1, var1, B * P1)
-        scale1, shift1 = bn_scale_shift(p.bn1, mean1, var1)
+        # 2. gelu(BN1(y1)), in place
+        h1 = batchnorm_gelu(y1, *bn_scale_shift(p.bn1, mean1, var1), out=y1)
 
-        # 2. depthwise conv on gelu(BN1(y1)) + conv bias; BN2 statistics
+        # 3. y2 = depthwise conv + conv bias, with tile statistics -> BN2 batch statistics
         y2, s2, m2 = depthwise_conv3x3(
-            y1.view(B, H, W, hidden), w.dw_w, w.dw_b, p.stride, in_scale=scale1, in_shift=shift1,
-            out_gelu=False, m2=True, out=_empty((B, Ho, Wo, hidden), dt, dev), **stats_buffers(B * T, hidden),
+            h1.view(B, H, W, hidden), w.dw_w, w.dw_b, p.stride, out_gelu=False, m2=True,
+            out=_empty((B, Ho, Wo, hidden), dt, dev), **stats_buffers(B * T_dw, hidden),
         )
-        block_p = depthwise_conv_config(hidden, dt)["BLOCK_P"]
-        counts2 = torch.full((T,), float(block_p), **f32)
-        counts2[-1] = P2 - block_p * (T - 1)
-        mean2, var2 = batch_stats_from_tiles(s2, m2, counts2.repeat(B))
+        mean2, var2 = batch_stats_from_tiles(s2, m2, counts2)
         update_running_stats_(p.bn2, mean2, var2, B * P2)
-        scale2, shift2 = bn_scale_shift(p.bn2, mean2, var2)
-
-        # 3. squeeze-excitation on gelu(BN2(y2))
+        # 4. gelu(BN2(y2)), in place, with the SE sums; 5. the SE gate
         y2 = y2.view(B, P2, hidden)
-        tile_sum = affine_gelu_tile_sums(y2, scale2, shift2, out=_empty((B * T, hidden), torch.float32, dev))
-        gate = se_gate(tile_sum, B, P2, w.se_reduce, w.se_expand, out=_empty((B, hidden), torch.float32, dev))
+        h2, se_sums = batchnorm_gelu(y2, *bn_scale_shift(p.bn2, mean2, var2), out=y2, sums=True,
+                                     tile_sum=_empty((B * T_bn, hidden), f32, dev))
+        gate = se_gate(se_sums, B, P2, w.se_reduce, w.se_expand, out=_empty((B, hidden), f32, dev))
 
-        # 4. project conv on gate * gelu(BN2(y2)) + conv bias; BN3 statistics
-        counts3 = pointwise_tile_counts(B * P2, dim_out, hidden, True)
+        # 6. y3 = project conv on gate * h2 + conv bias, with tile statistics -> BN3 batch statistics
         y3, s3, m3 = pointwise_conv(
-            y2, w.w3_t, torch.ones(dim_out, **f32), p.conv3.bias.detach().float().contiguous(),
-            gate=gate, in_scale=scale2, in_shift=shift2, stats=True,
-            out=_empty((B, P2, dim_out), dt, dev), **stats_buffers(counts3.numel(), dim_out),
+            h2, w.w3_t, torch.ones(dim_out, dtype=f32, device=dev), p.conv3.bias.detach().float().contiguous(),
+            gate=gate, stats=True, out=_empty((B, P2, dim_out), dt, dev), **stats_buffers(counts3.numel(), dim_out),
         )
         mean3, var3 = batch_stats_from_tiles(s3, m3, counts3)
         update_running_stats_(p.bn3, mean3, var3, B * P2)
         scale3, shift3 = bn_scale_shift(p.bn3, mean3, var3)
 
-        # 5. BN3 (+ residual): elementwise over the block output, in fp32, one rounding
+        # 7. BN3 (+ residual): torch, elementwise over the block output (dim_out wide), fp32, one rounding
         out = torch.addcmul(shift3, y3.float(), scale3)
         if add_residual:
             out += a.float()

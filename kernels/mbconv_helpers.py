@@ -1,0 +1,34 @@
+"""@triton.jit helpers shared by the MBConv kernels (pointwise_conv, depthwise_conv,
+squeeze_excitation).
+
+``to_storage``: cast an fp32 value to the storage dtype. On a GPU ``.to(tl.bfloat16)`` rounds to
+nearest even; the Triton interpreter (3.9) truncates fp32 -> bf16 (round toward zero, also when
+``fp_downcast_rounding="rtne"`` is asked for), which doubles the bf16 rounding error under test.
+With ``EMULATE_BF16_RTNE`` (set by the launchers only under the interpreter, for bf16) the value
+is first rounded to the nearest bf16 with integer bit operations, so the truncating cast is
+exact and the interpreter matches the GPU's rounding.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gelu(x):
+    # exact (erf) GELU, nn.GELU's default
+    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def round_fp32_to_bf16_nearest_even(x):
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    bits = (bits >> 16) << 16
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def to_storage(x, dtype: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr):
+    if EMULATE_BF16_RTNE:
+        x = round_fp32_to_bf16_nearest_even(x)
+    return x.to(dtype)
