@@ -1,0 +1,401 @@
+"""Fused feed-forward + LayerNorm + residual against the reference FeedForward.
+
+Without a GPU the kernels run through the Triton interpreter (tests/conftest.py), so the shapes
+are small but real: batch 1 and odd token counts, widths that are not powers of two, and both
+kernel paths (one-pass with the hidden on chip, and the two-kernel path) at every width.
+
+Tolerances: fp32 1e-5 normwise against the fp32 reference module (exact fp32 dots on both
+sides, only summation order differs); fp16/bf16 at most 2x the reference module's own error in
+that dtype against an fp64 reference, plus half an ulp of the largest output (outputs the
+reference happens to round almost exactly).
+"""
+
+import inspect
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from maxvit_fast import ops
+from maxvit_fast.dispatch import FusedFallbackWarning, reset_fallback_warnings
+from maxvit_fast.kernels import feedforward as K
+from maxvit_fast.ops.feedforward import keep_masks
+from maxvit_fast.reference import FeedForward
+
+from .helpers import assert_close_l2, assert_close_normwise, assert_within_reference_error, poison_
+
+triton = pytest.importorskip("triton")
+
+PATHS = ("fused", "two_pass")
+
+
+def make_ff(C, dtype=torch.float32, device="cpu", dropout=0.0):
+    """A FeedForward with non-trivial LayerNorm affine parameters and biases."""
+    ff = FeedForward(C, dropout=dropout)
+    with torch.no_grad():
+        ff[0].weight.normal_(1.0, 0.3)
+        ff[0].bias.normal_(0.0, 0.3)
+        ff[1].bias.normal_(0.0, 0.3)
+        ff[4].bias.normal_(0.0, 0.3)
+    return ff.to(device=device, dtype=dtype)
+
+
+def make_tokens(shape, C, dtype=torch.float32, device="cpu"):
+    """Tokens with a per-token offset, so LayerNorm's mean subtraction matters."""
+    x = torch.randn(*shape, C) + 2.0 * torch.randn(*shape, 1)
+    return x.to(device=device, dtype=dtype)
+
+
+def launch(x, ff, path=None, p_hidden=0.0, p_out=0.0, seed=0):
+    """The launcher into a NaN-poisoned output."""
+    out = poison_(torch.empty_like(x))
+    res = K.feedforward_residual(x, ff[0].weight, ff[0].bias, ff[0].eps, ff[1].weight, ff[1].bias,
+                                 ff[4].weight, ff[4].bias, p_hidden, p_out, seed, out=out, path=path)
+    assert res is out
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("C,shape", [(16, (1, 7, 7)), (24, (3, 5, 9)), (48, (2, 3, 7))])
+def test_fp32_matches_reference(device, C, shape, path):
+    ff = make_ff(C, device=device).eval()
+    x = make_tokens(shape, C, device=device)
+    out = launch(x, ff, path)
+    with torch.no_grad():
+        ref = ff(x) + x
+    assert_close_normwise(out, ref, 1e-5, name=f"C={C} {path}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("C,shape", [(24, (3, 5, 9)), (64, (1, 7, 7))])
+def test_low_precision_within_reference_error(device, dtype, C, shape, path):
+    ff32 = make_ff(C, device=device).eval()
+    ff = make_ff(C, dtype, device).eval()
+    ff.load_state_dict({k: v.to(dtype) for k, v in ff32.state_dict().items()})
+    x = make_tokens(shape, C, dtype, device)
+    out = launch(x, ff, path)
+    ff64 = make_ff(C, torch.float64, device).eval()
+    ff64.load_state_dict({k: v.double() for k, v in ff.state_dict().items()})
+    with torch.no_grad():
+        truth = ff64(x.double()) + x.double()
+        ref_lowp = ff(x) + x
+    half_ulp = 0.5 * torch.finfo(dtype).eps * truth.abs().max().item()
+    assert_within_reference_error(out, ref_lowp, truth, factor=2.0, atol=half_ulp, name=f"{dtype} C={C} {path}")
+
+
+def test_default_path_choice():
+    # decided from the resource report in kernels/feedforward.py's header
+    for C in (16, 24, 48, 64, 96, 128, 256):
+        assert K.fused_mlp_config(C, torch.float16) is not None
+    assert K.fused_mlp_config(512, torch.bfloat16) is None
+    assert K.fused_mlp_config(64, torch.float32) is None
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_channels_last_view_of_nchw_map(device, path):
+    """The model's call: the (B, H, W, C) permuted view of an NCHW feature map (channel stride
+    H*W); the result keeps that layout."""
+    C = 24
+    ff = make_ff(C, device=device).eval()
+    fmap = make_tokens((2, 5, 7), C, device=device).permute(0, 3, 1, 2).contiguous()  # NCHW
+    x = fmap.permute(0, 2, 3, 1)
+    assert not x.is_contiguous()
+    out = launch(x, ff, path)
+    assert out.stride() == x.stride()
+    with torch.no_grad():
+        assert_close_normwise(out, ff(x) + x, 1e-5)
+
+
+def test_register_rows_slice_and_uncoalescable_strides(device):
+    """Register rows as the attention op leaves them, (B, nX, nY, r, C) sliced out of the
+    window sequences, and a layout whose leading dims do not merge to two (copied)."""
+    C, r = 16, 4
+    ff = make_ff(C, device=device).eval()
+    seq = make_tokens((2, 2, 3, r + 9), C, device=device)
+    regs = seq[:, :, :, :r]
+    out = launch(regs, ff)
+    with torch.no_grad():
+        assert_close_normwise(out, ff(regs) + regs, 1e-5)
+    odd = make_tokens((3, 4, 5), 2 * C, device=device)[:, ::2, 1:, ::2]  # three leading dims that do not merge
+    out = launch(odd, ff)
+    with torch.no_grad():
+        assert_close_normwise(out, ff(odd) + odd, 1e-5)
+
+
+def test_op_dispatch_and_layout(device):
+    C = 16
+    ff = make_ff(C, device=device).eval()
+    x = make_tokens((1, 7, 7), C, device=device).permute(0, 2, 1, 3)
+    with torch.no_grad():
+        out = ops.feedforward_residual(x, ff, fused=True)
+        assert_close_normwise(out, ff(x) + x, 1e-5)
+        assert torch.equal(ops.feedforward_residual(x, ff, fused=False), ff(x) + x)
+        empty = x[:0]
+        assert ops.feedforward_residual(empty, ff, fused=True).shape == empty.shape
+
+
+def test_unsupported_falls_back_with_warning(device):
+    C = 16
+    ff = make_ff(C, device=device).eval()
+    ff[2].approximate = "tanh"
+    x = make_tokens((1, 3, 3), C, device=device)
+    reset_fallback_warnings()
+    with pytest.warns(FusedFallbackWarning, match="GELU"), torch.no_grad():
+        out = ops.feedforward_residual(x, ff, fused=True)
+    with torch.no_grad():
+        assert torch.equal(out, ff(x) + x)
+    ff64 = make_ff(C, torch.float64, device).eval()
+    with pytest.warns(FusedFallbackWarning, match="float64"), torch.no_grad():
+        ops.feedforward_residual(x.double(), ff64, fused=True)
+
+
+def test_bad_input_errors(device):
+    ff = make_ff(16, device=device).eval()
+    x = make_tokens((1, 3, 3), 24, device=device)
+    with pytest.raises(ValueError, match="24 channels"), torch.no_grad():
+        ops.feedforward_residual(x, ff, fused=True)
+    x = make_tokens((1, 3, 3), 16, device=device)
+    with pytest.raises(ValueError, match="out is"):
+        K.feedforward_residual(x, ff[0].weight, ff[0].bias, 1e-5, ff[1].weight, ff[1].bias, ff[4].weight,
+                               ff[4].bias, out=torch.empty(1, 3, 16))
+    with pytest.raises(ValueError, match="w2 has shape"):
+        K.feedforward_residual(x, ff[0].weight, ff[0].bias, 1e-5, ff[1].weight, ff[1].bias, ff[1].weight, ff[4].bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# gradients
+# ----------------------------------------------------------------------------------------------
+
+
+def _grads(out, x, ff, grad_out):
+    params = [x] + list(ff.parameters())
+    return torch.autograd.grad(out, params, grad_out)
+
+
+@pytest.mark.parametrize("C,shape", [(24, (2, 3, 5)), (16, (1, 7, 7))])
+def test_gradients_match_autograd(device, C, shape):
+    ff = make_ff(C, device=device).train()  # dropout p = 0
+    x = make_tokens(shape, C, device=device).requires_grad_()
+    grad_out = torch.randn(*shape, C, device=device)
+    fused = _grads(ops.feedforward_residual(x, ff, fused=True), x, ff, grad_out)
+    ref = _grads(ff(x) + x, x, ff, grad_out)
+    names = ["x"] + [n for n, _ in ff.named_parameters()]
+    for name, g, r in zip(names, fused, ref):
+        assert_close_l2(g, r, 1e-5, name=name)
+
+
+def test_dropout_forward_and_gradients_use_one_mask(device):
+    """With dropout on, the forward equals the reference built from the regenerated masks
+    (so the kernel used exactly that mask) and the gradients are that reference's."""
+    C, shape, seed = 24, (3, 5, 9), 1234
+    ff = make_ff(C, device=device, dropout=0.3).train()
+    ff[5].p = 0.2
+    x = make_tokens(shape, C, device=device).requires_grad_()
+    out = ops.feedforward_residual(x, ff, fused=True, seed=seed)
+
+    m_hidden, m_out = keep_masks(x, 4 * C, 0.3, 0.2, seed)
+    h = ff[2](ff[1](ff[0](x))) * m_hidden / 0.7
+    ref = ff[4](h) * m_out / 0.8 + x
+    assert_close_normwise(out, ref, 1e-5, name="forward")
+    dropped = ~m_out
+    assert dropped.any() and torch.equal(out[dropped], x[dropped])
+
+    grad_out = torch.randn_like(out)
+    names = ["x"] + [n for n, _ in ff.named_parameters()]
+    for name, g, r in zip(names, _grads(out, x, ff, grad_out), _grads(ref, x, ff, grad_out)):
+        assert_close_l2(g, r, 1e-5, name=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# dropout statistics and reproducibility
+# ----------------------------------------------------------------------------------------------
+
+
+def _assert_binomial(kept, n, p, name):
+    expected, sd = n * (1 - p), math.sqrt(n * p * (1 - p))
+    assert abs(kept - expected) <= 5 * sd, f"{name}: kept {kept} of {n}, expected {expected:.0f} +- {5 * sd:.0f}"
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_output_dropout_keep_rate(device, path):
+    C, shape, p = 48, (3, 5, 9), 0.25
+    ff = make_ff(C, device=device)
+    x = make_tokens(shape, C, device=device)
+    out = launch(x, ff, path, p_hidden=0.0, p_out=p, seed=int(torch.randint(0, 2**31 - 1, (1,))))
+    kept = (out != x).sum().item()  # a kept output differs from x unless it is exactly 0
+    _assert_binomial(kept, x.numel(), p, "output dropout")
+
+
+def test_hidden_mask_rate_and_streams_independent(device):
+    M, hidden, p = 1500, 96, 0.1
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    m_hidden = K.dropout_keep_mask(M, hidden, p, seed, K.STREAM_HIDDEN, device)
+    _assert_binomial(m_hidden.sum().item(), M * hidden, p, "hidden dropout")
+    m_out = K.dropout_keep_mask(M, hidden, p, seed, K.STREAM_OUT, device)
+    agree = (m_hidden == m_out).sum().item()
+    q = p * p + (1 - p) * (1 - p)  # agreement rate of two independent masks
+    _assert_binomial(M * hidden - agree, M * hidden, q, "stream agreement")
+    other = K.dropout_keep_mask(M, hidden, p, seed + 1, K.STREAM_HIDDEN, device)
+    _assert_binomial(M * hidden - (m_hidden == other).sum().item(), M * hidden, q, "seed agreement")
+
+
+def test_same_seed_same_output(device):
+    C = 16
+    ff = make_ff(C, device=device, dropout=0.1).train()
+    x = make_tokens((2, 3, 5), C, device=device)
+    s = torch.seed() % 2**31
+    with torch.no_grad():
+        torch.manual_seed(s)
+        a = ops.feedforward_residual(x, ff, fused=True)
+        torch.manual_seed(s)
+        b = ops.feedforward_residual(x, ff, fused=True)
+        c = ops.feedforward_residual(x, ff, fused=True)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    # eval: no dropout, and torch's generator is left alone
+    ff.eval()
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        out = ops.feedforward_residual(x, ff, fused=True)
+        assert_close_normwise(out, ff(x) + x, 1e-5)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_full_dropout_gives_residual(device):
+    ff = make_ff(16, device=device)
+    x = make_tokens((1, 3, 5), 16, device=device)
+    assert torch.equal(launch(x, ff, "fused", p_hidden=0.5, p_out=1.0, seed=7), x)
+
+
+# ----------------------------------------------------------------------------------------------
+# ahead-of-time compile of the configurations the default MaxViT-T uses
+# ----------------------------------------------------------------------------------------------
+
+# One process compiles a list of kernels (one Triton start-up), with the divisibility-by-16
+# hints Triton's runtime specialisation gives aligned pointers and multiple-of-16 integers
+# (maxvit_fast.aot.compile_kernel has no such hints, and without them nothing vectorises).
+_COMPILE_BATCH = r"""
+import importlib, json, sys
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+reqs, out_dir = json.load(open(sys.argv[1])), sys.argv[2]
+for i, req in enumerate(reqs):
+    fn = getattr(importlib.import_module(req["module"]), req["kernel"])
+    sig = req["signature"]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
+             for n, t in sig.items() if t.startswith("*") or n in req["divisible"]}
+    k = triton.compile(ASTSource(fn, sig, req["constexprs"], attrs), target=GPUTarget("cuda", req["arch"], 32),
+                       options=dict(num_warps=req["num_warps"], num_stages=req["num_stages"]))
+    open(f"{out_dir}/{i}.cubin", "wb").write(k.asm["cubin"])
+"""
+
+
+def _compile_batch(requests, shards=2):
+    from maxvit_fast.aot import cuobjdump_path
+
+    tool = str(cuobjdump_path())
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = [requests[i::shards] for i in range(shards)]
+        procs = []
+        env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+        for s, part in enumerate(parts):
+            Path(tmp, str(s)).mkdir()
+            Path(tmp, f"{s}.json").write_text(json.dumps(part))
+            procs.append(subprocess.Popen([sys.executable, "-c", _COMPILE_BATCH, str(Path(tmp, f"{s}.json")),
+                                           str(Path(tmp, str(s)))], env=env, stderr=subprocess.PIPE, text=True))
+        for p in procs:
+            _, err = p.communicate(timeout=900)
+            assert p.returncode == 0, f"ahead-of-time compile failed:\n{err[-4000:]}"
+        for s, part in enumerate(parts):
+            for i, req in enumerate(part):
+                cubin = str(Path(tmp, str(s), f"{i}.cubin"))
+                usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True).stdout
+                sass = subprocess.run([tool, "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
+                res = {key: int(re.search(rf"\b{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK", "LOCAL")}
+                res["HMMA"] = bool(re.search(r"\bHMMA\b", sass))
+                res["HGMMA"] = bool(re.search(r"\bHGMMA", sass))
+                res["LDL"] = bool(re.search(r"\b(LDL|STL)\b", sass))
+                results.append((req, res))
+    return results
+
+
+def _signature(kernel, dtype_name):
+    """Every argument of ``kernel``: tensors as ``*dtype``, the fp32 scalars, i32 integers;
+    the channel strides are constexpr 1 (channels-last tokens), as Triton specialises them."""
+    sig = {}
+    # the plain Python function (the interpreter's wrapper and triton.jit both hold it as .fn)
+    for name, param in inspect.signature(kernel.fn).parameters.items():
+        if name.endswith("_ptr"):
+            sig[name] = f"*{dtype_name}"
+        elif "constexpr" in str(param.annotation) or name in ("stride_xc", "stride_oc"):
+            sig[name] = "constexpr"
+        elif name == "eps" or name.startswith(("p_", "scale_")):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def maxvit_t_requests(dtypes=(torch.float16, torch.bfloat16), widths=(64, 128, 256, 512)):
+    """The launches the default MaxViT-T makes, eval (no dropout) and train (dropout 0.1), from
+    the launcher's own config functions."""
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+    requests = []
+    for dtype in dtypes:
+        for C in widths:
+            hidden = 4 * C
+            cfg = K.fused_mlp_config(C, dtype)
+            common = dict(C=C, HIDDEN=hidden, stride_xc=1, FP32_DOT=False, ROUND_BF16=False)
+            if cfg is not None:
+                launches = [(K.ff_fused_mlp_kernel, dict(cfg, BLOCK_C=triton.next_power_of_2(C), stride_oc=1),
+                             ("DROPOUT_HIDDEN", "DROPOUT_OUT"))]
+            else:
+                up, down = K.two_pass_configs(C, hidden, dtype)
+                launches = [(K.ff_up_kernel, dict(up), ("DROPOUT_HIDDEN",)),
+                            (K.ff_down_kernel, dict(down, stride_oc=1), ("DROPOUT_OUT",))]
+            for kernel, cfg, flags in launches:
+                for train in (False, True):
+                    sig = _signature(kernel, names[dtype])
+                    const = dict(common, **{k: v for k, v in cfg.items() if not k.startswith("num_")},
+                                 **{f: train for f in flags})
+                    const = {k: v for k, v in const.items() if k in sig}
+                    requests.append(dict(
+                        module="maxvit_fast.kernels.feedforward", kernel=kernel.__name__, signature=sig,
+                        constexprs=const, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                        # strides of channels-last maps with 16 | C are multiples of 16
+                        divisible=[n for n, t in sig.items() if n.startswith("stride") and t == "i32"],
+                    ))
+    return requests
+
+
+def test_aot_compile_maxvit_t_configurations():
+    requests = [dict(r, arch=arch) for r in maxvit_t_requests() for arch in (80, 90)]
+    failures, table = [], []
+    for req, res in _compile_batch(requests):
+        c = req["constexprs"]
+        flags = "train" if c.get("DROPOUT_HIDDEN", c.get("DROPOUT_OUT")) else "eval"
+        line = (f"sm_{req['arch']} {req['kernel']} {req['signature']['w2_ptr' if 'w2_ptr' in req['signature'] else 'w1_ptr']}"
+                f" C={c['C']} {flags}: REG {res['REG']} LOCAL {res['LOCAL']} STACK {res['STACK']}"
+                f" {'HGMMA' if res['HGMMA'] else 'HMMA' if res['HMMA'] else 'no MMA'}")
+        table.append(line)
+        if res["LOCAL"] or res["STACK"] or res["LDL"]:
+            failures.append("spills: " + line)
+        if not (res["HMMA"] or (req["arch"] == 90 and res["HGMMA"])):
+            failures.append("no tensor-core instructions: " + line)
+    print("\n".join(table))
+    assert not failures, "\n".join(failures)
