@@ -1,6 +1,84 @@
-"""Fused feed-forward with residual: out = Dropout(Linear2(Dropout(GELU(Linear1(LayerNorm(x)))))) + x.
+"""Fused feed-forward with residual, per token of a channels-last map:
 
-DECISIONS (header filled in below after the resource-report survey)
+    out = Dropout_out(Linear2(Dropout_hidden(GELU(Linear1(LayerNorm(x)))))) + x
+
+(the reference ``FeedForward`` of maxvit_fast/reference.py plus the caller's residual add).
+
+Kernels
+-------
+* ``ff_fused_mlp_kernel`` (one pass, widths up to 256 in fp16/bf16): a program owns BLOCK_M
+  tokens and all C channels. It loads the token rows once, computes the LayerNorm statistics
+  from them (two-pass mean/variance in fp32 registers, exact), keeps the normalised tile as the
+  A operand, and loops over the 4C hidden dimension in BLOCK_H chunks: dot with W1^T, + b1,
+  exact erf GELU, dropout, dot with W2^T into a (BLOCK_M, C) fp32 accumulator. The hidden
+  activation never leaves the SM; + b2, dropout and the residual are the epilogue. HBM traffic:
+  x read (twice, the second from L2), out written once, weights from L2.
+* ``ff_up_kernel`` + ``ff_down_kernel`` (two kernels, width 512+ and all fp32): up = LayerNorm
+  in the prologue of the first matmul, bias + GELU + dropout in its epilogue, into an (M, 4C)
+  buffer in the input dtype; down = second matmul with bias, dropout and the residual add in the
+  epilogue. LayerNorm statistics: an in-kernel loop over the row tile's C chunks before the
+  matmul (each chunk's exact mean and M2 merged with Chan's formula, so no E[x^2] - mean^2
+  cancellation), re-reading the tile from L1/L2, instead of a separate stats kernel: that
+  would add a launch and a round trip of mean/rstd, to save only cache hits.
+* ``ff_dropout_keep_kernel``: regenerates a forward dropout mask for the backward.
+
+Dropout: element (token, column) of stream s (0 hidden, 1 output) is kept when the top 24 bits
+of philox(seed; column, token, s, 0) / 2^24 >= p, scaled by 1/(1-p). Token is the row-major
+index over x's leading dims, so the mask does not depend on strides, tiles or kernel path, and
+the counters do not overflow for any token count below 2^31. The seed is drawn by the op layer
+from torch's default generator (reproducible with torch.manual_seed).
+
+Precision: fp32 accumulation everywhere; fp32 inputs use exact fp32 dots (input_precision
+"ieee"); fp16/bf16 use tensor-core dots (HMMA on sm_80, HGMMA on sm_90) with the normalised
+input and the GELU output rounded to the input dtype as operands (the reference rounds at the
+same places, and more). Under the Triton interpreter bf16 dots are wrong (triton issue 11584)
+and fp32 -> bf16 conversion truncates, so there (only) bf16 dot operands are upcast to fp32 and
+bf16 results are rounded to nearest even on the bits first (FP32_DOT, ROUND_BF16).
+
+Layout: x and out are (..., C) with any strides; the leading dims are coalesced (jointly for x
+and out) to at most two, (D0, D1) with one stride each, which covers the (B, H, W, C) view of an
+NCHW or NHWC map and register rows sliced out of window sequences; anything else goes through a
+contiguous copy. C and the hidden width are compile-time constants (a model has a handful), so
+masks fold away at power-of-two widths and the weight loads vectorise; other widths (24, 48, 96)
+are masked up to the next power of two.
+
+Decision: one pass or two, and the tiles (resource report, no GPU measurement)
+-------------------------------------------------------------------------------
+Numbers: sm_80 / sm_90 registers per thread, spills = STACK/LOCAL bytes (LDL/STL in SASS), from
+``triton.compile`` for GPUTarget("cuda", arch, 32) + cuobjdump --dump-resource-usage, with the
+divisibility-by-16 hints a runtime launch gets for aligned pointers and multiple-of-16 strides
+(tests/test_feedforward.py::test_aot_compile_maxvit_t_configurations prints the full table;
+``pytest tests/test_feedforward.py -k aot -s``). eval = no dropout, train = both dropouts on.
+
+  one pass, fp16 (bf16 within 2 registers)     eval            train
+  C=64   BLOCK_M 64, BLOCK_H 32, 4 warps       128 / 123       239 / 135     no spills
+  C=128  BLOCK_M 64, BLOCK_H 64, 8 warps       128 / 156       168 / 242     no spills
+  C=256  BLOCK_M 64, BLOCK_H 32, 8 warps       176 / 206       228 / 226     no spills
+  C=512  BLOCK_M 64, any BLOCK_H 16-64, 8 warps: 255 regs + 96-264 B stack on sm_80;
+         16 warps: 128 regs + 152-184 B stack on sm_80                         -> spills
+  C=512  BLOCK_M 32, BLOCK_H 16-64, 16 warps: 122-126 / 94-122, no spills, but a 32-row tile
+         gets no wgmma on sm_90 (HMMA only) and halves the reuse of every weight byte read
+         from L2 (the whole 2 x 512 x 2048 weights stream through each program)
+
+  two kernels, C=512, fp16                      eval            train
+  up    BLOCK_M 64, BLOCK_N 128, BLOCK_K 64, 8 warps   96 / 101   128 / 105     no spills
+  down  BLOCK_M 64, BLOCK_N 128, BLOCK_K 64, 8 warps  114 / 79    168 / 80      no spills
+
+So: one pass for C <= 256 (MaxViT-T stages 1-3, 9 of its 11 blocks' feed-forwards), two
+kernels for C >= 512 (stage 4, 2 blocks, 7x7 maps, where the 4C buffer is small). Larger tiles
+(BLOCK_M 128 at C >= 64, or 4 warps at C >= 128) spill in the same survey. fp32 (exact "ieee"
+dots run on FMA units with both operands in registers) always takes the two-kernel path with
+small tiles (up 64x64x16, down 64x32x32, 4 warps: 128 and 80 registers on sm_80, no spills);
+the one-pass kernel in fp32 spills at every useful size (C=64, BLOCK_M 64: 10488 B stack).
+The one-pass kernel's second read of x uses a different eviction policy on purpose: otherwise
+the compiler merges it with the first load and keeps the x tile live across the hidden loop
+(C=64, 4 warps: 187 registers with 192 B stack instead of 128).
+
+Speed on a GPU: not measured (no GPU in this session). Activation elements read + written per
+token in eval (counted, not measured; weights excluded): reference eager LayerNorm 2C, Linear1
+5C, GELU 8C, Linear2 5C, residual add 3C = 23C, materialising xn, h, GELU(h), y and out (11C);
+one pass 2C (x in, out), materialising out only (C); two kernels 11C (x twice, 4C hidden out
+and in, out), materialising the hidden and out (5C).
 """
 
 from __future__ import annotations
@@ -13,9 +91,11 @@ from . import INTERPRET
 
 SQRT1_2 = tl.constexpr(0.7071067811865476)
 
-# Dropout streams: the philox counter (column, row, stream, 0) names every random number.
+# Dropout streams: the philox counter (column, token, stream, 0) names every random number.
 STREAM_HIDDEN = 0
 STREAM_OUT = 1
+_STREAM_HIDDEN = tl.constexpr(STREAM_HIDDEN)
+_STREAM_OUT = tl.constexpr(STREAM_OUT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +201,7 @@ def ff_fused_mlp_kernel(
         pre = _mma(xn, w1, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), FP32_DOT) + b1[None, :]
         act = _gelu(pre)  # padded hidden columns: pre = 0 -> GELU 0, and their W2 rows are 0
         if DROPOUT_HIDDEN:
-            act = tl.where(_keep(seed, rows, hid, 0, p_hidden), act * scale_hidden, 0.0)
+            act = tl.where(_keep(seed, rows, hid, _STREAM_HIDDEN, p_hidden), act * scale_hidden, 0.0)
         # W2^T chunk (BLOCK_H, BLOCK_C): element (n, c) = W2[c, n]
         w2 = tl.load(w2_ptr + chans[None, :] * HIDDEN + hid[:, None], mask=hid_ok[:, None] & chan_ok[None, :], other=0.0)
         acc = _mma(_cast(act, w2_ptr.dtype.element_ty, ROUND_BF16), w2, acc, FP32_DOT)
@@ -129,7 +209,7 @@ def ff_fused_mlp_kernel(
     b2 = tl.load(b2_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
     y = acc + b2[None, :]
     if DROPOUT_OUT:
-        y = tl.where(_keep(seed, rows, chans, 1, p_out), y * scale_out, 0.0)
+        y = tl.where(_keep(seed, rows, chans, _STREAM_OUT, p_out), y * scale_out, 0.0)
     # residual: reload x (an L2 hit) rather than keep the tile, or its pointers, live across
     # the loop; the different eviction policy keeps the compiler from merging the two loads
     x_tile_ptrs = x_ptr + _token_offsets(rows, D1, stride_x0, stride_x1)[:, None] + chans[None, :] * stride_xc
@@ -197,7 +277,7 @@ def ff_up_kernel(
     b1 = tl.load(b1_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     act = _gelu(acc + b1[None, :])
     if DROPOUT_HIDDEN:
-        act = tl.where(_keep(seed, rows, cols, 0, p_hidden), act * scale_hidden, 0.0)
+        act = tl.where(_keep(seed, rows, cols, _STREAM_HIDDEN, p_hidden), act * scale_hidden, 0.0)
     h_ptrs = hidden_ptr + rows.to(tl.int64)[:, None] * HIDDEN + cols[None, :]
     tl.store(h_ptrs, _cast(act, hidden_ptr.dtype.element_ty, ROUND_BF16), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -234,7 +314,7 @@ def ff_down_kernel(
     b2 = tl.load(b2_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
     y = acc + b2[None, :]
     if DROPOUT_OUT:
-        y = tl.where(_keep(seed, rows, chans, 1, p_out), y * scale_out, 0.0)
+        y = tl.where(_keep(seed, rows, chans, _STREAM_OUT, p_out), y * scale_out, 0.0)
     tile_ok = row_ok[:, None] & chan_ok[None, :]
     x = tl.load(x_ptr + _token_offsets(rows, D1, stride_x0, stride_x1)[:, None] + chans[None, :] * stride_xc,
                 mask=tile_ok, other=0.0)
@@ -363,7 +443,8 @@ def feedforward_residual(
     """``Dropout_out(Linear2(Dropout_hidden(GELU(Linear1(LayerNorm(x)))))) + x`` per token.
 
     x is (..., C) with any strides; the result (``out``, or a new tensor laid out like x) has the
-    same shape. Dropout keeps element (token, column) of each stream by philox(seed; column,
+    same shape. ``out`` may be ``x`` itself (in place): each output tile is written by the
+    program that last reads the same x tile. Dropout keeps element (token, column) of each stream by philox(seed; column,
     token, stream); token is the row-major index over x's leading dims. ``path`` forces
     "fused" (hidden on chip) or "two_pass"; None picks by width.
     """

@@ -135,6 +135,20 @@ def test_register_rows_slice_and_uncoalescable_strides(device):
         assert_close_normwise(out, ff(odd) + odd, 1e-5)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_output_layout_differs_from_input(device, path):
+    """x channels-last view of an NCHW map, out a contiguous tensor (and the reverse)."""
+    C = 16
+    ff = make_ff(C, device=device).eval()
+    x = make_tokens((2, C, 3, 5), 1, device=device)[..., 0].permute(0, 2, 3, 1)
+    for src, dst in ((x, torch.empty(x.shape, device=device)), (x.contiguous(), torch.empty_like(x))):
+        poison_(dst)
+        K.feedforward_residual(src, ff[0].weight, ff[0].bias, ff[0].eps, ff[1].weight, ff[1].bias,
+                               ff[4].weight, ff[4].bias, out=dst, path=path)
+        with torch.no_grad():
+            assert_close_normwise(dst, ff(src) + src, 1e-5)
+
+
 def test_op_dispatch_and_layout(device):
     C = 16
     ff = make_ff(C, device=device).eval()
@@ -197,22 +211,27 @@ def test_gradients_match_autograd(device, C, shape):
         assert_close_l2(g, r, 1e-5, name=name)
 
 
-def test_dropout_forward_and_gradients_use_one_mask(device):
-    """With dropout on, the forward equals the reference built from the regenerated masks
-    (so the kernel used exactly that mask) and the gradients are that reference's."""
-    C, shape, seed = 24, (3, 5, 9), 1234
+@pytest.mark.parametrize("path", PATHS)
+def test_dropout_forward_and_gradients_use_one_mask(device, path):
+    """With dropout on, the forward (either kernel path) equals the reference built from the
+    regenerated masks, so the kernels used exactly those masks, and the op's gradients are that
+    reference's."""
+    C, shape, seed = 24, (3, 5, 9), int(torch.randint(0, 2**31 - 1, (1,)))
     ff = make_ff(C, device=device, dropout=0.3).train()
     ff[5].p = 0.2
     x = make_tokens(shape, C, device=device).requires_grad_()
-    out = ops.feedforward_residual(x, ff, fused=True, seed=seed)
-
     m_hidden, m_out = keep_masks(x, 4 * C, 0.3, 0.2, seed)
     h = ff[2](ff[1](ff[0](x))) * m_hidden / 0.7
     ref = ff[4](h) * m_out / 0.8 + x
+
+    with torch.no_grad():
+        out = launch(x.detach(), ff, path, p_hidden=0.3, p_out=0.2, seed=seed)
     assert_close_normwise(out, ref, 1e-5, name="forward")
     dropped = ~m_out
-    assert dropped.any() and torch.equal(out[dropped], x[dropped])
+    assert dropped.any() and torch.equal(out[dropped], x.detach()[dropped])
 
+    out = ops.feedforward_residual(x, ff, fused=True, seed=seed)
+    assert_close_normwise(out, ref, 1e-5, name="op forward")
     grad_out = torch.randn_like(out)
     names = ["x"] + [n for n, _ in ff.named_parameters()]
     for name, g, r in zip(names, _grads(out, x, ff, grad_out), _grads(ref, x, ff, grad_out)):
@@ -278,6 +297,54 @@ def test_full_dropout_gives_residual(device):
     ff = make_ff(16, device=device)
     x = make_tokens((1, 3, 5), 16, device=device)
     assert torch.equal(launch(x, ff, "fused", p_hidden=0.5, p_out=1.0, seed=7), x)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_in_place(device, path):
+    C = 48
+    ff = make_ff(C, device=device).eval()
+    x = make_tokens((2, 3, 7), C, device=device).permute(0, 2, 1, 3)
+    with torch.no_grad():
+        ref = ff(x) + x
+    res = K.feedforward_residual(x, ff[0].weight, ff[0].bias, ff[0].eps, ff[1].weight, ff[1].bias,
+                                 ff[4].weight, ff[4].bias, out=x, path=path)
+    assert res is x
+    assert_close_normwise(x, ref, 1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# in the model: block step (tokens and register rows) and grid step
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_model_with_fused_feedforward(device, monkeypatch, train):
+    """A small MaxViT with only the feed-forward fused (the other ops forced to the reference)
+    against the reference model: eval outputs, and in train mode (dropout 0) the gradients."""
+    from maxvit_fast import MaxViT
+
+    model_ops = sys.modules["maxvit_fast.model"].ops
+    real_attn, real_mbconv = model_ops.window_attention_residual, model_ops.mbconv
+    monkeypatch.setattr(model_ops, "window_attention_residual", lambda *a, **k: real_attn(*a[:4], False, **k))
+    monkeypatch.setattr(model_ops, "mbconv", lambda x, m, fused: real_mbconv(x, m, False))
+    kwargs = dict(num_classes=5, dim=16, depth=(1, 1), dim_head=8, window_size=2, dropout=0.0)
+    ref = MaxViT(**kwargs).to(device)
+    fused = MaxViT(**kwargs, fused=True).to(device)
+    fused.load_state_dict(ref.state_dict())
+    ref.train(train), fused.train(train)
+    x = torch.randn(2, 3, 16, 16, device=device)
+    if not train:
+        with torch.no_grad():
+            assert_close_normwise(fused(x), ref(x), 1e-5, name="logits")
+        return
+    grad = torch.randn(2, 5, device=device)
+    out_ref, out_fused = ref(x), fused(x)
+    assert_close_normwise(out_fused, out_ref, 1e-5, name="logits")
+    g_ref = torch.autograd.grad(out_ref, list(ref.parameters()), grad)
+    g_fused = torch.autograd.grad(out_fused, list(fused.parameters()), grad)
+    floor = 1e-3 * max(g.norm().item() for g in g_ref)
+    for (name, _), a, b in zip(ref.named_parameters(), g_fused, g_ref):
+        assert_close_l2(a, b, 1e-4, name=name, floor=floor)
 
 
 # ----------------------------------------------------------------------------------------------
