@@ -5,8 +5,8 @@ per-tile channel sums of the result (the squeeze-excitation mean's partials):
     tile_sum[b*T + t, c] = sum over the tile's pixels of out   (WRITE_SUMS)
 
 y and out are (B, P, C) contiguous and may be the same tensor (each element is read and written
-by the same program). Tiles are BLOCK_P pixels of ONE image x BLOCK_C channels, channel tiles
-fastest, T = cdiv(P, BLOCK_P) per image, as in kernels/depthwise_conv.py.
+by the same program). Tiles are BLOCK_P pixels of ONE image x BLOCK_C channels, grid
+(B * T, cdiv(C, BLOCK_C)), T = cdiv(P, BLOCK_P) per image, as in kernels/depthwise_conv.py.
 
 Used only in train mode, where BatchNorm needs the batch statistics of its whole input before it
 can normalise: the producing kernel (1x1 conv or depthwise conv) writes the pre-BN tensor and its
@@ -36,10 +36,8 @@ def batchnorm_gelu_kernel(
     WRITE_SUMS: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_c_tiles = tl.cdiv(C, BLOCK_C)
-    pid_tile = pid // num_c_tiles  # image * tiles_per_image + tile
-    pid_c = pid % num_c_tiles
+    pid_tile = tl.program_id(0)  # image * tiles_per_image + tile
+    pid_c = tl.program_id(1)
     image = pid_tile // tiles_per_image
     tile = pid_tile % tiles_per_image
 
@@ -99,7 +97,7 @@ def batchnorm_gelu(
         elif tuple(tile_sum.shape) != (B * T, C) or tile_sum.dtype != torch.float32 or not tile_sum.is_contiguous():
             raise ValueError(f"tile_sum must be a contiguous fp32 tensor of shape {(B * T, C)}")
     if y.numel() > 0:
-        grid = (B * T * triton.cdiv(C, cfg["BLOCK_C"]),)
+        grid = (B * T, triton.cdiv(C, cfg["BLOCK_C"]))
         batchnorm_gelu_kernel[grid](
             y, scale, shift, out, tile_sum if sums else scale, P, C, T,
             WRITE_SUMS=sums, EMULATE_BF16_RTNE=INTERPRET and y.dtype == torch.bfloat16, **cfg,

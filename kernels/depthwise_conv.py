@@ -7,8 +7,9 @@ and per-tile channel sums for the squeeze-excitation mean (or BatchNorm batch st
 
 Layout: x is (B, H, W, C) contiguous, y is (B, Ho, Wo, C) contiguous, w is (9, C) fp32
 contiguous (tap-major, so one tap's weights for a channel block are one contiguous load), bias
-fp32 (C,). Grid: B * T * cdiv(C, BLOCK_C) programs, T = cdiv(Ho*Wo, BLOCK_P), channel tiles
-fastest (programs running together read whole cache lines of the same pixels); a tile is BLOCK_P
+fp32 (C,). Grid: (B * T, cdiv(C, BLOCK_C)), T = cdiv(Ho*Wo, BLOCK_P) (DRAM is read in 32-byte
+sectors, so the two 64-byte halves of a bf16 pixel row read by two channel tiles cost no extra
+traffic, whatever their launch order); a tile is BLOCK_P
 consecutive output pixels (row-major) of ONE image times BLOCK_C channels, channels contiguous,
 so the per-tile sums are per-(image, channel) partial sums.
 
@@ -50,15 +51,13 @@ from .mbconv_helpers import gelu, to_storage
 def depthwise_conv3x3_kernel(
     x_ptr, w_ptr, bias_ptr,
     out_ptr, tile_sum_ptr, tile_m2_ptr,
-    H, W, Ho, Wo, C, tiles_per_image,
+    H, W, Ho, Wo, C, tiles_per_image, inv_last_tile_pixels,
     STRIDE: tl.constexpr, OUT_GELU: tl.constexpr, WRITE_M2: tl.constexpr,
     EMULATE_BF16_RTNE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_c_tiles = tl.cdiv(C, BLOCK_C)
-    pid_tile = pid // num_c_tiles  # image * tiles_per_image + tile
-    pid_c = pid % num_c_tiles
+    pid_tile = tl.program_id(0)  # image * tiles_per_image + tile
+    pid_c = tl.program_id(1)
     image = pid_tile // tiles_per_image
     tile = pid_tile % tiles_per_image
 
@@ -71,17 +70,27 @@ def depthwise_conv3x3_kernel(
     wo = offs_p % Wo
 
     x_image = x_ptr + image.to(tl.int64) * H * W * C
+    # 1 / pixels in this tile without a division (the host passes it for the partial last tile)
+    inv_count = tl.where(tile == tiles_per_image - 1, inv_last_tile_pixels, 1.0 / BLOCK_P)
 
+    # Input columns of each output pixel: w_left (-1 at the left edge), w_left + 1 (always inside,
+    # as 0 <= wo * STRIDE <= W - 1), w_left + 2 (W at the right edge when STRIDE == 1 or W is even).
+    w_left = wo * STRIDE - 1
+    left_ok = w_left >= 0
+    right_ok = w_left + 2 < W
+    channel_ok = mask_c[None, :]
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for kh in tl.static_range(3):
         hi = ho * STRIDE - 1 + kh
         row_ok = mask_p & (hi >= 0) & (hi < H)
-        for kw in tl.static_range(3):
-            wi = wo * STRIDE - 1 + kw
-            tap_ok = (row_ok & (wi >= 0) & (wi < W))[:, None] & mask_c[None, :]
-            v = tl.load(x_image + ((hi * W + wi) * C)[:, None] + offs_c[None, :], mask=tap_ok, other=0.0)
-            w = tl.load(w_ptr + (kh * 3 + kw) * C + offs_c, mask=mask_c, other=0.0)
-            acc += v.to(tl.float32) * w[None, :]
+        left_ptrs = x_image + ((hi * W + w_left) * C)[:, None] + offs_c[None, :]
+        w_row = w_ptr + kh * 3 * C + offs_c
+        v = tl.load(left_ptrs, mask=(row_ok & left_ok)[:, None] & channel_ok, other=0.0)
+        acc += v.to(tl.float32) * tl.load(w_row, mask=mask_c, other=0.0)[None, :]
+        v = tl.load(left_ptrs + C, mask=row_ok[:, None] & channel_ok, other=0.0)
+        acc += v.to(tl.float32) * tl.load(w_row + C, mask=mask_c, other=0.0)[None, :]
+        v = tl.load(left_ptrs + 2 * C, mask=(row_ok & right_ok)[:, None] & channel_ok, other=0.0)
+        acc += v.to(tl.float32) * tl.load(w_row + 2 * C, mask=mask_c, other=0.0)[None, :]
 
     bias = tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0)
     y = acc + bias[None, :]
@@ -89,14 +98,14 @@ def depthwise_conv3x3_kernel(
         y = gelu(y)
     mask_out = mask_p[:, None] & mask_c[None, :]
     out_rows = (image.to(tl.int64) * num_pixels + offs_p) * C
-    tl.store(out_ptr + out_rows[:, None] + offs_c[None, :], to_storage(y, out_ptr.dtype.element_ty, EMULATE_BF16_RTNE), mask=mask_out)
+    y_stored = to_storage(y, out_ptr.dtype.element_ty, EMULATE_BF16_RTNE)
+    tl.store(out_ptr + out_rows[:, None] + offs_c[None, :], y_stored, mask=mask_out)
 
     y_valid = tl.where(mask_p[:, None], y, 0.0)
     tile_sum = tl.sum(y_valid, axis=0)
     tl.store(tile_sum_ptr + pid_tile * C + offs_c, tile_sum, mask=mask_c)
     if WRITE_M2:
-        count = tl.minimum(num_pixels - tile * BLOCK_P, BLOCK_P).to(tl.float32)
-        centred = tl.where(mask_p[:, None], y - (tile_sum / count)[None, :], 0.0)
+        centred = tl.where(mask_p[:, None], y - (tile_sum * inv_count)[None, :], 0.0)
         tl.store(tile_m2_ptr + pid_tile * C + offs_c, tl.sum(centred * centred, axis=0), mask=mask_c)
 
 
@@ -159,10 +168,10 @@ def depthwise_conv3x3(
             raise ValueError(f"{name} must be a contiguous fp32 tensor of shape {stat_shape}")
     if B * Ho * Wo * C == 0:
         return out, tile_sum, (tile_m2 if m2 else None)
-    grid = (B * T * triton.cdiv(C, cfg["BLOCK_C"]),)
+    grid = (B * T, triton.cdiv(C, cfg["BLOCK_C"]))
     depthwise_conv3x3_kernel[grid](
         x, w, bias, out, tile_sum, tile_m2 if m2 else tile_sum,
-        H, W, Ho, Wo, C, T,
+        H, W, Ho, Wo, C, T, 1.0 / (Ho * Wo - (T - 1) * cfg["BLOCK_P"]),
         STRIDE=stride, OUT_GELU=out_gelu, WRITE_M2=m2,
         EMULATE_BF16_RTNE=INTERPRET and x.dtype == torch.bfloat16,
         **cfg,

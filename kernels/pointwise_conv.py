@@ -57,7 +57,7 @@ def pointwise_conv_kernel(
     out_scale_ptr, out_shift_ptr,
     gate_ptr,
     res_ptr, tile_sum_ptr, tile_m2_ptr,
-    M, N, K, P,
+    M, N, K, P, inv_last_tile_rows,
     stride_ab, stride_ap, stride_ak,
     stride_rb, stride_rp, stride_rn,
     HAS_GATE: tl.constexpr,
@@ -109,9 +109,10 @@ def pointwise_conv_kernel(
         # BatchNorm batch statistics of y, per tile: column sum and sum of squares about the
         # tile's own mean (merged across tiles with Chan's formula on the host: no cancellation).
         rows_valid = mask_m[:, None]
-        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        # 1 / rows in this tile without a division (the host passes it for the partial last tile)
+        inv_count = tl.where(pid_m == tl.cdiv(M, BLOCK_M) - 1, inv_last_tile_rows, 1.0 / BLOCK_M)
         col_sum = tl.sum(tl.where(rows_valid, y, 0.0), axis=0)
-        centred = tl.where(rows_valid, y - (col_sum / count)[None, :], 0.0)
+        centred = tl.where(rows_valid, y - (col_sum * inv_count)[None, :], 0.0)
         tl.store(tile_sum_ptr + pid_m * N + offs_n, col_sum, mask=mask_n)
         tl.store(tile_m2_ptr + pid_m * N + offs_n, tl.sum(centred * centred, axis=0), mask=mask_n)
 
@@ -127,7 +128,8 @@ def pointwise_conv_kernel(
         res = tl.load(res_ptr + res_rows[:, None] + res_cols[None, :], mask=mask_out, other=0.0)
         y += res.to(tl.float32)
     out_rows = offs_m.to(tl.int64) * N
-    tl.store(out_ptr + out_rows[:, None] + offs_n[None, :], to_storage(y, out_ptr.dtype.element_ty, EMULATE_BF16_RTNE), mask=mask_out)
+    y_stored = to_storage(y, out_ptr.dtype.element_ty, EMULATE_BF16_RTNE)
+    tl.store(out_ptr + out_rows[:, None] + offs_n[None, :], y_stored, mask=mask_out)
 
 
 def _pow2_clamp(n: int, lo: int, hi: int) -> int:
@@ -138,8 +140,7 @@ def pointwise_conv_config(N: int, K: int, dtype: torch.dtype, has_prologue: bool
     """Block sizes and launch options for one 1x1 conv (see the header for the reasoning).
     ``has_prologue``: the A tile is scaled by the SE gate in registers."""
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=_pow2_clamp(N, 16, 64), BLOCK_K=_pow2_clamp(K, 16, 16),
-                    num_warps=4, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=_pow2_clamp(N, 16, 64), BLOCK_K=16, num_warps=8, num_stages=2)
     return dict(BLOCK_M=128, BLOCK_N=_pow2_clamp(N, 16, 128), BLOCK_K=_pow2_clamp(K, 16, 32 if has_prologue else 64),
                 num_warps=8, num_stages=3)
 
@@ -208,7 +209,7 @@ def pointwise_conv(
         res,
         tile_sum if stats else out_scale,
         tile_m2 if stats else out_scale,
-        M, N, K, P,
+        M, N, K, P, 1.0 / (M - (num_m_tiles - 1) * cfg["BLOCK_M"]),
         a.stride(0), a.stride(1), a.stride(2),
         res.stride(0), res.stride(1), res.stride(2),
         HAS_GATE=gate is not None,

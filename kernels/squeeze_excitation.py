@@ -15,7 +15,7 @@ Decisions
   each weight tile is at most 4096 fp32 values (32 per thread at 4 warps). Both weight matrices
   are read once per image (from L2 after the first image).
 - The tile-sum reduction is deterministic (fixed order over the T tiles, no atomics).
-- All math in fp32 (weights and sums upcast), stricter than the reference's low-precision mean.
+- All math in fp32 (fp32 weight copies, fp32 sums), stricter than the reference's low-precision mean.
 
 Resources: TBD
 GPU speed: not measured (the work is tiny: B programs, 2*R*C MACs each).
@@ -80,7 +80,8 @@ def se_gate(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """tile_sum: fp32 (B*T, C) contiguous, image-major; w_reduce (R, C) and w_expand (C, R)
-    contiguous, any float dtype. Returns the fp32 gate (B, C)."""
+    fp32 contiguous (the op layer keeps fp32 copies: tiny, and one kernel variant for every
+    activation dtype). Returns the fp32 gate (B, C)."""
     if tile_sum.ndim != 2 or tile_sum.dtype != torch.float32 or not tile_sum.is_contiguous():
         raise ValueError("tile_sum must be a contiguous fp32 (B*T, C) tensor")
     BT, C = tile_sum.shape
@@ -91,8 +92,8 @@ def se_gate(
     R = w_reduce.shape[0]
     if tuple(w_reduce.shape) != (R, C) or tuple(w_expand.shape) != (C, R):
         raise ValueError(f"w_reduce must be (R, {C}) and w_expand ({C}, R), got {tuple(w_reduce.shape)}, {tuple(w_expand.shape)}")
-    if not (w_reduce.is_contiguous() and w_expand.is_contiguous()):
-        raise ValueError("SE weights must be contiguous")
+    if not (w_reduce.is_contiguous() and w_expand.is_contiguous()) or {w_reduce.dtype, w_expand.dtype} != {torch.float32}:
+        raise ValueError("SE weights must be contiguous fp32 tensors")
     if out is None:
         out = torch.empty((B, C), device=tile_sum.device, dtype=torch.float32)
     elif tuple(out.shape) != (B, C) or out.dtype != torch.float32 or not out.is_contiguous():

@@ -189,8 +189,8 @@ class _Weights:
     w3_t: torch.Tensor       # (hidden, dim_out), input dtype
     dw_w: torch.Tensor       # (9, hidden) fp32, tap-major
     dw_b: torch.Tensor       # (hidden,) fp32
-    se_reduce: torch.Tensor  # (R, hidden), contiguous
-    se_expand: torch.Tensor  # (hidden, R), contiguous
+    se_reduce: torch.Tensor  # (R, hidden) fp32
+    se_expand: torch.Tensor  # (hidden, R) fp32
     scale1: torch.Tensor | None = None  # eval: folded BN1/BN3 epilogue scale/shift (fp32)
     shift1: torch.Tensor | None = None
     scale3: torch.Tensor | None = None
@@ -204,8 +204,8 @@ def _layout_weights(p: _Parts) -> _Weights:
         w3_t=p.conv3.weight.detach().reshape(p.conv3.out_channels, hidden).t().contiguous(),
         dw_w=p.dw.weight.detach().reshape(hidden, 9).t().float().contiguous(),
         dw_b=p.dw.bias.detach().float().contiguous(),
-        se_reduce=p.se_reduce.weight.detach().contiguous(),
-        se_expand=p.se_expand.weight.detach().contiguous(),
+        se_reduce=p.se_reduce.weight.detach().float().contiguous(),
+        se_expand=p.se_expand.weight.detach().float().contiguous(),
     )
 
 

@@ -1,0 +1,647 @@
+"""Fused MBConv (maxvit_fast.ops.mbconv with fused=True) against the reference MBConv module.
+
+Kernels run under the Triton interpreter on the CPU (tests/conftest.py), compiled on a GPU.
+Every buffer the fused path hands a kernel is NaN-filled first (the autouse fixture replaces the
+op's allocator), so anything a kernel forgets to write fails the comparisons.
+
+Tolerances
+- fp32: 1e-5 relative, normwise (max abs error / max |reference|): only summation order and the
+  BatchNorm folding (y*s + t instead of (y - mean)/std*g + b) differ.
+- fp16/bf16: the error against an fp32 run of the same module (its parameters upcast, so the
+  same function) is at most 2x the error of the reference module run in that dtype, plus an atol
+  of 1/4 of a half-ulp at the output's scale (for outputs the reference happens to round almost
+  exactly).
+- Gradients: the fused backward recomputes the reference function with torch ops, so gradients
+  agree to rounding: 1e-5 relative (L2) in fp32, with a floor of 1e-3 x the largest parameter
+  gradient's norm for gradients that are zero in exact arithmetic (conv biases in front of a
+  train-mode BatchNorm).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from maxvit_fast.dispatch import FusedFallbackWarning, reset_fallback_warnings
+from maxvit_fast.ops import mbconv
+from maxvit_fast.reference import MBConv
+
+from .helpers import assert_close_l2, assert_close_normwise, assert_within_reference_error, poison_
+
+pytest.importorskip("triton")
+
+mbconv_op = importlib.import_module("maxvit_fast.ops.mbconv")
+
+FP32_RTOL = 1e-5
+TORCH_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@pytest.fixture(autouse=True)
+def nan_poisoned_buffers(monkeypatch):
+    real = mbconv_op._empty
+    monkeypatch.setattr(mbconv_op, "_empty", lambda shape, dtype, device: poison_(real(shape, dtype, device)))
+
+
+def test_buffers_are_poisoned():
+    assert torch.isnan(mbconv_op._empty((3, 5), torch.float32, "cpu")).all()
+
+
+# (dim_in, dim_out, downsample, expansion, shrinkage, batch, height, width)
+CASES = {
+    "down-8to16-e4-r.25-b3-15x15": (8, 16, True, 4, 0.25, 3, 15, 15),
+    "res-16-e2-r.5-b1-7x7": (16, 16, False, 2, 0.5, 1, 7, 7),
+    "down-12to24-e2-r.5-b1-14x14": (12, 24, True, 2, 0.5, 1, 14, 14),
+    "res-12-e4-r.25-b3-8x8": (12, 12, False, 4, 0.25, 3, 8, 8),
+    "down-8to8-e4-r.5-b3-7x7": (8, 8, True, 4, 0.5, 3, 7, 7),
+    "s1-24to16-e2-r.25-b3-15x8": (24, 16, False, 2, 0.25, 3, 15, 8),
+}
+# the CPU's fp16 convolutions are slow: fp16 runs the small case only
+LOWP_CASES = [("res-12-e4-r.25-b3-8x8", torch.float16), ("res-12-e4-r.25-b3-8x8", torch.bfloat16),
+              ("down-8to16-e4-r.25-b3-15x15", torch.bfloat16)]
+# train mode covers stride 1 and 2, residual, dim_in != dim_out, batch 1 and 3, spatial 7/8/14/15,
+# expansion 4 and 2, shrinkage 0.25 and 0.5
+TRAIN_CASES = ["down-8to16-e4-r.25-b3-15x15", "res-16-e2-r.5-b1-7x7", "down-12to24-e2-r.5-b1-14x14",
+               "res-12-e4-r.25-b3-8x8"]
+FORMAT_CASES = [(case, "contiguous") for case in CASES] + [
+    (case, fmt) for case in ("down-8to16-e4-r.25-b3-15x15", "res-12-e4-r.25-b3-8x8") for fmt in ("channels_last", "sliced")
+]
+
+
+def randomize_batchnorm_(module: nn.Module) -> nn.Module:
+    """Non-trivial running statistics and affine parameters in every BatchNorm."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1.0, 0.3)
+                m.bias.normal_(0.0, 0.3)
+    return module
+
+
+def build(case: str):
+    dim_in, dim_out, down, exp, shrink, b, h, w = CASES[case]
+    module = randomize_batchnorm_(MBConv(dim_in, dim_out, downsample=down, expansion_rate=exp, shrinkage_rate=shrink))
+    return module, (b, dim_in, h, w)
+
+
+def make_input(shape, fmt="contiguous", dtype=torch.float32):
+    b, c, h, w = shape
+    if fmt == "contiguous":
+        return torch.randn(shape, dtype=dtype)
+    if fmt == "channels_last":
+        return torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    if fmt == "sliced":  # H and W cannot be merged: the fused path makes a channels-last copy
+        return torch.randn(b, c, h, w + 3, dtype=dtype)[..., 1:w + 1]
+    raise ValueError(fmt)
+
+
+def fused(x, module):
+    return mbconv(x, module, fused=True)
+
+
+def half_ulp_atol(ref: torch.Tensor, dtype) -> float:
+    return 0.25 * torch.finfo(dtype).eps * ref.detach().abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Eval mode
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case,fmt", FORMAT_CASES)
+def test_eval_fp32_matches_reference(case, fmt):
+    module, shape = build(case)
+    module.eval()
+    x = make_input(shape, fmt)
+    with torch.no_grad():
+        ref = module(x)
+        out = fused(x, module)
+    assert out.shape == ref.shape
+    assert out.permute(0, 2, 3, 1).is_contiguous(), "the fused output is a channels-last (B, H, W, C) tensor"
+    assert_close_normwise(out, ref, FP32_RTOL, name="output")
+
+
+def test_eval_gradients_match_reference():
+    module, shape = build("res-12-e4-r.25-b3-8x8")
+    module.eval()
+    twin = copy.deepcopy(module)
+    x = make_input(shape).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    grad = torch.randn(shape[0], 12, 8, 8)
+    ref, out = module(x), fused(x2, twin)
+    assert_close_normwise(out, ref, FP32_RTOL, name="output")
+    ref.backward(grad)
+    out.backward(grad)
+    assert_close_l2(x2.grad, x.grad, FP32_RTOL, name="grad x")
+    for (name, p), p2 in zip(module.named_parameters(), twin.parameters()):
+        assert_close_l2(p2.grad, p.grad, FP32_RTOL, name=f"grad {name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Train mode
+# ----------------------------------------------------------------------------------------------
+
+def assert_same_bn_state(module, twin, rtol, names=None):
+    for (name, ref_buf), buf in zip(module.named_buffers(), twin.buffers()):
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(buf, ref_buf), f"{name}: {buf.item()} != {ref_buf.item()}"
+        else:
+            assert_close_normwise(buf, ref_buf, rtol, name=name)
+
+
+@pytest.mark.parametrize("case", TRAIN_CASES)
+def test_train_fp32_three_steps(case):
+    """Outputs, gradients of x and every parameter, running statistics, and parameters after
+    three SGD steps, fused vs reference."""
+    module, shape = build(case)
+    module.train()
+    twin = copy.deepcopy(module)
+    opt_ref = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9)
+    opt_fused = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
+    for step in range(3):
+        x = make_input(shape, "channels_last" if step == 1 else "contiguous").requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        ref, out = module(x), fused(x2, twin)
+        assert_close_normwise(out, ref, FP32_RTOL, name=f"step {step} output")
+        grad = torch.randn_like(ref)
+        ref.backward(grad)
+        out.backward(grad)
+        assert_close_l2(x2.grad, x.grad, FP32_RTOL, name=f"step {step} grad x")
+        floor = 1e-3 * max(p.grad.norm().item() for p in module.parameters())
+        for (name, p), p2 in zip(module.named_parameters(), twin.parameters()):
+            assert p2.grad is not None, f"{name} got no gradient"
+            assert_close_l2(p2.grad, p.grad, FP32_RTOL, name=f"step {step} grad {name}", floor=floor)
+        opt_ref.step(), opt_fused.step()
+        opt_ref.zero_grad(), opt_fused.zero_grad()
+    assert_same_bn_state(module, twin, FP32_RTOL)
+    for (name, p), p2 in zip(module.named_parameters(), twin.parameters()):
+        assert_close_normwise(p2, p, FP32_RTOL, name=name)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.3])
+def test_train_momentum_variants(momentum):
+    """Cumulative moving average (momentum=None) and a non-default momentum."""
+    module, shape = build("res-16-e2-r.5-b1-7x7")
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    module.train()
+    twin = copy.deepcopy(module)
+    with torch.no_grad():
+        for _ in range(3):
+            x = make_input(shape)
+            assert_close_normwise(fused(x, twin), module(x), FP32_RTOL, name="output")
+    assert_same_bn_state(module, twin, FP32_RTOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# fp16 / bf16
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("case,dtype", LOWP_CASES, ids=[f"{c}-{TORCH_NAMES[d]}" for c, d in LOWP_CASES])
+def test_low_precision_within_reference_error(case, dtype, mode):
+    module, shape = build(case)
+    module.train(mode == "train")
+    lowp = module.to(dtype)
+    truth = copy.deepcopy(lowp).float()  # the same parameter values, computed in fp32
+    twin = copy.deepcopy(lowp)
+    for step in range(3 if mode == "train" else 1):
+        x = make_input(shape, dtype=dtype)
+        x_lp, x_f = x.clone().requires_grad_(), x.clone().requires_grad_()
+        x_32 = x.float().requires_grad_()
+        ref_lp, out, ref_32 = lowp(x_lp), fused(x_f, twin), truth(x_32)
+        assert out.dtype == dtype
+        assert_within_reference_error(out, ref_lp, ref_32, atol=half_ulp_atol(ref_32, dtype), name=f"step {step} output")
+        if step == 0:
+            grad = torch.randn_like(ref_32)
+            ref_lp.backward(grad.to(dtype))
+            out.backward(grad.to(dtype))
+            ref_32.backward(grad)
+            pairs = [("x", x_f.grad, x_lp.grad, x_32.grad)] + [
+                (n, p2.grad, p.grad, p32.grad)
+                for (n, p), p2, p32 in zip(lowp.named_parameters(), twin.parameters(), truth.parameters())
+            ]
+            for name, g_fused, g_lp, g_32 in pairs:
+                atol = 4 * torch.finfo(dtype).eps * g_32.abs().max().item()
+                assert_within_reference_error(g_fused, g_lp, g_32, atol=atol, name=f"grad {name}")
+            for model in (lowp, twin, truth):
+                model.zero_grad()
+    if mode == "train":  # running statistics after three steps
+        for (name, b_lp), b_f, b_32 in zip(lowp.named_buffers(), twin.buffers(), truth.buffers()):
+            if name.endswith("num_batches_tracked"):
+                assert torch.equal(b_f, b_lp) and b_f.item() == 3
+            else:
+                assert_within_reference_error(b_f, b_lp, b_32, atol=half_ulp_atol(b_32, dtype), name=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Drop path of the residual wrapper
+# ----------------------------------------------------------------------------------------------
+
+def test_drop_path_in_train_mode_is_applied():
+    module = randomize_batchnorm_(MBConv(8, 8, downsample=False, dropout=0.75)).train()
+    twin = copy.deepcopy(module)
+    x = torch.randn(8, 8, 7, 7)
+    seed = torch.seed()
+    torch.manual_seed(seed)
+    ref = module(x)
+    torch.manual_seed(seed)
+    out = fused(x, twin)
+    assert_close_normwise(out, ref, FP32_RTOL, name="output")
+    dropped = (ref - x).flatten(1).abs().amax(1) == 0
+    assert dropped.any(), "with p=0.75 and 8 samples some sample is dropped (P(none) = 1.5e-5)"
+    assert_same_bn_state(module, twin, FP32_RTOL)
+
+
+def test_drop_path_is_identity_in_eval_mode():
+    module = randomize_batchnorm_(MBConv(8, 8, downsample=False, dropout=0.75)).eval()
+    x = torch.randn(2, 8, 7, 7)
+    with torch.no_grad():
+        assert_close_normwise(fused(x, module), module(x), FP32_RTOL, name="output")
+
+
+# ----------------------------------------------------------------------------------------------
+# Folded-weight cache: never stale
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fold_counter(monkeypatch):
+    calls = []
+    real = mbconv_op._fold_eval_weights
+    monkeypatch.setattr(mbconv_op, "_fold_eval_weights", lambda p: calls.append(1) or real(p))
+    return calls
+
+
+def check_eval(module, x, rtol=FP32_RTOL):
+    with torch.no_grad():
+        assert_close_normwise(fused(x, module), module(x), rtol, name="output")
+
+
+def test_cache_is_reused_while_nothing_changes(fold_counter):
+    module, shape = build("res-12-e4-r.25-b3-8x8")
+    module.eval()
+    x = make_input(shape)
+    check_eval(module, x)
+    check_eval(module, x)
+    assert len(fold_counter) == 1
+
+
+def test_cache_sees_optimizer_step(fold_counter):
+    module, shape = build("res-12-e4-r.25-b3-8x8")
+    module.eval()
+    x = make_input(shape)
+    check_eval(module, x)
+    opt = torch.optim.SGD(module.parameters(), lr=0.5)
+    for p in module.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    check_eval(module, x)
+    assert len(fold_counter) == 2
+
+
+def test_cache_sees_buffer_and_load_state_dict(fold_counter):
+    module, shape = build("down-8to16-e4-r.25-b3-15x15")
+    module.eval()
+    x = make_input(shape)
+    check_eval(module, x)
+    module[4].running_var.mul_(3.0)  # in-place buffer write
+    check_eval(module, x)
+    other, _ = build("down-8to16-e4-r.25-b3-15x15")
+    module.load_state_dict(other.state_dict())
+    check_eval(module, x)
+    assert len(fold_counter) == 3
+
+
+def test_cache_sees_dtype_round_trip(fold_counter):
+    module, shape = build("res-12-e4-r.25-b3-8x8")
+    module.eval()
+    x = make_input(shape)
+    check_eval(module, x)
+    module.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16)
+    with torch.no_grad():
+        truth = copy.deepcopy(module).float()(xb.float())
+        assert_within_reference_error(fused(xb, module), module(xb), truth,
+                                      atol=half_ulp_atol(truth, torch.bfloat16), name="bf16 output")
+    module.float()
+    check_eval(module, x)
+    assert len(fold_counter) == 3
+
+
+def test_cache_sees_train_eval_switch(fold_counter):
+    module, shape = build("res-12-e4-r.25-b3-8x8")
+    module.eval()
+    x = make_input(shape)
+    check_eval(module, x)
+    module.train()  # train mode must use batch statistics, never the folded eval weights
+    twin = copy.deepcopy(module)
+    with torch.no_grad():
+        assert_close_normwise(fused(x, module), twin(x), FP32_RTOL, name="train output")
+    module.eval()  # the running statistics changed in train mode
+    check_eval(module, x)
+    assert len(fold_counter) == 2
+
+
+def test_cache_clear_after_data_writes():
+    """Writes through .data bypass version counters (documented); clear() handles them."""
+    module, shape = build("res-12-e4-r.25-b3-8x8")
+    module.eval()
+    x = make_input(shape)
+    check_eval(module, x)
+    module.fn[0].weight.data.mul_(2.0)
+    mbconv_op.folded_cache.clear(module.fn)
+    check_eval(module, x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fallbacks and errors
+# ----------------------------------------------------------------------------------------------
+
+def test_float64_falls_back_with_warning():
+    module, shape = build("res-12-e4-r.25-b3-8x8")
+    module.eval().double()
+    x = make_input(shape, dtype=torch.float64)
+    reset_fallback_warnings()
+    with pytest.warns(FusedFallbackWarning, match="fp16/bf16/fp32"):
+        out = fused(x, module)
+    assert torch.equal(out, module(x))
+
+
+@pytest.mark.parametrize("change", ["no-running-stats", "mixed-modes"])
+def test_unsupported_configurations_fall_back(change):
+    module, shape = build("res-12-e4-r.25-b3-8x8")
+    module.eval()
+    if change == "no-running-stats":
+        module.fn[1] = nn.BatchNorm2d(module.fn[1].num_features, track_running_stats=False)
+    else:
+        module.fn[4].train()
+    x = make_input(shape)
+    reset_fallback_warnings()
+    with pytest.warns(FusedFallbackWarning):
+        out = fused(x, copy.deepcopy(module))
+    assert_close_normwise(out, module(x), 0.0, name="output")
+
+
+def test_train_mode_single_value_per_channel_raises_like_reference():
+    module = randomize_batchnorm_(MBConv(8, 8, downsample=True)).train()
+    x = torch.randn(1, 8, 1, 1)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        module(x)
+    with pytest.warns(FusedFallbackWarning), pytest.raises(ValueError, match="more than 1 value"):
+        reset_fallback_warnings()
+        fused(x, module)
+
+
+def test_bad_input_raises_clear_errors():
+    module, _ = build("res-12-e4-r.25-b3-8x8")
+    with pytest.raises(ValueError, match="channels"):
+        fused(torch.randn(2, 5, 8, 8), module)
+    with pytest.raises(ValueError, match="4-D"):
+        fused(torch.randn(12, 8, 8), module)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels directly, at channel counts that need several tiles and K steps
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_pointwise_conv_kernel_tiles_gate_residual_stats(dtype):
+    from maxvit_fast.kernels.pointwise_conv import pointwise_conv, pointwise_conv_config
+
+    B, P, K, N = 2, 75, 100, 200
+    a = torch.randn(B, K, P).to(dtype).transpose(1, 2)  # (B, P, K) with k strided: the NCHW path
+    w_t = (torch.randn(K, N) / K**0.5).to(dtype)
+    scale, shift = torch.rand(N) + 0.5, torch.randn(N)
+    gate = torch.rand(B, K)
+    res = torch.randn(B, P, N).to(dtype)
+    cfg = pointwise_conv_config(N, K, dtype, True)
+    tiles = -(-B * P // cfg["BLOCK_M"])
+    out, tile_sum, tile_m2 = pointwise_conv(
+        a, w_t, scale, shift, gate=gate, out_gelu=True, residual=res, stats=True,
+        out=poison_(torch.empty(B, P, N, dtype=dtype)), tile_sum=poison_(torch.empty(tiles, N)),
+        tile_m2=poison_(torch.empty(tiles, N)),
+    )
+    gated = a.double() * gate.double()[:, None, :]
+    if dtype != torch.float32:  # the kernel rounds the gated tile to the operand dtype for the dot
+        gated = gated.to(dtype).double()
+    y = (gated @ w_t.double()) * scale.double() + shift.double()
+    expected = torch.nn.functional.gelu(y) + res.double()
+    # bf16: the output is rounded once (half-ulp 2^-9 relative) and the truth above already
+    # holds the operand rounding: 4e-3 normwise is about two output half-ulps.
+    assert_close_normwise(out, expected, FP32_RTOL if dtype == torch.float32 else 4e-3, name="out")
+    rows = y.reshape(B * P, N)
+    for t in range(tiles):
+        block = rows[t * cfg["BLOCK_M"]:(t + 1) * cfg["BLOCK_M"]]
+        assert_close_normwise(tile_sum[t], block.sum(0), 1e-5, name=f"tile {t} sum")
+        assert_close_normwise(tile_m2[t], (block - block.mean(0)).square().sum(0), 1e-5, name=f"tile {t} m2")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_kernel_tiles_and_sums(stride):
+    from maxvit_fast.kernels.depthwise_conv import depthwise_conv3x3, depthwise_conv_config
+
+    B, H, W, C = 2, 9, 11, 40
+    x = torch.randn(B, H, W, C)
+    w = torch.randn(C, 1, 3, 3)
+    bias = torch.randn(C)
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    block_p = depthwise_conv_config(C, x.dtype)["BLOCK_P"]
+    T = -(-Ho * Wo // block_p)
+    out, tile_sum, tile_m2 = depthwise_conv3x3(
+        x, w.reshape(C, 9).t().contiguous(), bias, stride, out_gelu=True, m2=True,
+        out=poison_(torch.empty(B, Ho, Wo, C)), tile_sum=poison_(torch.empty(B * T, C)),
+        tile_m2=poison_(torch.empty(B * T, C)),
+    )
+    y = torch.nn.functional.conv2d(x.permute(0, 3, 1, 2).double(), w.double(), bias.double(), stride, 1, groups=C)
+    y = torch.nn.functional.gelu(y).permute(0, 2, 3, 1)
+    assert_close_normwise(out, y, FP32_RTOL, name="out")
+    pixels = y.reshape(B, Ho * Wo, C)
+    for b in range(B):
+        for t in range(T):
+            block = pixels[b, t * block_p:(t + 1) * block_p]
+            assert_close_normwise(tile_sum[b * T + t], block.sum(0), 1e-5, name="tile sum")
+            assert_close_normwise(tile_m2[b * T + t], (block - block.mean(0)).square().sum(0), 1e-5, name="tile m2")
+
+
+@pytest.mark.parametrize("C,R", [(80, 20), (600, 150)])
+def test_se_gate_kernel(C, R):
+    from maxvit_fast.kernels.squeeze_excitation import se_gate
+
+    B, T, num_pixels = 3, 21, 333
+    tile_sum = torch.randn(B * T, C) * 4
+    w_reduce, w_expand = torch.randn(R, C) / C**0.5, torch.randn(C, R) / R**0.5
+    gate = se_gate(tile_sum, B, num_pixels, w_reduce, w_expand, out=poison_(torch.empty(B, C)))
+    mean = tile_sum.double().reshape(B, T, C).sum(1) / num_pixels
+    expected = torch.sigmoid(torch.nn.functional.silu(mean @ w_reduce.double().t()) @ w_expand.double().t())
+    assert_close_normwise(gate, expected, FP32_RTOL, name="gate")
+
+
+def test_batchnorm_gelu_kernel_in_place_with_sums():
+    from maxvit_fast.kernels.batchnorm_gelu import batchnorm_gelu, batchnorm_gelu_config
+
+    B, P, C = 2, 70, 40
+    y = torch.randn(B, P, C)
+    scale, shift = torch.rand(C) + 0.5, torch.randn(C)
+    expected = torch.nn.functional.gelu(y.double() * scale.double() + shift.double())
+    block_p = batchnorm_gelu_config(C)["BLOCK_P"]
+    T = -(-P // block_p)
+    out, tile_sum = batchnorm_gelu(y, scale, shift, out=y, sums=True, tile_sum=poison_(torch.empty(B * T, C)))
+    assert out.data_ptr() == y.data_ptr()
+    assert_close_normwise(out, expected, FP32_RTOL, name="out")
+    for b in range(B):
+        for t in range(T):
+            block = expected[b, t * block_p:(t + 1) * block_p]
+            assert_close_normwise(tile_sum[b * T + t], block.sum(0), 1e-5, name="tile sum")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile of every kernel configuration the default MaxViT-T uses
+# ----------------------------------------------------------------------------------------------
+
+# MaxViT-T: dim 64, dim_conv_stem 64, depth (2, 2, 5, 2), expansion 4, shrinkage 0.25. Each stage
+# has one stride-2 block (dim_in -> dim_out, no residual) and stride-1 residual blocks.
+MAXVIT_T_DIMS = (64, 64, 128, 256, 512)
+
+
+def maxvit_t_blocks():
+    for i in range(4):
+        dim_in, dim_out = MAXVIT_T_DIMS[i], MAXVIT_T_DIMS[i + 1]
+        # the first block reads the stem's NCHW-contiguous output; later blocks channels-last
+        yield dict(dim_in=dim_in, dim_out=dim_out, stride=2, residual=False, channels_last_input=i > 0)
+        yield dict(dim_in=dim_out, dim_out=dim_out, stride=1, residual=True, channels_last_input=True)
+
+
+def kernel_requests():
+    """Every distinct (kernel, signature, constexprs, launch options) of the default model, in
+    eval and train mode, fp16/bf16/fp32, from the launchers' own config functions."""
+    from maxvit_fast.kernels.batchnorm_gelu import batchnorm_gelu_config
+    from maxvit_fast.kernels.depthwise_conv import depthwise_conv_config
+    from maxvit_fast.kernels.pointwise_conv import pointwise_conv_config
+    from maxvit_fast.kernels.squeeze_excitation import se_gate_config
+
+    requests = {}
+
+    def add(module, kernel, signature, constexprs, cfg, divisible, mma=False):
+        constexprs = dict(constexprs, **{k: v for k, v in cfg.items() if k.startswith("BLOCK")})
+        req = dict(module=f"maxvit_fast.kernels.{module}", kernel=kernel, signature=signature,
+                   constexprs=constexprs, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+                   divisible=sorted(divisible), mma=mma)
+        requests[json.dumps(req, sort_keys=True)] = req
+
+    for dtype, t in TORCH_NAMES.items():
+        lowp = dtype != torch.float32
+        pw_sig = dict(a_ptr=f"*{t}", w_ptr=f"*{t}", out_ptr=f"*{t}", out_scale_ptr="*fp32", out_shift_ptr="*fp32",
+                      gate_ptr="*fp32", res_ptr=f"*{t}", tile_sum_ptr="*fp32", tile_m2_ptr="*fp32",
+                      M="i32", N="i32", K="i32", P="i32", inv_last_tile_rows="fp32", stride_ab="i32", stride_ap="i32", stride_ak="i32",
+                      stride_rb="i32", stride_rp="i32", stride_rn="i32")
+        dw_sig = dict(x_ptr=f"*{t}", w_ptr="*fp32", bias_ptr="*fp32", out_ptr=f"*{t}", tile_sum_ptr="*fp32",
+                      tile_m2_ptr="*fp32", H="i32", W="i32", Ho="i32", Wo="i32", C="i32", tiles_per_image="i32",
+                      inv_last_tile_pixels="fp32")
+        bn_sig = dict(y_ptr=f"*{t}", scale_ptr="*fp32", shift_ptr="*fp32", out_ptr=f"*{t}", tile_sum_ptr="*fp32",
+                      P="i32", C="i32", tiles_per_image="i32")
+        common = dict(FP32_IEEE=not lowp, UPCAST_DOT=False, EMULATE_BF16_RTNE=False)
+        for blk in maxvit_t_blocks():
+            hidden = 4 * blk["dim_out"]
+            # channel counts and channels-last strides are multiples of 16 in MaxViT-T
+            div_cl = {"N", "K", "stride_ab", "stride_ap", "stride_rb", "stride_rp"}
+            div_expand = div_cl if blk["channels_last_input"] else {"N", "K", "stride_ab", "stride_ak", "stride_rb", "stride_rp"}
+            for train in (False, True):
+                add("pointwise_conv", "pointwise_conv_kernel", pw_sig,
+                    dict(common, HAS_GATE=False, OUT_GELU=not train, HAS_RESIDUAL=False, WRITE_STATS=train,
+                         A_K_CONTIGUOUS=blk["channels_last_input"], RES_N_CONTIGUOUS=True),
+                    pointwise_conv_config(hidden, blk["dim_in"], dtype, False), div_expand, mma=lowp)
+                add("pointwise_conv", "pointwise_conv_kernel", pw_sig,
+                    dict(common, HAS_GATE=True, OUT_GELU=False, HAS_RESIDUAL=blk["residual"] and not train,
+                         WRITE_STATS=train, A_K_CONTIGUOUS=True, RES_N_CONTIGUOUS=True),
+                    pointwise_conv_config(blk["dim_out"], hidden, dtype, True), div_cl, mma=lowp)
+                add("depthwise_conv", "depthwise_conv3x3_kernel", dw_sig,
+                    dict(STRIDE=blk["stride"], OUT_GELU=not train, WRITE_M2=train, EMULATE_BF16_RTNE=False),
+                    depthwise_conv_config(hidden, dtype), {"C"})
+                if train:
+                    for sums in (False, True):
+                        add("batchnorm_gelu", "batchnorm_gelu_kernel", bn_sig,
+                            dict(WRITE_SUMS=sums, EMULATE_BF16_RTNE=False), batchnorm_gelu_config(hidden), {"C"})
+    se_sig = dict(tile_sum_ptr="*fp32", w_reduce_ptr="*fp32", w_expand_ptr="*fp32", gate_ptr="*fp32",
+                  T="i32", C="i32", R="i32", inv_num_pixels="fp32")
+    for blk in maxvit_t_blocks():  # fp32 weights and sums for every activation dtype
+        hidden = 4 * blk["dim_out"]
+        add("squeeze_excitation", "se_gate_kernel", se_sig, {}, se_gate_config(hidden, hidden // 4), {"C", "R"})
+    return list(requests.values())
+
+
+# Compiles a list of requests in ONE process (one Python + Triton start-up for all of them,
+# instead of one per kernel as maxvit_fast.aot.compile_kernel does), with the divisibility-by-16
+# hints Triton's runtime specialisation gives aligned pointers and multiple-of-16 integers.
+_BATCH_COMPILE = r"""
+import importlib, json, sys
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+reqs, out_dir = json.load(open(sys.argv[1])), sys.argv[2]
+for i, req in enumerate(reqs):
+    fn = getattr(importlib.import_module(req["module"]), req["kernel"])
+    sig = dict(req["signature"], **{k: "constexpr" for k in req["constexprs"]})
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
+             for n, t in req["signature"].items() if t.startswith("*") or n in req["divisible"]}
+    k = triton.compile(ASTSource(fn, sig, req["constexprs"], attrs), target=GPUTarget("cuda", req["arch"], 32),
+                       options=dict(num_warps=req["num_warps"], num_stages=req["num_stages"]))
+    open(f"{out_dir}/{i}.cubin", "wb").write(k.asm["cubin"])
+"""
+
+
+def compile_batch(requests):
+    from maxvit_fast.aot import cuobjdump_path
+
+    tool = str(cuobjdump_path())
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = [requests[i::2] for i in range(2)]
+        procs = []
+        for s, shard in enumerate(shards):
+            d = Path(tmp, str(s))
+            d.mkdir()
+            Path(tmp, f"{s}.json").write_text(json.dumps(shard))
+            env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+            procs.append(subprocess.Popen([sys.executable, "-c", _BATCH_COMPILE, str(Path(tmp, f"{s}.json")), str(d)],
+                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for p in procs:
+            _, err = p.communicate(timeout=900)
+            assert p.returncode == 0, f"ahead-of-time compile failed:\n{err[-4000:]}"
+        results = []
+        for s, shard in enumerate(shards):
+            for i, req in enumerate(shard):
+                cubin = str(Path(tmp, str(s), f"{i}.cubin"))
+                usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True).stdout
+                sass = subprocess.run([tool, "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
+                res = {key: int(re.search(rf"\b{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK", "LOCAL")}
+                res["HMMA"] = bool(re.search(r"\bHMMA\b|\bHMMA\.", sass))
+                res["HGMMA"] = bool(re.search(r"\bHGMMA", sass))
+                results.append((req, res))
+    return results
+
+
+def test_aot_compile_maxvit_t_configurations():
+    requests = [dict(r, arch=arch) for r in kernel_requests() for arch in (80, 90)]
+    failures, table = [], []
+    for req, res in compile_batch(requests):
+        flags = {k: v for k, v in req["constexprs"].items() if not k.startswith(("FP32", "UPCAST", "EMULATE"))}
+        line = (f"sm_{req['arch']} {req['kernel']} {req['signature'].get('out_ptr', req['signature'].get('w_reduce_ptr'))} "
+                f"{flags} warps={req['num_warps']}: REG {res['REG']} LOCAL {res['LOCAL']} STACK {res['STACK']}")
+        table.append(line)
+        if res["LOCAL"] or res["STACK"]:
+            failures.append("spills: " + line)
+        if req["mma"] and not (res["HMMA"] or (req["arch"] == 90 and res["HGMMA"])):
+            failures.append("no tensor-core instructions: " + line)
+    print("\n".join(table))
+    assert not failures, "\n".join(failures)
