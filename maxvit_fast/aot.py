@@ -31,24 +31,42 @@ class CompiledKernel:
     local: int
     shared: int
     sass_opcodes: set = field(default_factory=set)
-    ptx: str = ""
+    request: dict = field(default_factory=dict)
 
     def uses(self, prefix: str) -> bool:
-        """Whether any SASS opcode starts with ``prefix`` (e.g. "HMMA", "HGMMA", "LDL")."""
-        return any(op.startswith(prefix) for op in self.sass_opcodes)
+        """Whether any SASS opcode is ``prefix`` or ``prefix.<modifiers>`` ("HMMA" matches
+        "HMMA.16816.F32", "LDG.E.128" matches "LDG.E.128.CONSTANT")."""
+        return any(op == prefix or op.startswith(prefix + ".") for op in self.sass_opcodes)
+
+    @property
+    def spills(self) -> bool:
+        """Register spills: LOCAL or STACK bytes, or local-memory loads/stores in the SASS."""
+        return self.local > 0 or self.stack > 0 or self.uses("LDL") or self.uses("STL")
+
+    def summary(self) -> str:
+        return (f"sm_{self.arch} {self.name}: REG {self.registers} STACK {self.stack} LOCAL {self.local} "
+                f"SHARED {self.shared}{' HMMA' if self.uses('HMMA') else ''}{' HGMMA' if self.uses('HGMMA') else ''}")
 
 
+# One process compiles a list of kernels (one Triton start-up per shard). Pointer arguments and
+# the integers named in "divisible" get the divisibility-by-16 hint that Triton's runtime
+# specialisation gives aligned pointers and multiple-of-16 integers at a real launch; without it
+# the compiler cannot vectorise and the report would not describe the launched kernel.
 _SCRIPT = r"""
 import importlib, json, sys
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-req = json.loads(sys.argv[1])
-fn = getattr(importlib.import_module(req["module"]), req["kernel"])
-src = ASTSource(fn, req["signature"], req["constexprs"])
-k = triton.compile(src, target=GPUTarget("cuda", req["arch"], 32), options=req["options"])
-open(req["cubin"], "wb").write(k.asm["cubin"])
-open(req["ptx"], "w").write(k.asm["ptx"])
+reqs, out_dir = json.load(open(sys.argv[1])), sys.argv[2]
+for i, req in enumerate(reqs):
+    fn = getattr(importlib.import_module(req["module"]), req["kernel"])
+    sig = req["signature"]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
+             for n, t in sig.items() if t.startswith("*") or n in req.get("divisible", ())}
+    k = triton.compile(ASTSource(fn, sig, req.get("constexprs") or {}, attrs),
+                       target=GPUTarget("cuda", req["arch"], 32),
+                       options=dict(num_warps=req.get("num_warps", 4), num_stages=req.get("num_stages", 3)))
+    open(f"{out_dir}/{i}.cubin", "wb").write(k.asm["cubin"])
 """
 
 
@@ -58,45 +76,10 @@ def cuobjdump_path() -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
-def compile_kernel(
-    module: str,
-    kernel: str,
-    signature: dict,
-    constexprs: dict | None = None,
-    arch: int = 90,
-    num_warps: int = 4,
-    num_stages: int = 3,
-    timeout: float = 300,
-) -> CompiledKernel:
-    """Compile ``module.kernel`` for sm_``arch`` and report its resources.
-
-    ``signature`` maps every argument name to a Triton type string ("*fp16", "i32", "fp32",
-    "constexpr"); ``constexprs`` gives the constexpr values.
-    """
-    constexprs = dict(constexprs or {})
-    with tempfile.TemporaryDirectory() as tmp:
-        req = dict(
-            module=module,
-            kernel=kernel,
-            signature=signature,
-            constexprs=constexprs,
-            arch=arch,
-            options=dict(num_warps=num_warps, num_stages=num_stages),
-            cubin=os.path.join(tmp, "k.cubin"),
-            ptx=os.path.join(tmp, "k.ptx"),
-        )
-        env = dict(os.environ, TRITON_INTERPRET="0")
-        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-        proc = subprocess.run(
-            [sys.executable, "-c", _SCRIPT, json.dumps(req)],
-            env=env, capture_output=True, text=True, timeout=timeout,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"compiling {module}.{kernel} for sm_{arch} failed:\n{proc.stderr[-4000:]}")
-        tool = str(cuobjdump_path())
-        usage = subprocess.run([tool, "--dump-resource-usage", req["cubin"]], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([tool, "--dump-sass", req["cubin"]], capture_output=True, text=True, check=True).stdout
-        ptx = Path(req["ptx"]).read_text()
+def _read_cubin(cubin: str, req: dict) -> CompiledKernel:
+    tool = str(cuobjdump_path())
+    usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True).stdout
+    sass = subprocess.run([tool, "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
 
     def field_of(key):
         m = re.search(rf"\b{key}:(\d+)", usage)
@@ -111,6 +94,46 @@ def compile_kernel(
         if m:
             opcodes.add(m.group(1))
     return CompiledKernel(
-        name=kernel, arch=arch, registers=field_of("REG"), stack=field_of("STACK"),
-        local=field_of("LOCAL"), shared=field_of("SHARED"), sass_opcodes=opcodes, ptx=ptx,
+        name=req["kernel"], arch=req["arch"], registers=field_of("REG"), stack=field_of("STACK"),
+        local=field_of("LOCAL"), shared=field_of("SHARED"), sass_opcodes=opcodes, request=req,
     )
+
+
+def compile_kernels(requests: list[dict], shards: int = 2, timeout: float = 900) -> list[CompiledKernel]:
+    """Compile many kernels, ``shards`` processes in parallel, and report each one's resources.
+
+    A request is a dict: ``module`` and ``kernel`` (importable names), ``signature`` (every
+    argument name -> Triton type string: "*fp16", "i32", "fp32", "constexpr"), ``constexprs``,
+    ``arch`` (80, 90, ...), and optionally ``num_warps``, ``num_stages`` and ``divisible`` (integer
+    arguments known to be multiples of 16 at launch, e.g. strides of channels-last maps).
+    """
+    shards = max(1, min(shards, len(requests)))
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = [requests[i::shards] for i in range(shards)]
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        procs = []
+        for s, part in enumerate(parts):
+            Path(tmp, str(s)).mkdir()
+            Path(tmp, f"{s}.json").write_text(json.dumps(part))
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", _SCRIPT, str(Path(tmp, f"{s}.json")), str(Path(tmp, str(s)))],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for p in procs:
+            _, err = p.communicate(timeout=timeout)
+            if p.returncode != 0:
+                raise RuntimeError(f"ahead-of-time compile failed:\n{err[-4000:]}")
+        by_request = {}
+        for s, part in enumerate(parts):
+            for i, req in enumerate(part):
+                by_request[id(req)] = _read_cubin(str(Path(tmp, str(s), f"{i}.cubin")), req)
+    return [by_request[id(r)] for r in requests]
+
+
+def compile_kernel(module: str, kernel: str, signature: dict, constexprs: dict | None = None,
+                   arch: int = 90, num_warps: int = 4, num_stages: int = 3,
+                   divisible: tuple = ()) -> CompiledKernel:
+    """Compile one kernel (see :func:`compile_kernels`)."""
+    req = dict(module=module, kernel=kernel, signature=signature, constexprs=dict(constexprs or {}),
+               arch=arch, num_warps=num_warps, num_stages=num_stages, divisible=list(divisible))
+    return compile_kernels([req], shards=1)[0]

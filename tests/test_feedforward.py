@@ -11,19 +11,14 @@ reference happens to round almost exactly).
 """
 
 import inspect
-import json
 import math
-import os
-import re
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 
 from maxvit_fast import ops
+from maxvit_fast.aot import compile_kernels
 from maxvit_fast.dispatch import FusedFallbackWarning, reset_fallback_warnings
 from maxvit_fast.kernels import feedforward as K
 from maxvit_fast.ops.feedforward import keep_masks
@@ -351,56 +346,6 @@ def test_model_with_fused_feedforward(device, monkeypatch, train):
 # ahead-of-time compile of the configurations the default MaxViT-T uses
 # ----------------------------------------------------------------------------------------------
 
-# One process compiles a list of kernels (one Triton start-up), with the divisibility-by-16
-# hints Triton's runtime specialisation gives aligned pointers and multiple-of-16 integers
-# (maxvit_fast.aot.compile_kernel has no such hints, and without them nothing vectorises).
-_COMPILE_BATCH = r"""
-import importlib, json, sys
-import triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-reqs, out_dir = json.load(open(sys.argv[1])), sys.argv[2]
-for i, req in enumerate(reqs):
-    fn = getattr(importlib.import_module(req["module"]), req["kernel"])
-    sig = req["signature"]
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
-             for n, t in sig.items() if t.startswith("*") or n in req["divisible"]}
-    k = triton.compile(ASTSource(fn, sig, req["constexprs"], attrs), target=GPUTarget("cuda", req["arch"], 32),
-                       options=dict(num_warps=req["num_warps"], num_stages=req["num_stages"]))
-    open(f"{out_dir}/{i}.cubin", "wb").write(k.asm["cubin"])
-"""
-
-
-def _compile_batch(requests, shards=2):
-    from maxvit_fast.aot import cuobjdump_path
-
-    tool = str(cuobjdump_path())
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        parts = [requests[i::shards] for i in range(shards)]
-        procs = []
-        env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-        for s, part in enumerate(parts):
-            Path(tmp, str(s)).mkdir()
-            Path(tmp, f"{s}.json").write_text(json.dumps(part))
-            procs.append(subprocess.Popen([sys.executable, "-c", _COMPILE_BATCH, str(Path(tmp, f"{s}.json")),
-                                           str(Path(tmp, str(s)))], env=env, stderr=subprocess.PIPE, text=True))
-        for p in procs:
-            _, err = p.communicate(timeout=900)
-            assert p.returncode == 0, f"ahead-of-time compile failed:\n{err[-4000:]}"
-        for s, part in enumerate(parts):
-            for i, req in enumerate(part):
-                cubin = str(Path(tmp, str(s), f"{i}.cubin"))
-                usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True).stdout
-                sass = subprocess.run([tool, "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
-                res = {key: int(re.search(rf"\b{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK", "LOCAL")}
-                res["HMMA"] = bool(re.search(r"\bHMMA\b", sass))
-                res["HGMMA"] = bool(re.search(r"\bHGMMA", sass))
-                res["LDL"] = bool(re.search(r"\b(LDL|STL)\b", sass))
-                results.append((req, res))
-    return results
-
-
 def _signature(kernel, dtype_name):
     """Every argument of ``kernel``: tensors as ``*dtype``, the fp32 scalars, i32 integers;
     the channel strides are constexpr 1 (channels-last tokens), as Triton specialises them."""
@@ -453,16 +398,15 @@ def maxvit_t_requests(dtypes=(torch.float16, torch.bfloat16), widths=(64, 128, 2
 def test_aot_compile_maxvit_t_configurations():
     requests = [dict(r, arch=arch) for r in maxvit_t_requests() for arch in (80, 90)]
     failures, table = [], []
-    for req, res in _compile_batch(requests):
-        c = req["constexprs"]
+    for k in compile_kernels(requests):
+        req, c = k.request, k.request["constexprs"]
         flags = "train" if c.get("DROPOUT_HIDDEN", c.get("DROPOUT_OUT")) else "eval"
-        line = (f"sm_{req['arch']} {req['kernel']} {req['signature']['w2_ptr' if 'w2_ptr' in req['signature'] else 'w1_ptr']}"
-                f" C={c['C']} {flags}: REG {res['REG']} LOCAL {res['LOCAL']} STACK {res['STACK']}"
-                f" {'HGMMA' if res['HGMMA'] else 'HMMA' if res['HMMA'] else 'no MMA'}")
+        dtype = req["signature"]["w2_ptr" if "w2_ptr" in req["signature"] else "w1_ptr"]
+        line = f"{k.summary()} {dtype} C={c['C']} {flags}"
         table.append(line)
-        if res["LOCAL"] or res["STACK"] or res["LDL"]:
+        if k.spills:
             failures.append("spills: " + line)
-        if not (res["HMMA"] or (req["arch"] == 90 and res["HGMMA"])):
+        if not (k.uses("HMMA") or (k.arch == 90 and k.uses("HGMMA"))):
             failures.append("no tensor-core instructions: " + line)
     print("\n".join(table))
     assert not failures, "\n".join(failures)
