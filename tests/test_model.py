@@ -1,6 +1,5 @@
 """Constructor and input validation, empty batches, the fused/reference switch and its fallback."""
 
-import os
 import warnings
 
 import pytest
