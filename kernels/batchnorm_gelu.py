@@ -15,7 +15,13 @@ place (after BN1: the depthwise conv's input; after BN2: the project conv's inpu
 the SE sums). Eval mode never runs it (BatchNorm is folded into the convs there).
 
 Blocks: 64 pixels x 32 channels, 4 warps (16 values per thread).
-Resources: TBD
+Resources: registers per thread, sm_80 / sm_90, from the ahead-of-time compile in
+tests/test_mbconv.py::test_aot_compile_maxvit_t_configurations (every configuration the default
+MaxViT-T uses, eval and train; `pytest tests/test_mbconv.py -k aot -s` prints them). Triton 3.9
+toolchain, divisibility-by-16 hints as the runtime specialises them. All LOCAL 0 and STACK 0
+(no spills).
+    plain w4 s3: fp16 47/48, bf16 48/47, fp32 54/56
+    sums w4 s3: fp16 54/48, bf16 55/48, fp32 56/57
 GPU speed: not measured.
 """
 

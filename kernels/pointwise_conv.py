@@ -32,12 +32,39 @@ Decisions
   torch.matmul writes the pre-activation hidden tensor and an epilogue kernel reads and rewrites
   it (2 extra hidden-sized passes); for the project conv, the gate would have to be applied to a
   materialised copy of the hidden tensor first (2 extra passes). Revisit with measurements.
-- Block sizes (``pointwise_conv_config``): 16-bit: 128x128x64 tiles (BLOCK_K = 32 when the
-  prologue runs the train-mode GELU), 8 warps, 3 stages; fp32: 64x64x32, 4 warps, 2 stages.
-  BLOCK_N/BLOCK_K shrink to the next power of two >= 16 for narrow layers. GPU speed of these
-  choices: not measured.
+- Block sizes (``pointwise_conv_config``), chosen from the compiled resource reports (GPU speed:
+  not measured): 16-bit: 128x128 tiles, 8 warps, 3 stages, BLOCK_K 64 (expand) or 32 (project,
+  whose gate tile [BLOCK_M, BLOCK_K] fp32 is pipelined along with A: at BLOCK_K 64 it took 255
+  registers and 128 KB shared memory on sm_80, at 32: 182 registers, 64 KB). The same 128x128
+  expand tile at 4 warps spilled (255 registers + 376 B stack on sm_80). fp32 (IEEE FMA dot, no
+  tensor cores): 64x64x16, 8 warps, 2 stages (64x64x32 at 4 warps: 200-255 registers). BLOCK_N
+  shrinks to the next power of two >= 16 for narrow layers (dim_out = 64: 128x64 tiles).
+- The first block of the model reads the stem's NCHW output (k strided, A_K_CONTIGUOUS off):
+  per-element addresses, 246-254 registers on 16-bit, still no spill. A channels-last stem
+  output would take the contiguous path (182/122).
 
-Resources: TBD
+Resources: registers per thread, sm_80 / sm_90, from the ahead-of-time compile in
+tests/test_mbconv.py::test_aot_compile_maxvit_t_configurations (every configuration the default
+MaxViT-T uses, eval and train; `pytest tests/test_mbconv.py -k aot -s` prints them). Triton 3.9
+toolchain, divisibility-by-16 hints as the runtime specialises them. All LOCAL 0 and STACK 0
+(no spills); "mma": tensor-core instructions present (HMMA on sm_80, HGMMA on sm_90).
+    expand+gelu (NCHW A) 128x128x64 w8 s3: fp16 246/254 mma, bf16 246/254 mma
+    expand+gelu (NCHW A) 64x64x16 w8 s2: fp32 120/136
+    expand+gelu 128x128x64 w8 s3: fp16 182/122 mma, bf16 182/122 mma
+    expand+gelu 64x64x16 w8 s2: fp32 107/111
+    expand+stats (NCHW A) 128x128x64 w8 s3: fp16 244/254 mma, bf16 244/254 mma
+    expand+stats (NCHW A) 64x64x16 w8 s2: fp32 120/80
+    expand+stats 128x128x64 w8 s3: fp16 188/156 mma, bf16 188/156 mma
+    expand+stats 64x64x16 w8 s2: fp32 114/64
+    project 128x128x32 w8 s3: fp16 158/145 mma, bf16 158/145 mma
+    project 128x64x32 w8 s3: fp16 122/79 mma, bf16 118/79 mma
+    project 64x64x16 w8 s2: fp32 70/65
+    project+res 128x128x32 w8 s3: fp16 182/180 mma, bf16 182/178 mma
+    project+res 128x64x32 w8 s3: fp16 123/96 mma, bf16 122/98 mma
+    project+res 64x64x16 w8 s2: fp32 68/66
+    project+stats 128x128x32 w8 s3: fp16 178/155 mma, bf16 179/155 mma
+    project+stats 128x64x32 w8 s3: fp16 119/94 mma, bf16 120/94 mma
+    project+stats 64x64x16 w8 s2: fp32 70/64
 GPU speed: not measured.
 """
 

@@ -256,12 +256,14 @@ def _forward_eval(x: torch.Tensor, p: _Parts, w: _Weights, add_residual: bool) -
     return out.view(B, Ho, Wo, dim_out)
 
 
-def _tile_counts(total: int, block: int, repeat: int = 1) -> torch.Tensor:
+def _tile_counts(total: int, block: int, device, repeat: int = 1) -> torch.Tensor:
     """Rows per tile when ``total`` rows are cut into tiles of ``block`` (the last one partial),
-    the pattern repeated ``repeat`` times (once per image for per-image tilings)."""
+    the pattern repeated ``repeat`` times (once per image for per-image tilings). Built on the
+    device (no host-to-device copy)."""
     n = -(-total // block)
-    counts = [float(block)] * (n - 1) + [float(total - block * (n - 1))]
-    return torch.tensor(counts * repeat, dtype=torch.float32)
+    counts = torch.full((repeat, n), float(block), dtype=torch.float32, device=device)
+    counts[:, -1] = float(total - block * (n - 1))
+    return counts.reshape(-1)
 
 
 def _forward_train(x: torch.Tensor, p: _Parts, add_residual: bool) -> torch.Tensor:
@@ -280,9 +282,9 @@ def _forward_train(x: torch.Tensor, p: _Parts, add_residual: bool) -> torch.Tens
     T_dw, T_bn = depthwise_tiles_per_image(Ho, Wo), batchnorm_gelu_tiles_per_image(P2)
     block_m1 = pointwise_conv_config(hidden, dim_in, dt, False)["BLOCK_M"]
     block_m3 = pointwise_conv_config(dim_out, hidden, dt, True)["BLOCK_M"]
-    counts1 = _tile_counts(B * P1, block_m1).to(dev)
-    counts2 = _tile_counts(P2, depthwise_conv_config(hidden, dt)["BLOCK_P"], repeat=B).to(dev)
-    counts3 = _tile_counts(B * P2, block_m3).to(dev)
+    counts1 = _tile_counts(B * P1, block_m1, dev)
+    counts2 = _tile_counts(P2, depthwise_conv_config(hidden, dt)["BLOCK_P"], dev, repeat=B)
+    counts3 = _tile_counts(B * P2, block_m3, dev)
 
     def stats_buffers(rows, channels):
         return dict(tile_sum=_empty((rows, channels), f32, dev), tile_m2=_empty((rows, channels), f32, dev))
