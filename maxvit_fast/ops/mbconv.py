@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..batchnorm import FoldCache, batch_stats_from_tiles, bn_scale_shift, fold_batchnorm, update_running_stats_
 from ..dispatch import use_kernels
@@ -367,6 +368,7 @@ class _FusedMBConv(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the recompute below is not itself differentiated: no double backward
     def backward(ctx, grad_out):
         x, *params = ctx.saved_tensors
         needs = ctx.needs_input_grad
