@@ -91,24 +91,25 @@ def _token_pixel(tok, X, Y, nX, nY, WINDOW: tl.constexpr, GRID_PATTERN: tl.const
     else:
         row = X * WINDOW + a
         col = Y * WINDOW + b
-    return row.to(tl.int64), col.to(tl.int64)
+    return row, col
 
 
 @triton.jit
-def _bias_tile_log2(table_ptr, stride_table_t, stride_table_h, head, seq_q, seq_k,
-                    SEQ: tl.constexpr, NUM_REG: tl.constexpr, WINDOW: tl.constexpr):
-    """Relative-position bias (times log2 e) for query rows seq_q and key rows seq_k, gathered
-    from the table; -inf on padded keys."""
+def _bias_tile(table_ptr, stride_table_t, stride_table_h, head, seq_q, seq_k,
+               SEQ: tl.constexpr, NUM_REG: tl.constexpr, WINDOW: tl.constexpr):
+    """Relative-position bias of query rows seq_q and key rows seq_k gathered from the table (in
+    the table's dtype); -inf on padded keys."""
     span: tl.constexpr = 2 * WINDOW - 1
     tq = tl.maximum(seq_q - NUM_REG, 0)
     tk = tl.maximum(seq_k - NUM_REG, 0)
-    idx = ((tq // WINDOW)[:, None] - (tk // WINDOW)[None, :] + (WINDOW - 1)) * span \
-        + ((tq % WINDOW)[:, None] - (tk % WINDOW)[None, :] + (WINDOW - 1))
+    # (i1 - j1 + w - 1) * span + (i2 - j2 + w - 1) is a query part minus a key part
+    q_part = (tq // WINDOW) * span + tq % WINDOW
+    k_part = (tk // WINDOW) * span + tk % WINDOW
+    idx = q_part[:, None] - k_part[None, :] + (WINDOW - 1) * (span + 1)
     with_register = (seq_q < NUM_REG)[:, None] | (seq_k < NUM_REG)[None, :]
     idx = tl.where(with_register, span * span, idx)
     valid = (seq_q < SEQ)[:, None] & (seq_k < SEQ)[None, :]
     bias = tl.load(table_ptr + idx * stride_table_t + head * stride_table_h, mask=valid, other=0.0)
-    bias = bias.to(tl.float32) * 1.4426950408889634
     return tl.where((seq_k < SEQ)[None, :], bias, float("-inf"))
 
 
@@ -123,9 +124,59 @@ def _dot_operand(x, ELEM: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
-def _keep_mask(seed, win, head, heads, seq_q, seq_k, dropout_p, SEQ: tl.constexpr):
-    offs = ((win * heads + head) * SEQ + seq_q.to(tl.int64)[:, None]) * SEQ + seq_k[None, :]
-    return tl.rand(seed, offs) >= dropout_p
+def _keep_mask(seed, win, head, heads, seq_q, dropout_threshold, SEQ: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dropout keep mask of query rows seq_q and keys 0..BLOCK_N-1 of one window and head.
+
+    16 random bits per element (kept when >= dropout_threshold = round(p * 2^16)), eight elements
+    per Philox call: counter (i * ceil(n / 8) + j // 8, window * heads + head (64 bits), 0), output
+    (j % 8) // 2, half j % 2. The mask depends on the seed and the element only, not on tiles."""
+    CALLS: tl.constexpr = (SEQ + 7) // 8
+    counter = seq_q[:, None] * CALLS + tl.arange(0, BLOCK_N // 8)[None, :]
+    stream = win * heads + head
+    zero = counter * 0
+    r0, r1, r2, r3 = tl.philox(seed, counter, (stream & 0xFFFFFFFF).to(tl.int32) + zero,
+                               (stream >> 32).to(tl.int32) + zero, zero)
+    bits = tl.join(tl.join(r0, r1), tl.join(r2, r3))
+    bits = tl.join(bits & 0xFFFF, (bits >> 16) & 0xFFFF)
+    bits = tl.reshape(bits, (seq_q.shape[0], BLOCK_N))
+    return bits.to(tl.int32) >= dropout_threshold
+
+
+@triton.jit
+def _tile_ptrs(rows, ch, ALIGN: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(rows, HEAD_DIM) pointers from per-row pointers: each row's HEAD_DIM channels are contiguous
+    and (the launcher checks) start ALIGN-byte aligned, so loads and stores vectorise."""
+    ptrs = rows[:, None] + ch[None, :]
+    return tl.max_contiguous(tl.multiple_of(ptrs, [ALIGN, ALIGN]), [1, HEAD_DIM])
+
+
+@triton.jit
+def _window_coords(win_index, nX, nY):
+    win = tl.cast(win_index, tl.int64)  # a tensor also under the interpreter (where range yields ints)
+    img = win // (nX * nY)
+    X = ((win % (nX * nY)) // nY).to(tl.int32)
+    Y = (win % nY).to(tl.int32)
+    return win, img, X, Y
+
+
+@triton.jit
+def _load_qkv(qkv_img, reg_img, stride_qkv_h, stride_qkv_w, stride_reg_r, reg_q_off, reg_k_off, reg_v_off, C,
+              seq_q, seq_k, q_row, q_col, k_row, k_col, ch,
+              SEQ: tl.constexpr, NUM_REG: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr):
+    """q rows seq_q and k, v rows seq_k of one window and head: register rows from the register
+    tensor, token rows from their pixels of the qkv map; zeros on padded rows."""
+    q_is_reg = seq_q < NUM_REG
+    k_is_reg = seq_k < NUM_REG
+    q_rows = tl.where(q_is_reg, reg_img + reg_q_off + seq_q * stride_reg_r,
+                      qkv_img + q_row * stride_qkv_h + q_col * stride_qkv_w)
+    k_rows = tl.where(k_is_reg, reg_img + reg_k_off + seq_k * stride_reg_r,
+                      qkv_img + C + k_row * stride_qkv_h + k_col * stride_qkv_w)
+    v_rows = tl.where(k_is_reg, reg_img + reg_v_off + seq_k * stride_reg_r,
+                      qkv_img + 2 * C + k_row * stride_qkv_h + k_col * stride_qkv_w)
+    q = tl.load(_tile_ptrs(q_rows, ch, ALIGN, HEAD_DIM), mask=(seq_q < SEQ)[:, None], other=0.0)
+    k = tl.load(_tile_ptrs(k_rows, ch, ALIGN, HEAD_DIM), mask=(seq_k < SEQ)[:, None], other=0.0)
+    v = tl.load(_tile_ptrs(v_rows, ch, ALIGN, HEAD_DIM), mask=(seq_k < SEQ)[:, None], other=0.0)
+    return q, k, v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,10 +193,10 @@ def window_attention_fwd_kernel(
     reg_out_ptr, stride_reg_out_win, stride_reg_out_r,  # (windows, r, C) register-row outputs
     lse_ptr, stride_lse_win, stride_lse_h,  # (windows, heads, n - Q_START) fp32, base 2
     C, heads, nX, nY, num_windows, windows_per_program,
-    qk_scale_log2, seed, dropout_p,
+    qk_scale_log2, seed, dropout_threshold, keep_scale,
     WINDOW: tl.constexpr, NUM_REG: tl.constexpr, HEAD_DIM: tl.constexpr, Q_START: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRID_PATTERN: tl.constexpr, DROPOUT: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     SEQ: tl.constexpr = NUM_REG + WINDOW * WINDOW
     ELEM: tl.constexpr = qkv_ptr.dtype.element_ty
@@ -154,70 +205,115 @@ def window_attention_fwd_kernel(
     q_tile = tl.program_id(2)
 
     # Sequence rows: [0, NUM_REG) registers, then window tokens. Queries start at Q_START
-    # (NUM_REG in the grid step, whose register outputs are dropped).
+    # (NUM_REG when the register outputs are not needed: the grid step drops them).
     seq_q = Q_START + q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     seq_k = tl.arange(0, BLOCK_N)
     q_valid = seq_q < SEQ
-    k_valid = seq_k < SEQ
-    q_is_reg = seq_q < NUM_REG
-    k_is_reg = seq_k < NUM_REG
     q_tok = tl.maximum(seq_q - NUM_REG, 0)
     k_tok = tl.maximum(seq_k - NUM_REG, 0)
     ch = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
 
-    bias = _bias_tile_log2(table_ptr, stride_table_t, stride_table_h, head, seq_q, seq_k, SEQ, NUM_REG, WINDOW)
+    # Gathered once per program, held in the table's dtype across its windows (re-gathering it
+    # per window costs ~75 more registers on sm_80: 64-bit addresses of a 64 x 64 gather).
+    bias = _bias_tile(table_ptr, stride_table_t, stride_table_h, head, seq_q, seq_k, SEQ, NUM_REG, WINDOW)
 
     win_start = group * windows_per_program
     win_end = tl.minimum(win_start + windows_per_program, num_windows)
     for win_index in range(win_start, win_end):
-        win = tl.cast(win_index, tl.int64)  # a tensor also under the interpreter (where range yields ints)
-        img = win // (nX * nY)
-        X = (win % (nX * nY)) // nY
-        Y = win % nY
-        img64 = img
+        win, img, X, Y = _window_coords(win_index, nX, nY)
         q_row, q_col = _token_pixel(q_tok, X, Y, nX, nY, WINDOW, GRID_PATTERN)
         k_row, k_col = _token_pixel(k_tok, X, Y, nX, nY, WINDOW, GRID_PATTERN)
-        q_pix = img64 * stride_qkv_b + q_row * stride_qkv_h + q_col * stride_qkv_w
-        k_pix = img64 * stride_qkv_b + k_row * stride_qkv_h + k_col * stride_qkv_w
-        q_reg = img64 * stride_reg_b + seq_q.to(tl.int64) * stride_reg_r
-        k_reg = img64 * stride_reg_b + seq_k.to(tl.int64) * stride_reg_r
-
-        q_ptrs = tl.where(q_is_reg[:, None], reg_ptr + (q_reg + reg_q_off)[:, None] + ch[None, :],
-                          qkv_ptr + q_pix[:, None] + ch[None, :])
-        k_ptrs = tl.where(k_is_reg[:, None], reg_ptr + (k_reg + reg_k_off)[:, None] + ch[None, :],
-                          qkv_ptr + (k_pix + C)[:, None] + ch[None, :])
-        v_ptrs = tl.where(k_is_reg[:, None], reg_ptr + (k_reg + reg_v_off)[:, None] + ch[None, :],
-                          qkv_ptr + (k_pix + 2 * C)[:, None] + ch[None, :])
-        q = tl.load(q_ptrs, mask=q_valid[:, None], other=0.0)
-        k = tl.load(k_ptrs, mask=k_valid[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=k_valid[:, None], other=0.0)
+        q, k, v = _load_qkv(qkv_ptr + img * stride_qkv_b, reg_ptr + img * stride_reg_b, stride_qkv_h, stride_qkv_w,
+                            stride_reg_r, reg_q_off, reg_k_off, reg_v_off, C, seq_q, seq_k, q_row, q_col, k_row, k_col,
+                            ch, SEQ, NUM_REG, HEAD_DIM, ALIGN)
 
         s = tl.dot(_dot_operand(q, ELEM, UPCAST_DOT), tl.trans(_dot_operand(k, ELEM, UPCAST_DOT)),
                    input_precision=DOT_PRECISION)
-        s = s * qk_scale_log2 + bias
+        s = s * qk_scale_log2 + bias.to(tl.float32) * 1.4426950408889634
         row_max = tl.max(s, 1)
         p = tl.math.exp2(s - row_max[:, None])
         row_sum = tl.sum(p, 1)
         p = p * (1.0 / row_sum)[:, None]
         lse = row_max + tl.math.log2(row_sum)
         if DROPOUT:
-            keep = _keep_mask(seed, win, head, heads, seq_q, seq_k, dropout_p, SEQ)
-            p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+            keep = _keep_mask(seed, win, head, heads, seq_q, dropout_threshold, SEQ, BLOCK_N)
+            p = tl.where(keep, p * keep_scale, 0.0)
         o = tl.dot(_dot_operand(p, ELEM, UPCAST_DOT), _dot_operand(v, ELEM, UPCAST_DOT),
                    input_precision=DOT_PRECISION)
 
-        o_pix = img64 * stride_out_b + q_row * stride_out_h + q_col * stride_out_w
-        o_reg = win * stride_reg_out_win + seq_q.to(tl.int64) * stride_reg_out_r
-        o_ptrs = tl.where(q_is_reg[:, None], reg_out_ptr + o_reg[:, None] + ch[None, :],
-                          out_ptr + o_pix[:, None] + ch[None, :])
-        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=q_valid[:, None])
-        lse_ptrs = lse_ptr + win * stride_lse_win + head * stride_lse_h + (seq_q - Q_START)
-        tl.store(lse_ptrs, lse, mask=q_valid)
+        o_rows = tl.where(seq_q < NUM_REG, reg_out_ptr + win * stride_reg_out_win + seq_q * stride_reg_out_r,
+                          out_ptr + img * stride_out_b + q_row * stride_out_h + q_col * stride_out_w)
+        tl.store(_tile_ptrs(o_rows, ch, ALIGN, HEAD_DIM), o.to(out_ptr.dtype.element_ty), mask=q_valid[:, None])
+        tl.store(lse_ptr + win * stride_lse_win + head * stride_lse_h + (seq_q - Q_START), lse, mask=q_valid)
 
 
 # ----------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_query_rows(
+    seq_q, k, v, dk, dv, bias, dbias,
+    win, img, X, Y, nX, nY, head, heads, ch,
+    qkv_ptr, stride_qkv_b, stride_qkv_h, stride_qkv_w, reg_ptr, stride_reg_b, stride_reg_r, reg_q_off,
+    out_ptr, stride_out_b, stride_out_h, stride_out_w, reg_out_ptr, stride_reg_out_win, stride_reg_out_r,
+    dout_ptr, stride_dout_b, stride_dout_h, stride_dout_w, dreg_out_ptr, stride_dreg_out_win, stride_dreg_out_r,
+    lse_ptr, stride_lse_win, stride_lse_h,
+    dq_ptr, stride_dq_b, stride_dq_h, stride_dq_w, dreg_win, stride_dreg_r,
+    qk_scale_log2, sm_scale, seed, dropout_threshold, keep_scale,
+    WINDOW: tl.constexpr, NUM_REG: tl.constexpr, HEAD_DIM: tl.constexpr, Q_START: tl.constexpr,
+    BLOCK_N: tl.constexpr, GRID_PATTERN: tl.constexpr, DROPOUT: tl.constexpr,
+    ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Backward of one block of query rows (seq_q) of one window and head against all its keys:
+    stores dQ; returns dK, dV (accumulated over query blocks) and dbias + this block's dS."""
+    SEQ: tl.constexpr = NUM_REG + WINDOW * WINDOW
+    ELEM: tl.constexpr = qkv_ptr.dtype.element_ty
+    q_valid = seq_q < SEQ
+    q_is_reg = seq_q < NUM_REG
+    q_row, q_col = _token_pixel(tl.maximum(seq_q - NUM_REG, 0), X, Y, nX, nY, WINDOW, GRID_PATTERN)
+
+    q_rows = tl.where(q_is_reg, reg_ptr + img * stride_reg_b + reg_q_off + seq_q * stride_reg_r,
+                      qkv_ptr + img * stride_qkv_b + q_row * stride_qkv_h + q_col * stride_qkv_w)
+    # O and dO of query rows: at the token's pixel, or in the per-window register-output rows.
+    o_rows = tl.where(q_is_reg, reg_out_ptr + win * stride_reg_out_win + seq_q * stride_reg_out_r,
+                      out_ptr + img * stride_out_b + q_row * stride_out_h + q_col * stride_out_w)
+    do_rows = tl.where(q_is_reg, dreg_out_ptr + win * stride_dreg_out_win + seq_q * stride_dreg_out_r,
+                       dout_ptr + img * stride_dout_b + q_row * stride_dout_h + q_col * stride_dout_w)
+    q = tl.load(_tile_ptrs(q_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0)
+    o = tl.load(_tile_ptrs(o_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0)
+    do = tl.load(_tile_ptrs(do_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0)
+    # delta_i = sum_j P_ij dP_ij = dO_i . O_i (also with dropout: O holds the dropped P).
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    lse = tl.load(lse_ptr + win * stride_lse_win + head * stride_lse_h + (seq_q - Q_START),
+                  mask=q_valid, other=float("inf"))
+
+    s = tl.dot(_dot_operand(q, ELEM, UPCAST_DOT), tl.trans(_dot_operand(k, ELEM, UPCAST_DOT)),
+               input_precision=DOT_PRECISION)
+    p = tl.math.exp2(s * qk_scale_log2 + bias.to(tl.float32) * 1.4426950408889634 - lse[:, None])  # 0 where padded
+    dp = tl.dot(_dot_operand(do, ELEM, UPCAST_DOT), tl.trans(_dot_operand(v, ELEM, UPCAST_DOT)),
+                input_precision=DOT_PRECISION)
+    if DROPOUT:
+        keep = _keep_mask(seed, win, head, heads, seq_q, dropout_threshold, SEQ, BLOCK_N)
+        p_dropped = tl.where(keep, p * keep_scale, 0.0)
+        dp = tl.where(keep, dp * keep_scale, 0.0)
+    else:
+        p_dropped = p
+    ds = p * (dp - delta[:, None])  # gradient of the natural-units score q.k*scale + bias
+    dbias += ds
+
+    dv = tl.dot(tl.trans(_dot_operand(p_dropped, ELEM, UPCAST_DOT)), _dot_operand(do, ELEM, UPCAST_DOT), acc=dv,
+                input_precision=DOT_PRECISION)
+    ds_op = _dot_operand(ds * sm_scale, ELEM, UPCAST_DOT)
+    dk = tl.dot(tl.trans(ds_op), _dot_operand(q, ELEM, UPCAST_DOT), acc=dk, input_precision=DOT_PRECISION)
+    dq = tl.dot(ds_op, _dot_operand(k, ELEM, UPCAST_DOT), input_precision=DOT_PRECISION)
+    # token rows straight to their pixels; register rows to the per-window fp32 buffer
+    dq_rows = dq_ptr + img * stride_dq_b + q_row * stride_dq_h + q_col * stride_dq_w
+    tl.store(_tile_ptrs(dq_rows, ch, ALIGN, HEAD_DIM), dq.to(dq_ptr.dtype.element_ty),
+             mask=(q_valid & ~q_is_reg)[:, None])
+    tl.store(_tile_ptrs(dreg_win + reg_q_off + seq_q * stride_dreg_r, ch, 16, HEAD_DIM), dq, mask=q_is_reg[:, None])
+    return dk, dv, dbias
 
 
 @triton.jit
@@ -235,114 +331,83 @@ def window_attention_bwd_kernel(
     dreg_ptr, stride_dreg_tile, stride_dreg_win, stride_dreg_r,  # fp32 register-row dq|dk|dv per window
     dbias_ptr, stride_dbias_group, stride_dbias_h,  # fp32 (groups, heads, q tiles, BLOCK_M, BLOCK_N)
     C, heads, nX, nY, num_windows, windows_per_program,
-    qk_scale_log2, sm_scale, seed, dropout_p,
+    qk_scale_log2, sm_scale, seed, dropout_threshold, keep_scale,
     WINDOW: tl.constexpr, NUM_REG: tl.constexpr, HEAD_DIM: tl.constexpr, Q_START: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRID_PATTERN: tl.constexpr, DROPOUT: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_SPLIT: tl.constexpr, GRID_PATTERN: tl.constexpr,
+    DROPOUT: tl.constexpr, ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # The program's BLOCK_M query rows are handled as Q_SPLIT (1 or 2) blocks of SUB_M rows, each
+    # with its own bias tile and bias-gradient accumulator: halving the (rows x keys) tiles is what
+    # keeps the backward within the register file (see the resource report in the header).
+    SUB_M: tl.constexpr = BLOCK_M // Q_SPLIT
     SEQ: tl.constexpr = NUM_REG + WINDOW * WINDOW
-    ELEM: tl.constexpr = qkv_ptr.dtype.element_ty
     group = tl.program_id(0)
     head = tl.program_id(1)
     q_tile = tl.program_id(2)
 
-    seq_q = Q_START + q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    seq_q0 = Q_START + q_tile * BLOCK_M + tl.arange(0, SUB_M)
+    seq_q1 = seq_q0 + SUB_M
     seq_k = tl.arange(0, BLOCK_N)
-    q_valid = seq_q < SEQ
     k_valid = seq_k < SEQ
-    q_is_reg = seq_q < NUM_REG
     k_is_reg = seq_k < NUM_REG
-    q_tok = tl.maximum(seq_q - NUM_REG, 0)
     k_tok = tl.maximum(seq_k - NUM_REG, 0)
     ch = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
 
-    bias = _bias_tile_log2(table_ptr, stride_table_t, stride_table_h, head, seq_q, seq_k, SEQ, NUM_REG, WINDOW)
-    dbias = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    bias0 = _bias_tile(table_ptr, stride_table_t, stride_table_h, head, seq_q0, seq_k, SEQ, NUM_REG, WINDOW)
+    dbias0 = tl.zeros((SUB_M, BLOCK_N), dtype=tl.float32)  # this program's sum of dS over its windows
+    if Q_SPLIT == 2:
+        bias1 = _bias_tile(table_ptr, stride_table_t, stride_table_h, head, seq_q1, seq_k, SEQ, NUM_REG, WINDOW)
+        dbias1 = tl.zeros((SUB_M, BLOCK_N), dtype=tl.float32)
 
     win_start = group * windows_per_program
     win_end = tl.minimum(win_start + windows_per_program, num_windows)
     for win_index in range(win_start, win_end):
-        win = tl.cast(win_index, tl.int64)  # a tensor also under the interpreter (where range yields ints)
-        img = win // (nX * nY)
-        X = (win % (nX * nY)) // nY
-        Y = win % nY
-        img64 = img
-        win64 = win
-        q_row, q_col = _token_pixel(q_tok, X, Y, nX, nY, WINDOW, GRID_PATTERN)
+        win, img, X, Y = _window_coords(win_index, nX, nY)
         k_row, k_col = _token_pixel(k_tok, X, Y, nX, nY, WINDOW, GRID_PATTERN)
-        q_pix = img64 * stride_qkv_b + q_row * stride_qkv_h + q_col * stride_qkv_w
-        k_pix = img64 * stride_qkv_b + k_row * stride_qkv_h + k_col * stride_qkv_w
-        q_reg = img64 * stride_reg_b + seq_q.to(tl.int64) * stride_reg_r
-        k_reg = img64 * stride_reg_b + seq_k.to(tl.int64) * stride_reg_r
+        qkv_img = qkv_ptr + img * stride_qkv_b
+        reg_img = reg_ptr + img * stride_reg_b
+        k_rows = tl.where(k_is_reg, reg_img + reg_k_off + seq_k * stride_reg_r,
+                          qkv_img + C + k_row * stride_qkv_h + k_col * stride_qkv_w)
+        v_rows = tl.where(k_is_reg, reg_img + reg_v_off + seq_k * stride_reg_r,
+                          qkv_img + 2 * C + k_row * stride_qkv_h + k_col * stride_qkv_w)
+        k = tl.load(_tile_ptrs(k_rows, ch, ALIGN, HEAD_DIM), mask=k_valid[:, None], other=0.0)
+        v = tl.load(_tile_ptrs(v_rows, ch, ALIGN, HEAD_DIM), mask=k_valid[:, None], other=0.0)
+        dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+        dreg_win = dreg_ptr + q_tile.to(tl.int64) * stride_dreg_tile + win * stride_dreg_win
 
-        q_ptrs = tl.where(q_is_reg[:, None], reg_ptr + (q_reg + reg_q_off)[:, None] + ch[None, :],
-                          qkv_ptr + q_pix[:, None] + ch[None, :])
-        k_ptrs = tl.where(k_is_reg[:, None], reg_ptr + (k_reg + reg_k_off)[:, None] + ch[None, :],
-                          qkv_ptr + (k_pix + C)[:, None] + ch[None, :])
-        v_ptrs = tl.where(k_is_reg[:, None], reg_ptr + (k_reg + reg_v_off)[:, None] + ch[None, :],
-                          qkv_ptr + (k_pix + 2 * C)[:, None] + ch[None, :])
-        q = tl.load(q_ptrs, mask=q_valid[:, None], other=0.0)
-        k = tl.load(k_ptrs, mask=k_valid[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=k_valid[:, None], other=0.0)
+        dk, dv, dbias0 = _bwd_query_rows(
+            seq_q0, k, v, dk, dv, bias0, dbias0, win, img, X, Y, nX, nY, head, heads, ch,
+            qkv_ptr, stride_qkv_b, stride_qkv_h, stride_qkv_w, reg_ptr, stride_reg_b, stride_reg_r, reg_q_off,
+            out_ptr, stride_out_b, stride_out_h, stride_out_w, reg_out_ptr, stride_reg_out_win, stride_reg_out_r,
+            dout_ptr, stride_dout_b, stride_dout_h, stride_dout_w, dreg_out_ptr, stride_dreg_out_win, stride_dreg_out_r,
+            lse_ptr, stride_lse_win, stride_lse_h, dq_ptr, stride_dq_b, stride_dq_h, stride_dq_w, dreg_win, stride_dreg_r,
+            qk_scale_log2, sm_scale, seed, dropout_threshold, keep_scale,
+            WINDOW, NUM_REG, HEAD_DIM, Q_START, BLOCK_N, GRID_PATTERN, DROPOUT, ALIGN, UPCAST_DOT, DOT_PRECISION)
+        if Q_SPLIT == 2:
+            dk, dv, dbias1 = _bwd_query_rows(
+                seq_q1, k, v, dk, dv, bias1, dbias1, win, img, X, Y, nX, nY, head, heads, ch,
+                qkv_ptr, stride_qkv_b, stride_qkv_h, stride_qkv_w, reg_ptr, stride_reg_b, stride_reg_r, reg_q_off,
+                out_ptr, stride_out_b, stride_out_h, stride_out_w, reg_out_ptr, stride_reg_out_win, stride_reg_out_r,
+                dout_ptr, stride_dout_b, stride_dout_h, stride_dout_w, dreg_out_ptr, stride_dreg_out_win,
+                stride_dreg_out_r, lse_ptr, stride_lse_win, stride_lse_h, dq_ptr, stride_dq_b, stride_dq_h,
+                stride_dq_w, dreg_win, stride_dreg_r, qk_scale_log2, sm_scale, seed, dropout_threshold, keep_scale,
+                WINDOW, NUM_REG, HEAD_DIM, Q_START, BLOCK_N, GRID_PATTERN, DROPOUT, ALIGN, UPCAST_DOT, DOT_PRECISION)
 
-        # Query-row tensors of the output side: O and dO live at the token's pixel, or in the
-        # per-window register-output rows.
-        o_reg = win64 * stride_reg_out_win + seq_q.to(tl.int64) * stride_reg_out_r
-        o_pix = img64 * stride_out_b + q_row * stride_out_h + q_col * stride_out_w
-        o_ptrs = tl.where(q_is_reg[:, None], reg_out_ptr + o_reg[:, None] + ch[None, :],
-                          out_ptr + o_pix[:, None] + ch[None, :])
-        do_reg = win64 * stride_dreg_out_win + seq_q.to(tl.int64) * stride_dreg_out_r
-        do_pix = img64 * stride_dout_b + q_row * stride_dout_h + q_col * stride_dout_w
-        do_ptrs = tl.where(q_is_reg[:, None], dreg_out_ptr + do_reg[:, None] + ch[None, :],
-                           dout_ptr + do_pix[:, None] + ch[None, :])
-        o = tl.load(o_ptrs, mask=q_valid[:, None], other=0.0)
-        do = tl.load(do_ptrs, mask=q_valid[:, None], other=0.0)
-        # delta_i = sum_j P_ij dP_ij = dO_i . O_i (also with dropout: O holds the dropped P).
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        lse = tl.load(lse_ptr + win64 * stride_lse_win + head * stride_lse_h + (seq_q - Q_START),
-                      mask=q_valid, other=float("inf"))
-
-        s = tl.dot(_dot_operand(q, ELEM, UPCAST_DOT), tl.trans(_dot_operand(k, ELEM, UPCAST_DOT)),
-                   input_precision=DOT_PRECISION)
-        s = s * qk_scale_log2 + bias
-        p = tl.math.exp2(s - lse[:, None])  # exactly 0 on padded keys (-inf) and rows (+inf)
-        dp = tl.dot(_dot_operand(do, ELEM, UPCAST_DOT), tl.trans(_dot_operand(v, ELEM, UPCAST_DOT)),
-                    input_precision=DOT_PRECISION)
-        if DROPOUT:
-            keep = _keep_mask(seed, win, head, heads, seq_q, seq_k, dropout_p, SEQ)
-            inv_keep = 1.0 / (1.0 - dropout_p)
-            p_dropped = tl.where(keep, p * inv_keep, 0.0)
-            dp = tl.where(keep, dp * inv_keep, 0.0)
-        else:
-            p_dropped = p
-        ds = p * (dp - delta[:, None])  # gradient of the natural-units score q.k*scale + bias
-        dbias += ds
-
-        dv = tl.dot(tl.trans(_dot_operand(p_dropped, ELEM, UPCAST_DOT)), _dot_operand(do, ELEM, UPCAST_DOT),
-                    input_precision=DOT_PRECISION)
-        ds_op = _dot_operand(ds, ELEM, UPCAST_DOT)
-        dq = tl.dot(ds_op, _dot_operand(k, ELEM, UPCAST_DOT), input_precision=DOT_PRECISION) * sm_scale
-        dk = tl.dot(tl.trans(ds_op), _dot_operand(q, ELEM, UPCAST_DOT), input_precision=DOT_PRECISION) * sm_scale
-
-        # Token rows straight to their pixels; register rows to the per-window fp32 buffer.
-        q_tok_mask = (q_valid & ~q_is_reg)[:, None]
-        dq_pix = img64 * stride_dq_b + q_row * stride_dq_h + q_col * stride_dq_w
-        tl.store(dq_ptr + dq_pix[:, None] + ch[None, :], dq.to(dq_ptr.dtype.element_ty), mask=q_tok_mask)
-        dreg_base = dreg_ptr + q_tile * stride_dreg_tile + win64 * stride_dreg_win
-        q_dreg = seq_q.to(tl.int64) * stride_dreg_r + reg_q_off
-        tl.store(dreg_base + q_dreg[:, None] + ch[None, :], dq, mask=q_is_reg[:, None])
-
+        # token rows straight to their pixels; register rows to the per-window fp32 buffer
+        dkv_rows = dkv_ptr + q_tile.to(tl.int64) * stride_dkv_tile + img * stride_dkv_b \
+            + k_row * stride_dkv_h + k_col * stride_dkv_w
         k_tok_mask = (k_valid & ~k_is_reg)[:, None]
-        dkv_pix = q_tile * stride_dkv_tile + img64 * stride_dkv_b + k_row * stride_dkv_h + k_col * stride_dkv_w
-        tl.store(dkv_ptr + (dkv_pix + dk_off)[:, None] + ch[None, :], dk.to(dkv_ptr.dtype.element_ty), mask=k_tok_mask)
-        tl.store(dkv_ptr + (dkv_pix + dv_off)[:, None] + ch[None, :], dv.to(dkv_ptr.dtype.element_ty), mask=k_tok_mask)
-        k_dreg = seq_k.to(tl.int64) * stride_dreg_r
-        tl.store(dreg_base + (k_dreg + reg_k_off)[:, None] + ch[None, :], dk, mask=k_is_reg[:, None])
-        tl.store(dreg_base + (k_dreg + reg_v_off)[:, None] + ch[None, :], dv, mask=k_is_reg[:, None])
+        tl.store(_tile_ptrs(dkv_rows + dk_off, ch, ALIGN, HEAD_DIM), dk.to(dkv_ptr.dtype.element_ty), mask=k_tok_mask)
+        tl.store(_tile_ptrs(dkv_rows + dv_off, ch, ALIGN, HEAD_DIM), dv.to(dkv_ptr.dtype.element_ty), mask=k_tok_mask)
+        tl.store(_tile_ptrs(dreg_win + reg_k_off + seq_k * stride_dreg_r, ch, 16, HEAD_DIM), dk, mask=k_is_reg[:, None])
+        tl.store(_tile_ptrs(dreg_win + reg_v_off + seq_k * stride_dreg_r, ch, 16, HEAD_DIM), dv, mask=k_is_reg[:, None])
 
-    tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tile = tl.arange(0, SUB_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     dbias_base = dbias_ptr + group * stride_dbias_group + head * stride_dbias_h + q_tile * (BLOCK_M * BLOCK_N)
-    tl.store(dbias_base + tile, dbias)
+    tl.store(dbias_base + tile, dbias0)
+    if Q_SPLIT == 2:
+        tl.store(dbias_base + SUB_M * BLOCK_N + tile, dbias1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,11 +429,31 @@ def tile_config(window: int, num_registers: int, register_queries: bool) -> dict
     block_m = max(16, min(64, _next_pow2(seq - q_start)))
     q_tiles = triton.cdiv(seq - q_start, block_m)
     num_warps = 4 if block_n <= 64 else 8
-    return dict(seq=seq, q_start=q_start, BLOCK_M=block_m, BLOCK_N=block_n, q_tiles=q_tiles, num_warps=num_warps)
+    bwd_q_split = 2 if block_m >= 32 else 1
+    return dict(seq=seq, q_start=q_start, BLOCK_M=block_m, BLOCK_N=block_n, q_tiles=q_tiles, num_warps=num_warps,
+                bwd_q_split=bwd_q_split)
 
 
-def unsupported_reason(window: int, num_registers: int, head_dim: int, dtype: torch.dtype) -> str | None:
+DROPOUT_BITS = 16
+
+
+def dropout_threshold(p: float) -> tuple[int, float]:
+    """The kernels keep an element when its 16 random bits are >= round(p * 2^16) and scale kept
+    elements by 2^16 / (2^16 - threshold), the exact inverse of the keep probability (p is used
+    to 2^-16 resolution)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    threshold = int(round(p * 2**DROPOUT_BITS))
+    if threshold >= 2**DROPOUT_BITS:
+        raise ValueError(f"dropout probability {p} rounds to 1 at {DROPOUT_BITS}-bit resolution")
+    return threshold, 2**DROPOUT_BITS / (2**DROPOUT_BITS - threshold)
+
+
+def unsupported_reason(window: int, num_registers: int, head_dim: int, dtype: torch.dtype,
+                       dropout_p: float = 0.0) -> str | None:
     """Why these kernels cannot run this configuration, or None."""
+    if dropout_p > 1.0 - 2.0 ** -(DROPOUT_BITS + 1):
+        return f"attention dropout {dropout_p} rounds to 1 at the kernels' {DROPOUT_BITS}-bit resolution"
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"window attention kernels support fp16/bf16/fp32, got {dtype}"
     if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1):
@@ -423,6 +508,30 @@ def _check_inputs(qkv, reg_qkv, table, window, num_registers, heads, head_dim):
     return B, H, W, C
 
 
+def _alignment(tensors, element_offsets, itemsize) -> int:
+    """Largest power-of-two byte alignment (<= 16) of every row start the kernels form: tensor
+    base addresses, row/pixel/batch strides and channel offsets (in elements)."""
+    values = [t.data_ptr() for t in tensors if t is not None]
+    for t in tensors:
+        if t is not None:
+            values += [st * itemsize for st, size in zip(t.stride()[:-1], t.shape[:-1]) if size > 1]
+    values += [o * itemsize for o in element_offsets]
+    align = 16
+    while align > itemsize and any(v % align for v in values):
+        align //= 2
+    return align
+
+
+def _check_int32_image(*tensors):
+    # Offsets inside one image (pixel * stride + channel) are int32 in the kernels; the image and
+    # window terms are int64.
+    for t in tensors:
+        if t is not None and t.dim() >= 4:
+            extent = sum((n - 1) * st for n, st in zip(t.shape[-3:], t.stride()[-3:]))
+            if extent >= 2**31:
+                raise ValueError(f"one image spans {extent} elements; the kernels index inside an image with int32")
+
+
 def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -456,6 +565,9 @@ def window_attention_forward(
     if num_windows == 0:
         return out, reg_out, lse
 
+    _check_int32_image(qkv, out)
+    threshold, keep_scale = dropout_threshold(dropout_p)
+    align = _alignment([qkv, reg_qkv, out, reg_out], [C, k_off, v_off], qkv.element_size())
     wpp = _windows_per_program(num_windows, heads * cfg["q_tiles"], target_programs=4096, minimum=1)
     grid = (triton.cdiv(num_windows, wpp), heads, cfg["q_tiles"])
     reg_batch_stride = reg_qkv.stride(0) if reg_qkv.shape[0] > 1 else 0
@@ -467,10 +579,10 @@ def window_attention_forward(
         reg_out_arg, *((reg_out_view.stride(0), reg_out_view.stride(1)) if register_queries else (0, 0)),
         lse, lse.stride(0), lse.stride(1),
         C, heads, nX, nY, num_windows, wpp,
-        float(scale) * LOG2E, int(seed), float(dropout_p),
+        float(scale) * LOG2E, int(seed), threshold, keep_scale,
         WINDOW=window, NUM_REG=num_registers, HEAD_DIM=head_dim, Q_START=cfg["q_start"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GRID_PATTERN=bool(grid_pattern),
-        DROPOUT=dropout_p > 0.0, UPCAST_DOT=INTERPRET, DOT_PRECISION=_dot_precision(dtype),
+        DROPOUT=threshold > 0, ALIGN=align, UPCAST_DOT=INTERPRET, DOT_PRECISION=_dot_precision(dtype),
         num_warps=cfg["num_warps"],
     )
     return out, reg_out, lse
@@ -528,6 +640,13 @@ def window_attention_backward(
     else:  # register query rows sit in tile 0 only: the other tiles' q part must read as zero
         dreg = torch.zeros((q_tiles, num_windows, num_registers, c_reg), dtype=torch.float32, device=dev)
 
+    _check_int32_image(qkv, out, d_out, dqkv)
+    threshold, keep_scale = dropout_threshold(dropout_p)
+    align = _alignment([qkv, reg_qkv, out, reg_out_v if register_queries else None, d_out,
+                        d_reg_out_v if register_queries else None, dqkv],
+                       [C, k_off, v_off], qkv.element_size())
+    if q_tiles > 1:
+        align = min(align, _alignment([dkv], [C], dkv.element_size()))
     wpp = _windows_per_program(num_windows, heads * q_tiles, target_programs=1024, minimum=8)
     groups = triton.cdiv(num_windows, wpp)
     dbias = _alloc((groups, heads, q_tiles, BLOCK_M, BLOCK_N), torch.float32, dev)
@@ -546,10 +665,10 @@ def window_attention_backward(
         dreg, dreg.stride(0), dreg.stride(1), dreg.stride(2),
         dbias, dbias.stride(0), dbias.stride(1),
         C, heads, nX, nY, num_windows, wpp,
-        float(scale) * LOG2E, float(scale), int(seed), float(dropout_p),
+        float(scale) * LOG2E, float(scale), int(seed), threshold, keep_scale,
         WINDOW=window, NUM_REG=num_registers, HEAD_DIM=head_dim, Q_START=q_start,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, GRID_PATTERN=bool(grid_pattern),
-        DROPOUT=dropout_p > 0.0, UPCAST_DOT=INTERPRET, DOT_PRECISION=_dot_precision(dtype),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, Q_SPLIT=cfg["bwd_q_split"], GRID_PATTERN=bool(grid_pattern),
+        DROPOUT=threshold > 0, ALIGN=align, UPCAST_DOT=INTERPRET, DOT_PRECISION=_dot_precision(dtype),
         num_warps=cfg["num_warps"],
     )
     if q_tiles > 1:
