@@ -69,6 +69,8 @@ LOG2E = 1.4426950408889634
 POISON_OUTPUTS = False
 
 MAX_SEQ_TILE = 128
+# Partial sums of the bias gradient that the backward's atomic adds are spread over (window % slots).
+DBIAS_SLOTS = 32
 
 RESOURCE_REPORT = """
 (filled in below after the first AOT run)
@@ -253,70 +255,6 @@ def window_attention_fwd_kernel(
 
 
 @triton.jit
-def _bwd_query_rows(
-    seq_q, k, v, dk, dv, bias, dbias,
-    win, img, X, Y, nX, nY, head, heads, ch,
-    qkv_ptr, stride_qkv_b, stride_qkv_h, stride_qkv_w, reg_ptr, stride_reg_b, stride_reg_r, reg_q_off,
-    out_ptr, stride_out_b, stride_out_h, stride_out_w, reg_out_ptr, stride_reg_out_win, stride_reg_out_r,
-    dout_ptr, stride_dout_b, stride_dout_h, stride_dout_w, dreg_out_ptr, stride_dreg_out_win, stride_dreg_out_r,
-    lse_ptr, stride_lse_win, stride_lse_h,
-    dq_ptr, stride_dq_b, stride_dq_h, stride_dq_w, dreg_win, stride_dreg_r,
-    qk_scale_log2, sm_scale, seed, dropout_threshold, keep_scale,
-    WINDOW: tl.constexpr, NUM_REG: tl.constexpr, HEAD_DIM: tl.constexpr, Q_START: tl.constexpr,
-    BLOCK_N: tl.constexpr, GRID_PATTERN: tl.constexpr, DROPOUT: tl.constexpr,
-    ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Backward of one block of query rows (seq_q) of one window and head against all its keys:
-    stores dQ; returns dK, dV (accumulated over query blocks) and dbias + this block's dS."""
-    SEQ: tl.constexpr = NUM_REG + WINDOW * WINDOW
-    ELEM: tl.constexpr = qkv_ptr.dtype.element_ty
-    q_valid = seq_q < SEQ
-    q_is_reg = seq_q < NUM_REG
-    q_row, q_col = _token_pixel(tl.maximum(seq_q - NUM_REG, 0), X, Y, nX, nY, WINDOW, GRID_PATTERN)
-
-    q_rows = tl.where(q_is_reg, reg_ptr + img * stride_reg_b + reg_q_off + seq_q * stride_reg_r,
-                      qkv_ptr + img * stride_qkv_b + q_row * stride_qkv_h + q_col * stride_qkv_w)
-    # O and dO of query rows: at the token's pixel, or in the per-window register-output rows.
-    o_rows = tl.where(q_is_reg, reg_out_ptr + win * stride_reg_out_win + seq_q * stride_reg_out_r,
-                      out_ptr + img * stride_out_b + q_row * stride_out_h + q_col * stride_out_w)
-    do_rows = tl.where(q_is_reg, dreg_out_ptr + win * stride_dreg_out_win + seq_q * stride_dreg_out_r,
-                       dout_ptr + img * stride_dout_b + q_row * stride_dout_h + q_col * stride_dout_w)
-    q = tl.load(_tile_ptrs(q_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0)
-    o = tl.load(_tile_ptrs(o_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0)
-    do = tl.load(_tile_ptrs(do_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0)
-    # delta_i = sum_j P_ij dP_ij = dO_i . O_i (also with dropout: O holds the dropped P).
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    lse = tl.load(lse_ptr + win * stride_lse_win + head * stride_lse_h + (seq_q - Q_START),
-                  mask=q_valid, other=float("inf"))
-
-    s = tl.dot(_dot_operand(q, ELEM, UPCAST_DOT), tl.trans(_dot_operand(k, ELEM, UPCAST_DOT)),
-               input_precision=DOT_PRECISION)
-    p = tl.math.exp2(s * qk_scale_log2 + bias.to(tl.float32) * 1.4426950408889634 - lse[:, None])  # 0 where padded
-    dp = tl.dot(_dot_operand(do, ELEM, UPCAST_DOT), tl.trans(_dot_operand(v, ELEM, UPCAST_DOT)),
-                input_precision=DOT_PRECISION)
-    if DROPOUT:
-        keep = _keep_mask(seed, win, head, heads, seq_q, dropout_threshold, SEQ, BLOCK_N)
-        p_dropped = tl.where(keep, p * keep_scale, 0.0)
-        dp = tl.where(keep, dp * keep_scale, 0.0)
-    else:
-        p_dropped = p
-    ds = p * (dp - delta[:, None])  # gradient of the natural-units score q.k*scale + bias
-    dbias += ds
-
-    dv = tl.dot(tl.trans(_dot_operand(p_dropped, ELEM, UPCAST_DOT)), _dot_operand(do, ELEM, UPCAST_DOT), acc=dv,
-                input_precision=DOT_PRECISION)
-    ds_op = _dot_operand(ds * sm_scale, ELEM, UPCAST_DOT)
-    dk = tl.dot(tl.trans(ds_op), _dot_operand(q, ELEM, UPCAST_DOT), acc=dk, input_precision=DOT_PRECISION)
-    dq = tl.dot(ds_op, _dot_operand(k, ELEM, UPCAST_DOT), input_precision=DOT_PRECISION)
-    # token rows straight to their pixels; register rows to the per-window fp32 buffer
-    dq_rows = dq_ptr + img * stride_dq_b + q_row * stride_dq_h + q_col * stride_dq_w
-    tl.store(_tile_ptrs(dq_rows, ch, ALIGN, HEAD_DIM), dq.to(dq_ptr.dtype.element_ty),
-             mask=(q_valid & ~q_is_reg)[:, None])
-    tl.store(_tile_ptrs(dreg_win + reg_q_off + seq_q * stride_dreg_r, ch, 16, HEAD_DIM), dq, mask=q_is_reg[:, None])
-    return dk, dv, dbias
-
-
-@triton.jit
 def window_attention_bwd_kernel(
     qkv_ptr, stride_qkv_b, stride_qkv_h, stride_qkv_w,
     reg_ptr, stride_reg_b, stride_reg_r, reg_q_off, reg_k_off, reg_v_off,
@@ -329,85 +267,88 @@ def window_attention_bwd_kernel(
     dq_ptr, stride_dq_b, stride_dq_h, stride_dq_w,  # token dQ: channels [0, C) of this map
     dkv_ptr, stride_dkv_tile, stride_dkv_b, stride_dkv_h, stride_dkv_w, dk_off, dv_off,  # token dK, dV
     dreg_ptr, stride_dreg_tile, stride_dreg_win, stride_dreg_r,  # fp32 register-row dq|dk|dv per window
-    dbias_ptr, stride_dbias_group, stride_dbias_h,  # fp32 (groups, heads, q tiles, BLOCK_M, BLOCK_N)
-    C, heads, nX, nY, num_windows, windows_per_program,
+    dbias_ptr, stride_dbias_slot, stride_dbias_h, stride_dbias_q, dbias_slots,  # fp32 (slots, heads, n - Q_START, n)
+    C, heads, nX, nY,
     qk_scale_log2, sm_scale, seed, dropout_threshold, keep_scale,
     WINDOW: tl.constexpr, NUM_REG: tl.constexpr, HEAD_DIM: tl.constexpr, Q_START: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_SPLIT: tl.constexpr, GRID_PATTERN: tl.constexpr,
-    DROPOUT: tl.constexpr, ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRID_PATTERN: tl.constexpr, DROPOUT: tl.constexpr,
+    ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # The program's BLOCK_M query rows are handled as Q_SPLIT (1 or 2) blocks of SUB_M rows, each
-    # with its own bias tile and bias-gradient accumulator: halving the (rows x keys) tiles is what
-    # keeps the backward within the register file (see the resource report in the header).
-    SUB_M: tl.constexpr = BLOCK_M // Q_SPLIT
+    # One program per (window, head, query tile), no loop over windows: a loop-carried bias-gradient
+    # accumulator made ptxas spill (see the resource report in the header).
     SEQ: tl.constexpr = NUM_REG + WINDOW * WINDOW
-    group = tl.program_id(0)
+    ELEM: tl.constexpr = qkv_ptr.dtype.element_ty
+    win, img, X, Y = _window_coords(tl.program_id(0), nX, nY)
     head = tl.program_id(1)
     q_tile = tl.program_id(2)
 
-    seq_q0 = Q_START + q_tile * BLOCK_M + tl.arange(0, SUB_M)
-    seq_q1 = seq_q0 + SUB_M
+    seq_q = Q_START + q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     seq_k = tl.arange(0, BLOCK_N)
+    q_valid = seq_q < SEQ
     k_valid = seq_k < SEQ
+    q_is_reg = seq_q < NUM_REG
     k_is_reg = seq_k < NUM_REG
-    k_tok = tl.maximum(seq_k - NUM_REG, 0)
     ch = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
+    q_row, q_col = _token_pixel(tl.maximum(seq_q - NUM_REG, 0), X, Y, nX, nY, WINDOW, GRID_PATTERN)
+    k_row, k_col = _token_pixel(tl.maximum(seq_k - NUM_REG, 0), X, Y, nX, nY, WINDOW, GRID_PATTERN)
 
-    bias0 = _bias_tile(table_ptr, stride_table_t, stride_table_h, head, seq_q0, seq_k, SEQ, NUM_REG, WINDOW)
-    dbias0 = tl.zeros((SUB_M, BLOCK_N), dtype=tl.float32)  # this program's sum of dS over its windows
-    if Q_SPLIT == 2:
-        bias1 = _bias_tile(table_ptr, stride_table_t, stride_table_h, head, seq_q1, seq_k, SEQ, NUM_REG, WINDOW)
-        dbias1 = tl.zeros((SUB_M, BLOCK_N), dtype=tl.float32)
+    q, k, v = _load_qkv(qkv_ptr + img * stride_qkv_b, reg_ptr + img * stride_reg_b, stride_qkv_h, stride_qkv_w,
+                        stride_reg_r, reg_q_off, reg_k_off, reg_v_off, C, seq_q, seq_k, q_row, q_col, k_row, k_col,
+                        ch, SEQ, NUM_REG, HEAD_DIM, ALIGN)
+    # O and dO of query rows: at the token's pixel, or in the per-window register-output rows.
+    o_rows = tl.where(q_is_reg, reg_out_ptr + win * stride_reg_out_win + seq_q * stride_reg_out_r,
+                      out_ptr + img * stride_out_b + q_row * stride_out_h + q_col * stride_out_w)
+    do_rows = tl.where(q_is_reg, dreg_out_ptr + win * stride_dreg_out_win + seq_q * stride_dreg_out_r,
+                       dout_ptr + img * stride_dout_b + q_row * stride_dout_h + q_col * stride_dout_w)
+    o = tl.load(_tile_ptrs(o_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0)
+    do = tl.load(_tile_ptrs(do_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0)
+    # delta_i = sum_j P_ij dP_ij = dO_i . O_i (also with dropout: O holds the dropped P).
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    lse = tl.load(lse_ptr + win * stride_lse_win + head * stride_lse_h + (seq_q - Q_START), mask=q_valid,
+                  other=float("inf"))  # padded query rows: P = 0 exactly
+    bias = _bias_tile(table_ptr, stride_table_t, stride_table_h, head, seq_q, seq_k, SEQ, NUM_REG, WINDOW)
 
-    win_start = group * windows_per_program
-    win_end = tl.minimum(win_start + windows_per_program, num_windows)
-    for win_index in range(win_start, win_end):
-        win, img, X, Y = _window_coords(win_index, nX, nY)
-        k_row, k_col = _token_pixel(k_tok, X, Y, nX, nY, WINDOW, GRID_PATTERN)
-        qkv_img = qkv_ptr + img * stride_qkv_b
-        reg_img = reg_ptr + img * stride_reg_b
-        k_rows = tl.where(k_is_reg, reg_img + reg_k_off + seq_k * stride_reg_r,
-                          qkv_img + C + k_row * stride_qkv_h + k_col * stride_qkv_w)
-        v_rows = tl.where(k_is_reg, reg_img + reg_v_off + seq_k * stride_reg_r,
-                          qkv_img + 2 * C + k_row * stride_qkv_h + k_col * stride_qkv_w)
-        k = tl.load(_tile_ptrs(k_rows, ch, ALIGN, HEAD_DIM), mask=k_valid[:, None], other=0.0)
-        v = tl.load(_tile_ptrs(v_rows, ch, ALIGN, HEAD_DIM), mask=k_valid[:, None], other=0.0)
-        dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
-        dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
-        dreg_win = dreg_ptr + q_tile.to(tl.int64) * stride_dreg_tile + win * stride_dreg_win
+    s = tl.dot(_dot_operand(q, ELEM, UPCAST_DOT), tl.trans(_dot_operand(k, ELEM, UPCAST_DOT)),
+               input_precision=DOT_PRECISION)
+    p = tl.math.exp2(s * qk_scale_log2 + bias.to(tl.float32) * 1.4426950408889634 - lse[:, None])  # 0 on padded keys
+    dp = tl.dot(_dot_operand(do, ELEM, UPCAST_DOT), tl.trans(_dot_operand(v, ELEM, UPCAST_DOT)),
+                input_precision=DOT_PRECISION)
+    if DROPOUT:
+        keep = _keep_mask(seed, win, head, heads, seq_q, dropout_threshold, SEQ, BLOCK_N)
+        p_dropped = tl.where(keep, p * keep_scale, 0.0)
+        dp = tl.where(keep, dp * keep_scale, 0.0)
+    else:
+        p_dropped = p
+    # gradient of the natural-units score q.k*scale + bias; padded query rows have dO = O = 0
+    ds = p * (dp - delta[:, None])
 
-        dk, dv, dbias0 = _bwd_query_rows(
-            seq_q0, k, v, dk, dv, bias0, dbias0, win, img, X, Y, nX, nY, head, heads, ch,
-            qkv_ptr, stride_qkv_b, stride_qkv_h, stride_qkv_w, reg_ptr, stride_reg_b, stride_reg_r, reg_q_off,
-            out_ptr, stride_out_b, stride_out_h, stride_out_w, reg_out_ptr, stride_reg_out_win, stride_reg_out_r,
-            dout_ptr, stride_dout_b, stride_dout_h, stride_dout_w, dreg_out_ptr, stride_dreg_out_win, stride_dreg_out_r,
-            lse_ptr, stride_lse_win, stride_lse_h, dq_ptr, stride_dq_b, stride_dq_h, stride_dq_w, dreg_win, stride_dreg_r,
-            qk_scale_log2, sm_scale, seed, dropout_threshold, keep_scale,
-            WINDOW, NUM_REG, HEAD_DIM, Q_START, BLOCK_N, GRID_PATTERN, DROPOUT, ALIGN, UPCAST_DOT, DOT_PRECISION)
-        if Q_SPLIT == 2:
-            dk, dv, dbias1 = _bwd_query_rows(
-                seq_q1, k, v, dk, dv, bias1, dbias1, win, img, X, Y, nX, nY, head, heads, ch,
-                qkv_ptr, stride_qkv_b, stride_qkv_h, stride_qkv_w, reg_ptr, stride_reg_b, stride_reg_r, reg_q_off,
-                out_ptr, stride_out_b, stride_out_h, stride_out_w, reg_out_ptr, stride_reg_out_win, stride_reg_out_r,
-                dout_ptr, stride_dout_b, stride_dout_h, stride_dout_w, dreg_out_ptr, stride_dreg_out_win,
-                stride_dreg_out_r, lse_ptr, stride_lse_win, stride_lse_h, dq_ptr, stride_dq_b, stride_dq_h,
-                stride_dq_w, dreg_win, stride_dreg_r, qk_scale_log2, sm_scale, seed, dropout_threshold, keep_scale,
-                WINDOW, NUM_REG, HEAD_DIM, Q_START, BLOCK_N, GRID_PATTERN, DROPOUT, ALIGN, UPCAST_DOT, DOT_PRECISION)
+    # Bias gradient: fp32 atomic adds into one of dbias_slots partial sums (window % slots),
+    # which torch then sums and scatters into the table: the order of the adds into a slot is not
+    # fixed, so this gradient is not bitwise deterministic (everything else is).
+    pair_valid = q_valid[:, None] & k_valid[None, :]
+    dbias_ptrs = dbias_ptr + (win % dbias_slots) * stride_dbias_slot + head * stride_dbias_h \
+        + (seq_q - Q_START)[:, None] * stride_dbias_q + seq_k[None, :]
+    tl.atomic_add(dbias_ptrs, ds, mask=pair_valid, sem="relaxed")
 
-        # token rows straight to their pixels; register rows to the per-window fp32 buffer
-        dkv_rows = dkv_ptr + q_tile.to(tl.int64) * stride_dkv_tile + img * stride_dkv_b \
-            + k_row * stride_dkv_h + k_col * stride_dkv_w
-        k_tok_mask = (k_valid & ~k_is_reg)[:, None]
-        tl.store(_tile_ptrs(dkv_rows + dk_off, ch, ALIGN, HEAD_DIM), dk.to(dkv_ptr.dtype.element_ty), mask=k_tok_mask)
-        tl.store(_tile_ptrs(dkv_rows + dv_off, ch, ALIGN, HEAD_DIM), dv.to(dkv_ptr.dtype.element_ty), mask=k_tok_mask)
-        tl.store(_tile_ptrs(dreg_win + reg_k_off + seq_k * stride_dreg_r, ch, 16, HEAD_DIM), dk, mask=k_is_reg[:, None])
-        tl.store(_tile_ptrs(dreg_win + reg_v_off + seq_k * stride_dreg_r, ch, 16, HEAD_DIM), dv, mask=k_is_reg[:, None])
+    dv = tl.dot(tl.trans(_dot_operand(p_dropped, ELEM, UPCAST_DOT)), _dot_operand(do, ELEM, UPCAST_DOT),
+                input_precision=DOT_PRECISION)
+    ds_op = _dot_operand(ds * sm_scale, ELEM, UPCAST_DOT)
+    dq = tl.dot(ds_op, _dot_operand(k, ELEM, UPCAST_DOT), input_precision=DOT_PRECISION)
+    dk = tl.dot(tl.trans(ds_op), _dot_operand(q, ELEM, UPCAST_DOT), input_precision=DOT_PRECISION)
 
-    tile = tl.arange(0, SUB_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    dbias_base = dbias_ptr + group * stride_dbias_group + head * stride_dbias_h + q_tile * (BLOCK_M * BLOCK_N)
-    tl.store(dbias_base + tile, dbias0)
-    if Q_SPLIT == 2:
-        tl.store(dbias_base + SUB_M * BLOCK_N + tile, dbias1)
+    # Token rows straight to their pixels; register rows to the per-window fp32 buffer.
+    dq_rows = dq_ptr + img * stride_dq_b + q_row * stride_dq_h + q_col * stride_dq_w
+    tl.store(_tile_ptrs(dq_rows, ch, ALIGN, HEAD_DIM), dq.to(dq_ptr.dtype.element_ty),
+             mask=(q_valid & ~q_is_reg)[:, None])
+    dreg_win = dreg_ptr + q_tile.to(tl.int64) * stride_dreg_tile + win * stride_dreg_win
+    tl.store(_tile_ptrs(dreg_win + reg_q_off + seq_q * stride_dreg_r, ch, 16, HEAD_DIM), dq, mask=q_is_reg[:, None])
+    dkv_rows = dkv_ptr + q_tile.to(tl.int64) * stride_dkv_tile + img * stride_dkv_b \
+        + k_row * stride_dkv_h + k_col * stride_dkv_w
+    k_tok_mask = (k_valid & ~k_is_reg)[:, None]
+    tl.store(_tile_ptrs(dkv_rows + dk_off, ch, ALIGN, HEAD_DIM), dk.to(dkv_ptr.dtype.element_ty), mask=k_tok_mask)
+    tl.store(_tile_ptrs(dkv_rows + dv_off, ch, ALIGN, HEAD_DIM), dv.to(dkv_ptr.dtype.element_ty), mask=k_tok_mask)
+    tl.store(_tile_ptrs(dreg_win + reg_k_off + seq_k * stride_dreg_r, ch, 16, HEAD_DIM), dk, mask=k_is_reg[:, None])
+    tl.store(_tile_ptrs(dreg_win + reg_v_off + seq_k * stride_dreg_r, ch, 16, HEAD_DIM), dv, mask=k_is_reg[:, None])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,9 +370,10 @@ def tile_config(window: int, num_registers: int, register_queries: bool) -> dict
     block_m = max(16, min(64, _next_pow2(seq - q_start)))
     q_tiles = triton.cdiv(seq - q_start, block_m)
     num_warps = 4 if block_n <= 64 else 8
-    bwd_q_split = 2 if block_m >= 32 else 1
+    # the forward's window loop prefetches the next window's q/k/v with 2 stages; the backward has
+    # no loop
     return dict(seq=seq, q_start=q_start, BLOCK_M=block_m, BLOCK_N=block_n, q_tiles=q_tiles, num_warps=num_warps,
-                bwd_q_split=bwd_q_split)
+                fwd_stages=2, bwd_stages=1)
 
 
 DROPOUT_BITS = 16
@@ -583,7 +525,7 @@ def window_attention_forward(
         WINDOW=window, NUM_REG=num_registers, HEAD_DIM=head_dim, Q_START=cfg["q_start"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GRID_PATTERN=bool(grid_pattern),
         DROPOUT=threshold > 0, ALIGN=align, UPCAST_DOT=INTERPRET, DOT_PRECISION=_dot_precision(dtype),
-        num_warps=cfg["num_warps"],
+        num_warps=cfg["num_warps"], num_stages=cfg["fwd_stages"],
     )
     return out, reg_out, lse
 
@@ -647,11 +589,10 @@ def window_attention_backward(
                        [C, k_off, v_off], qkv.element_size())
     if q_tiles > 1:
         align = min(align, _alignment([dkv], [C], dkv.element_size()))
-    wpp = _windows_per_program(num_windows, heads * q_tiles, target_programs=1024, minimum=8)
-    groups = triton.cdiv(num_windows, wpp)
-    dbias = _alloc((groups, heads, q_tiles, BLOCK_M, BLOCK_N), torch.float32, dev)
+    slots = min(num_windows, DBIAS_SLOTS)
+    dbias = torch.zeros((slots, heads, seq - q_start, seq), dtype=torch.float32, device=dev)
     reg_batch_stride = reg_qkv.stride(0) if reg_qkv.shape[0] > 1 else 0
-    window_attention_bwd_kernel[(groups, heads, q_tiles)](
+    window_attention_bwd_kernel[(num_windows, heads, q_tiles)](
         qkv, qkv.stride(0), qkv.stride(1), qkv.stride(2),
         reg_qkv, reg_batch_stride, reg_qkv.stride(1), q_off, k_off, v_off,
         table, table.stride(0), table.stride(1),
@@ -663,13 +604,13 @@ def window_attention_backward(
         dqkv, dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
         dkv, dkv_tile_stride, *dkv_strides, dk_off, dv_off,
         dreg, dreg.stride(0), dreg.stride(1), dreg.stride(2),
-        dbias, dbias.stride(0), dbias.stride(1),
-        C, heads, nX, nY, num_windows, wpp,
+        dbias, dbias.stride(0), dbias.stride(1), dbias.stride(2), slots,
+        C, heads, nX, nY,
         float(scale) * LOG2E, float(scale), int(seed), threshold, keep_scale,
         WINDOW=window, NUM_REG=num_registers, HEAD_DIM=head_dim, Q_START=q_start,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, Q_SPLIT=cfg["bwd_q_split"], GRID_PATTERN=bool(grid_pattern),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, GRID_PATTERN=bool(grid_pattern),
         DROPOUT=threshold > 0, ALIGN=align, UPCAST_DOT=INTERPRET, DOT_PRECISION=_dot_precision(dtype),
-        num_warps=cfg["num_warps"],
+        num_warps=cfg["num_warps"], num_stages=cfg["bwd_stages"],
     )
     if q_tiles > 1:
         dqkv[..., C:] = dkv.sum(0).to(dtype)
@@ -681,7 +622,7 @@ def window_attention_backward(
         d_reg = dreg.view(q_tiles, B, nX * nY, num_registers, c_reg).sum(dim=(0, 2))
 
     # Bias table: dS summed over windows -> (heads, queries, keys) -> table entries.
-    scores = dbias.sum(0).reshape(heads, q_tiles * BLOCK_M, BLOCK_N)[:, : seq - q_start, :seq]
+    scores = dbias.sum(0)  # (heads, queries, keys)
     d_table = bias_table_gradient(scores, rel_pos_indices[q_start:, :], num_registers - q_start, num_registers, table.shape[0])
     return dqkv, d_reg, d_table
 

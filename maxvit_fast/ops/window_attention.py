@@ -88,7 +88,8 @@ def _fused_unsupported(x, registers, attn) -> str | None:
         from ..kernels import window_attention as K
     except ImportError:
         return None  # use_kernels reports the missing Triton itself
-    reason = K.unsupported_reason(attn.window_size, attn.num_registers, attn.dim_head, x.dtype)
+    attn_p = float(attn.attend[1].p) if attn.training else 0.0
+    reason = K.unsupported_reason(attn.window_size, attn.num_registers, attn.dim_head, x.dtype, attn_p)
     if reason is not None:
         return reason
     tensors = [registers, attn.norm.weight, attn.to_qkv.weight, attn.to_out[0].weight, attn.rel_pos_bias.weight]
