@@ -60,10 +60,11 @@ from triton.backends.compiler import GPUTarget
 reqs, out_dir = json.load(open(sys.argv[1])), sys.argv[2]
 for i, req in enumerate(reqs):
     fn = getattr(importlib.import_module(req["module"]), req["kernel"])
-    sig = req["signature"]
+    constexprs = req.get("constexprs") or {}
+    sig = dict(req["signature"], **{name: "constexpr" for name in constexprs})
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
              for n, t in sig.items() if t.startswith("*") or n in req.get("divisible", ())}
-    k = triton.compile(ASTSource(fn, sig, req.get("constexprs") or {}, attrs),
+    k = triton.compile(ASTSource(fn, sig, constexprs, attrs),
                        target=GPUTarget("cuda", req["arch"], 32),
                        options=dict(num_warps=req.get("num_warps", 4), num_stages=req.get("num_stages", 3)))
     open(f"{out_dir}/{i}.cubin", "wb").write(k.asm["cubin"])
@@ -104,7 +105,7 @@ def compile_kernels(requests: list[dict], shards: int = 2, timeout: float = 900)
 
     A request is a dict: ``module`` and ``kernel`` (importable names), ``signature`` (every
     argument name -> Triton type string: "*fp16", "i32", "fp32", "constexpr"), ``constexprs``,
-    ``arch`` (80, 90, ...), and optionally ``num_warps``, ``num_stages`` and ``divisible`` (integer
+    ``arch`` (80, 90, ...; constexprs need not be repeated in the signature), and optionally ``num_warps``, ``num_stages`` and ``divisible`` (integer
     arguments known to be multiples of 16 at launch, e.g. strides of channels-last maps).
     """
     shards = max(1, min(shards, len(requests)))

@@ -24,18 +24,13 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import os
-import re
-import subprocess
-import sys
-import tempfile
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from maxvit_fast.aot import compile_kernels
 from maxvit_fast.dispatch import FusedFallbackWarning, reset_fallback_warnings
 from maxvit_fast.ops import mbconv
 from maxvit_fast.reference import MBConv
@@ -616,67 +611,18 @@ def kernel_requests():
     return list(requests.values())
 
 
-# Compiles a list of requests in ONE process (one Python + Triton start-up for all of them,
-# instead of one per kernel as maxvit_fast.aot.compile_kernel does), with the divisibility-by-16
-# hints Triton's runtime specialisation gives aligned pointers and multiple-of-16 integers.
-_BATCH_COMPILE = r"""
-import importlib, json, sys
-import triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-reqs, out_dir = json.load(open(sys.argv[1])), sys.argv[2]
-for i, req in enumerate(reqs):
-    fn = getattr(importlib.import_module(req["module"]), req["kernel"])
-    sig = dict(req["signature"], **{k: "constexpr" for k in req["constexprs"]})
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
-             for n, t in req["signature"].items() if t.startswith("*") or n in req["divisible"]}
-    k = triton.compile(ASTSource(fn, sig, req["constexprs"], attrs), target=GPUTarget("cuda", req["arch"], 32),
-                       options=dict(num_warps=req["num_warps"], num_stages=req["num_stages"]))
-    open(f"{out_dir}/{i}.cubin", "wb").write(k.asm["cubin"])
-"""
-
-
-def compile_batch(requests):
-    from maxvit_fast.aot import cuobjdump_path
-
-    tool = str(cuobjdump_path())
-    with tempfile.TemporaryDirectory() as tmp:
-        shards = [requests[i::2] for i in range(2)]
-        procs = []
-        for s, shard in enumerate(shards):
-            d = Path(tmp, str(s))
-            d.mkdir()
-            Path(tmp, f"{s}.json").write_text(json.dumps(shard))
-            env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-            procs.append(subprocess.Popen([sys.executable, "-c", _BATCH_COMPILE, str(Path(tmp, f"{s}.json")), str(d)],
-                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        for p in procs:
-            _, err = p.communicate(timeout=900)
-            assert p.returncode == 0, f"ahead-of-time compile failed:\n{err[-4000:]}"
-        results = []
-        for s, shard in enumerate(shards):
-            for i, req in enumerate(shard):
-                cubin = str(Path(tmp, str(s), f"{i}.cubin"))
-                usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True).stdout
-                sass = subprocess.run([tool, "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
-                res = {key: int(re.search(rf"\b{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK", "LOCAL")}
-                res["HMMA"] = bool(re.search(r"\bHMMA\b|\bHMMA\.", sass))
-                res["HGMMA"] = bool(re.search(r"\bHGMMA", sass))
-                results.append((req, res))
-    return results
-
-
 def test_aot_compile_maxvit_t_configurations():
     requests = [dict(r, arch=arch) for r in kernel_requests() for arch in (80, 90)]
     failures, table = [], []
-    for req, res in compile_batch(requests):
-        flags = {k: v for k, v in req["constexprs"].items() if not k.startswith(("FP32", "UPCAST", "EMULATE"))}
-        line = (f"sm_{req['arch']} {req['kernel']} {req['signature'].get('out_ptr', req['signature'].get('w_reduce_ptr'))} "
-                f"{flags} warps={req['num_warps']}: REG {res['REG']} LOCAL {res['LOCAL']} STACK {res['STACK']}")
+    for k in compile_kernels(requests):
+        req = k.request
+        flags = {n: v for n, v in req["constexprs"].items() if not n.startswith(("FP32", "UPCAST", "EMULATE"))}
+        line = (f"{k.summary()} {req['signature'].get('out_ptr', req['signature'].get('w_reduce_ptr'))} "
+                f"{flags} warps={req['num_warps']}")
         table.append(line)
-        if res["LOCAL"] or res["STACK"]:
+        if k.spills:
             failures.append("spills: " + line)
-        if req["mma"] and not (res["HMMA"] or (req["arch"] == 90 and res["HGMMA"])):
+        if req["mma"] and not (k.uses("HMMA") or (k.arch == 90 and k.uses("HGMMA"))):
             failures.append("no tensor-core instructions: " + line)
     print("\n".join(table))
     assert not failures, "\n".join(failures)
