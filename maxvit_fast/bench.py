@@ -311,7 +311,7 @@ def environment(device) -> dict:
     return info
 
 
-def _write_json(path: str | None, doc: dict):
+def write_json(path: str | None, doc: dict):
     if not path:
         return
     directory = os.path.dirname(os.path.abspath(path))
@@ -572,7 +572,7 @@ def run_timing(args, base, model_kwargs, device, doc, notes) -> list[dict]:
                                      + entry.get("note", ""))
                 results.append(entry)
                 _add_speedups(results)
-                _write_json(args.json, doc)
+                write_json(args.json, doc)
                 progress.advance()
             if runner is not None:
                 runner.close()
@@ -749,7 +749,7 @@ def run_traffic(args, base, model_kwargs, device, doc, notes) -> dict:
     }
     section["target_met"] = {k: (v is not None and v <= TRAFFIC_TARGET) for k, v in section["ratio"].items()}
     doc["traffic"] = section
-    _write_json(args.json, doc)
+    write_json(args.json, doc)
     return section
 
 
@@ -839,7 +839,7 @@ def run_interpret_check(args, model_kwargs, device, doc) -> dict:
     )
     if tally.total == 0:
         check["note"] = "no Triton kernel ran"
-    _write_json(args.json, doc)
+    write_json(args.json, doc)
     return check
 
 
@@ -966,7 +966,7 @@ def main(argv=None) -> int:
                   + (f"; {check['note']}" if check.get("note") else ""))
     for note in notes:
         print(f"note: {note}")
-    _write_json(args.json, doc)
+    write_json(args.json, doc)
     if args.json:
         print(f"json: {args.json}")
     return status
