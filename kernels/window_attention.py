@@ -360,8 +360,9 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def tile_config(window: int, num_registers: int, register_queries: bool) -> dict:
-    """Tile sizes for one window sequence; raises ValueError when it does not fit one key tile."""
+def tile_config(window: int, num_registers: int, register_queries: bool, dtype: torch.dtype = torch.float16) -> dict:
+    """Tile sizes, warps and pipeline stages for one window sequence (chosen from the compiled
+    code's resource report, see the header); raises ValueError when it does not fit one key tile."""
     seq = num_registers + window * window
     q_start = 0 if register_queries else num_registers
     block_n = max(16, _next_pow2(seq))
@@ -369,7 +370,9 @@ def tile_config(window: int, num_registers: int, register_queries: bool) -> dict
         raise ValueError(f"sequence r + w*w = {seq} needs a key tile of {block_n} > {MAX_SEQ_TILE}")
     block_m = max(16, min(64, _next_pow2(seq - q_start)))
     q_tiles = triton.cdiv(seq - q_start, block_m)
-    num_warps = 4 if block_n <= 64 else 8
+    # fp16/bf16: 4 warps for a 64-key tile (the chained dots put all warps along the 64 query rows;
+    # 8 would duplicate work), 8 for 128 keys. fp32 (FMA dots) spills at 4 warps, not at 8.
+    num_warps = 4 if block_n <= 64 and dtype != torch.float32 else 8
     # the forward's window loop prefetches the next window's q/k/v with 2 stages; the backward has
     # no loop
     return dict(seq=seq, q_start=q_start, BLOCK_M=block_m, BLOCK_N=block_n, q_tiles=q_tiles, num_warps=num_warps,
@@ -491,7 +494,7 @@ def window_attention_forward(
     ``out``/``reg_out``/``lse`` may be passed preallocated (contiguous).
     """
     B, H, W, C = _check_inputs(qkv, reg_qkv, table, window, num_registers, heads, head_dim)
-    cfg = tile_config(window, num_registers, register_queries)
+    cfg = tile_config(window, num_registers, register_queries, qkv.dtype)
     q_off, k_off, v_off = _register_layout(reg_qkv, C, register_queries)
     nX, nY = H // window, W // window
     num_windows = B * nX * nY
@@ -542,7 +545,7 @@ def window_attention_backward(
     (n, n) table-index map used to scatter the summed score gradients into the table.
     """
     B, H, W, C = _check_inputs(qkv, reg_qkv, table, window, num_registers, heads, head_dim)
-    cfg = tile_config(window, num_registers, register_queries)
+    cfg = tile_config(window, num_registers, register_queries, qkv.dtype)
     q_off, k_off, v_off = _register_layout(reg_qkv, C, register_queries)
     nX, nY = H // window, W // window
     num_windows = B * nX * nY

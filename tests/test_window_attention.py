@@ -1,0 +1,428 @@
+"""Fused window attention (block and grid steps, registers, relative-position bias) against the
+reference path, forward and backward, through the Triton interpreter on the CPU (compiled kernels
+on a GPU).
+
+Tolerances: fp32 1e-5 relative (normwise for outputs, L2 for gradients): both sides compute in
+fp32 and only the summation order differs. fp16/bf16: the fused error against an fp32 reference
+(the same weights and inputs, upcast) is at most 2x the reference module's own error in that
+dtype, plus an atol of 1e-3 x the largest reference entry (entries the reference rounds almost
+exactly would otherwise set a near-zero bound).
+"""
+
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import maxvit_fast.ops.window_attention as wa_op
+from maxvit_fast import FusedFallbackWarning, MaxViT, reset_fallback_warnings
+from maxvit_fast.kernels import window_attention as K
+from maxvit_fast.ops.window_attention import _reference, window_attention_residual
+from maxvit_fast.reference import Attention
+
+from .helpers import assert_close_l2, assert_close_normwise, assert_within_reference_error, poison_
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poison_kernel_outputs(monkeypatch):
+    """Every buffer the kernels must write completely starts as NaN (out, register outputs, lse,
+    dqkv, register-row gradients, dK/dV partials)."""
+    monkeypatch.setattr(K, "POISON_OUTPUTS", True)
+
+
+def make_attention(dim, dim_head, window, num_registers, dtype=torch.float32, dropout=0.0):
+    attn = Attention(dim, dim_head=dim_head, dropout=dropout, window_size=window, num_registers=num_registers)
+    with torch.no_grad():  # non-trivial LayerNorm affine so its gradients are exercised
+        attn.norm.weight.normal_(1.0, 0.2)
+        attn.norm.bias.normal_(0.0, 0.2)
+    return attn.to(DEVICE, dtype)
+
+
+def make_inputs(batch, nx, ny, window, dim, pattern, dtype=torch.float32):
+    """x: the channels-last view of an NCHW tensor (as the model hands it over)."""
+    return torch.randn(batch, dim, nx * window, ny * window, device=DEVICE, dtype=dtype).permute(0, 2, 3, 1)
+
+
+def make_registers(batch, num_registers, dim, per_image, dtype=torch.float32):
+    shape = (batch, num_registers, dim) if per_image else (num_registers, dim)
+    return torch.randn(shape, device=DEVICE, dtype=dtype)
+
+
+def run(x, registers, attn, pattern, fused, need_register_outputs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusedFallbackWarning)  # the fused path must really run
+        return window_attention_residual(x, registers, attn, pattern, fused, need_register_outputs)
+
+
+def grads_of(outputs, cotangents, tensors):
+    loss = sum((o.float() * c).sum() for o, c in zip(outputs, cotangents) if o is not None)
+    return torch.autograd.grad(loss, tensors)
+
+
+# (pattern, batch, nX, nY, window, registers, dim_head, heads, need_register_outputs)
+# Covers: both patterns, batch 1 and 3, windows 3/5/7/8, registers 1/4, dim_head 16/32, 1-3 heads,
+# several windows per image, register outputs on and off in both patterns, one and several query
+# tiles (w=8 block step: 68 query rows), 16-, 64- and 128-key tiles.
+FP32_CASES = [
+    ("block", 1, 2, 3, 7, 4, 32, 2, True),
+    ("grid", 3, 2, 2, 3, 1, 16, 2, False),
+    ("block", 3, 1, 2, 8, 1, 16, 1, True),
+    ("grid", 1, 2, 1, 8, 4, 32, 2, False),
+    ("block", 1, 2, 2, 5, 4, 16, 3, False),
+    ("grid", 3, 2, 1, 5, 1, 16, 1, True),
+]
+
+
+@pytest.mark.parametrize("case", FP32_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_fp32_forward_and_gradients_match_reference(case):
+    pattern, batch, nx, ny, window, r, dim_head, heads, need_regs = case
+    dim = dim_head * heads
+    attn = make_attention(dim, dim_head, window, r)
+    x = make_inputs(batch, nx, ny, window, dim, pattern).requires_grad_()
+    registers = make_registers(batch, r, dim, per_image=pattern == "grid").requires_grad_()
+
+    out_f, regs_f = run(x, registers, attn, pattern, True, need_regs)
+    out_r, regs_r = run(x, registers, attn, pattern, False, need_regs)
+    assert_close_normwise(out_f, out_r, 1e-5, name="tokens")
+    if need_regs:
+        assert_close_normwise(regs_f, regs_r, 1e-5, name="register rows")
+    else:
+        assert regs_f is None and regs_r is None
+
+    cot = [torch.randn_like(out_r), torch.randn_like(regs_r) if need_regs else None]
+    params = dict(x=x, registers=registers, **dict(attn.named_parameters()))
+    g_f = grads_of([out_f, regs_f], cot, list(params.values()))
+    g_r = grads_of([out_r, regs_r], cot, list(params.values()))
+    for name, a, b in zip(params, g_f, g_r):
+        assert_close_l2(a, b, 1e-5, name=f"grad {name}")
+
+
+LOWP_CASES = [
+    ("block", torch.float16, 1, 2, 2, 7, 4, 32, 2),
+    ("grid", torch.bfloat16, 3, 2, 1, 5, 4, 16, 2),
+    ("block", torch.bfloat16, 1, 1, 2, 8, 1, 16, 1),
+]
+
+
+@pytest.mark.parametrize("case", LOWP_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_low_precision_within_twice_the_reference_error(case):
+    pattern, dtype, batch, nx, ny, window, r, dim_head, heads = case
+    dim = dim_head * heads
+    need_regs = pattern == "block"
+    attn = make_attention(dim, dim_head, window, r, dtype=dtype)
+    attn32 = make_attention(dim, dim_head, window, r)
+    attn32.load_state_dict({k: v.float() for k, v in attn.state_dict().items()})
+    x = make_inputs(batch, nx, ny, window, dim, pattern, dtype=dtype).requires_grad_()
+    registers = make_registers(batch, r, dim, per_image=pattern == "grid", dtype=dtype).requires_grad_()
+    x32 = x.detach().float().requires_grad_()
+    registers32 = registers.detach().float().requires_grad_()
+
+    outs = {
+        "fused": run(x, registers, attn, pattern, True, need_regs),
+        "ref": run(x, registers, attn, pattern, False, need_regs),
+        "fp32": run(x32, registers32, attn32, pattern, False, need_regs),
+    }
+    for i, what in enumerate(["tokens", "register rows"][: 1 + need_regs]):
+        truth = outs["fp32"][i]
+        assert_within_reference_error(outs["fused"][i], outs["ref"][i], truth, factor=2.0,
+                                      atol=1e-3 * truth.abs().max().item(), name=what)
+
+    cot = [torch.randn_like(outs["fp32"][0]), torch.randn_like(outs["fp32"][1]) if need_regs else None]
+    names = ["x", "registers"] + [n for n, _ in attn.named_parameters()]
+    g_f = grads_of(outs["fused"], cot, [x, registers, *attn.parameters()])
+    g_r = grads_of(outs["ref"], cot, [x, registers, *attn.parameters()])
+    g_t = grads_of(outs["fp32"], cot, [x32, registers32, *attn32.parameters()])
+    for name, a, b, t in zip(names, g_f, g_r, g_t):
+        assert_within_reference_error(a, b, t, factor=2.0, atol=1e-3 * t.abs().max().item(), name=f"grad {name}")
+
+
+def test_large_logits_stay_finite_and_match():
+    """to_qkv scaled by 10 makes q.k 100x larger (the LayerNorm in front would undo scaling the
+    input); the input is scaled by 100 as well, for the residual."""
+    pattern, batch, nx, ny, window, r, dim_head, heads = "block", 1, 2, 1, 5, 4, 16, 2
+    dim = dim_head * heads
+    attn = make_attention(dim, dim_head, window, r)
+    with torch.no_grad():
+        attn.to_qkv.weight.mul_(10.0)
+    x = (100 * make_inputs(batch, nx, ny, window, dim, pattern)).requires_grad_()
+    registers = (100 * make_registers(batch, r, dim, per_image=False)).requires_grad_()
+    out_f, regs_f = run(x, registers, attn, pattern, True, True)
+    out_r, regs_r = run(x, registers, attn, pattern, False, True)
+    assert torch.isfinite(out_f).all() and torch.isfinite(regs_f).all()
+    assert_close_normwise(out_f, out_r, 1e-5, name="tokens")
+    assert_close_normwise(regs_f, regs_r, 1e-5, name="register rows")
+    cot = [torch.randn_like(out_r), torch.randn_like(regs_r)]
+    g_f = grads_of([out_f, regs_f], cot, [x, attn.to_qkv.weight, attn.rel_pos_bias.weight])
+    g_r = grads_of([out_r, regs_r], cot, [x, attn.to_qkv.weight, attn.rel_pos_bias.weight])
+    for name, a, b in zip(["x", "to_qkv", "bias table"], g_f, g_r):
+        # near-one-hot softmax: the gradients are differences of nearly equal terms, 1e-4
+        assert_close_l2(a, b, 1e-4, name=f"grad {name}")
+
+
+def test_preallocated_poisoned_outputs_are_fully_written():
+    batch, nx, ny, window, r, dim_head, heads = 3, 1, 2, 3, 4, 16, 2
+    dim = dim_head * heads
+    qkv = torch.randn(batch, nx * window, ny * window, 3 * dim, device=DEVICE)
+    reg_qkv = torch.randn(1, r, 3 * dim, device=DEVICE)
+    table = torch.randn((2 * window - 1) ** 2 + 1, heads, device=DEVICE)
+    out = poison_(torch.empty(batch, nx * window, ny * window, dim, device=DEVICE))
+    reg_out = poison_(torch.empty(batch, nx, ny, r, dim, device=DEVICE))
+    lse = poison_(torch.empty(batch * nx * ny, heads, r + window * window, device=DEVICE))
+    K.window_attention_forward(qkv, reg_qkv, table, window=window, num_registers=r, heads=heads, head_dim=dim_head,
+                               grid_pattern=False, register_queries=True, scale=dim_head**-0.5,
+                               out=out, reg_out=reg_out, lse=lse)
+    for name, t in (("out", out), ("reg_out", reg_out), ("lse", lse)):
+        assert torch.isfinite(t).all(), f"{name} has unwritten (NaN) entries"
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout
+# ---------------------------------------------------------------------------------------------
+
+DROP_CFG = dict(batch=2, nx=2, ny=1, window=3, r=1, dim_head=16, heads=2)  # n = 10 <= dim_head
+
+
+def extract_keep_mask(seed, p, batch, nx, ny, window, r, dim_head, heads):
+    """The kernel's keep mask (windows, heads, n, n) for this launch shape: with q = k = 0 and a
+    zero bias every probability is 1/n, and v = one-hot of the key index, so output channel j of
+    row i is keep[i, j] * scale / n."""
+    n = r + window * window
+    dim = dim_head * heads
+    qkv = torch.zeros(batch, nx * window, ny * window, 3 * dim, device=DEVICE)
+    reg_qkv = torch.zeros(1, r, 3 * dim, device=DEVICE)
+    eye = torch.eye(n, dim_head, device=DEVICE)
+    for h in range(heads):
+        reg_qkv[0, :, 2 * dim + h * dim_head: 2 * dim + (h + 1) * dim_head] = eye[:r]
+        tok = eye[r:].view(window, window, dim_head)
+        v = qkv[..., 2 * dim + h * dim_head: 2 * dim + (h + 1) * dim_head]
+        for X in range(nx):
+            for Y in range(ny):
+                v[:, X * window:(X + 1) * window, Y * window:(Y + 1) * window] = tok
+    table = torch.zeros((2 * window - 1) ** 2 + 1, heads, device=DEVICE)
+    out, reg_out, _ = K.window_attention_forward(
+        qkv, reg_qkv, table, window=window, num_registers=r, heads=heads, head_dim=dim_head, grid_pattern=False,
+        register_queries=True, scale=1.0, dropout_p=p, seed=seed)
+    _, keep_scale = K.dropout_threshold(p)
+    tokens = wa_op.window_partition(out, window, "block")  # (B, nX, nY, w*w, C)
+    rows = torch.cat([reg_out, tokens], dim=3).reshape(batch * nx * ny, n, heads, dim_head)
+    keep = rows.permute(0, 2, 1, 3)[..., :n] * n / keep_scale  # (windows, heads, n, n)
+    assert torch.allclose(keep, keep.round(), atol=1e-4), "extracted mask is not 0/1"
+    return keep.round()
+
+
+def test_dropout_keep_rate_and_mask_variety():
+    p = 0.25
+    keep = extract_keep_mask(1234, p, **DROP_CFG)
+    count, kept = keep.numel(), keep.sum().item()
+    mean, sd = count * (1 - p), (count * p * (1 - p)) ** 0.5
+    assert abs(kept - mean) <= 5 * sd, f"kept {kept} of {count}, expected {mean:.0f} +- {5 * sd:.0f}"
+    flat = keep.flatten(0, 1)  # every (window, head) draws its own mask
+    assert len({tuple(m.flatten().tolist()) for m in flat}) == flat.shape[0]
+    assert not torch.equal(keep, extract_keep_mask(4321, p, **DROP_CFG))
+
+
+def masked_reference(x, registers, attn, pattern, keep, keep_scale):
+    """The reference attention + residual with the attention dropout replaced by a given mask
+    (windows, heads, n, n) and scale; no output dropout."""
+    w, r = attn.window_size, attn.num_registers
+    b, _, _, c = x.shape
+    tokens = wa_op.window_partition(x, w, pattern)
+    nx, ny = tokens.shape[1:3]
+    regs = registers.expand(b, nx, ny, r, c) if registers.ndim == 2 else registers[:, None, None].expand(b, nx, ny, r, c)
+    seq = torch.cat([regs, tokens], dim=3).reshape(b * nx * ny, r + w * w, c)
+    h, d = attn.heads, attn.dim_head
+    q, k, v = attn.to_qkv(attn.norm(seq)).chunk(3, dim=-1)
+    q, k, v = (t.reshape(seq.shape[0], -1, h, d).transpose(1, 2) for t in (q, k, v))
+    sim = (q * attn.scale) @ k.transpose(-1, -2) + attn.rel_pos_bias(attn.rel_pos_indices).permute(2, 0, 1)
+    probs = sim.softmax(dim=-1) * keep * keep_scale
+    o = (probs @ v).transpose(1, 2).reshape(seq.shape[0], -1, h * d)
+    seq = attn.to_out[0](o) + seq
+    seq = seq.reshape(b, nx, ny, r + w * w, c)
+    return wa_op.window_unpartition(seq[:, :, :, r:], w, pattern), seq[:, :, :, :r]
+
+
+@pytest.mark.parametrize("pattern", ["block", "grid"])
+def test_dropout_gradients_use_the_same_mask(monkeypatch, pattern):
+    cfg = DROP_CFG
+    p, seed = 0.3, int(torch.randint(0, 2**31 - 1, ()).item())
+    monkeypatch.setattr(wa_op, "_draw_seed", lambda: seed)
+    dim = cfg["dim_head"] * cfg["heads"]
+    attn = make_attention(dim, cfg["dim_head"], cfg["window"], cfg["r"], dropout=p).train()
+    attn.to_out[1].p = 0.0  # output dropout is torch's own; this test is about the in-kernel one
+    x = make_inputs(cfg["batch"], cfg["nx"], cfg["ny"], cfg["window"], dim, pattern).requires_grad_()
+    registers = make_registers(cfg["batch"], cfg["r"], dim, per_image=pattern == "grid").requires_grad_()
+    keep = extract_keep_mask(seed, p, **cfg)
+    keep_scale = K.dropout_threshold(p)[1]
+
+    need_regs = pattern == "block"
+    out_f, regs_f = run(x, registers, attn, pattern, True, need_regs)
+    out_m, regs_m = masked_reference(x, registers, attn, pattern, keep, keep_scale)
+    assert_close_normwise(out_f, out_m, 1e-5, name="tokens")
+    if need_regs:
+        assert_close_normwise(regs_f, regs_m, 1e-5, name="register rows")
+    cot = [torch.randn_like(out_m), torch.randn_like(regs_m) if need_regs else None]
+    params = dict(x=x, registers=registers, **dict(attn.named_parameters()))
+    g_f = grads_of([out_f, regs_f], cot, list(params.values()))
+    g_m = grads_of([out_m, regs_m if need_regs else None], cot, list(params.values()))
+    for name, a, b in zip(params, g_f, g_m):
+        assert_close_l2(a, b, 1e-5, name=f"grad {name}")
+
+    # same seed, same output; a fresh seed, a different one
+    again, _ = run(x, registers, attn, pattern, True, need_regs)
+    assert torch.equal(again, out_f)
+    monkeypatch.setattr(wa_op, "_draw_seed", lambda: seed + 1)
+    other, _ = run(x, registers, attn, pattern, True, need_regs)
+    assert not torch.equal(other, out_f)
+
+
+def test_dropout_seed_comes_from_torch_generator():
+    cfg = DROP_CFG
+    dim = cfg["dim_head"] * cfg["heads"]
+    attn = make_attention(dim, cfg["dim_head"], cfg["window"], cfg["r"], dropout=0.2).train()
+    x = make_inputs(cfg["batch"], cfg["nx"], cfg["ny"], cfg["window"], dim, "block")
+    registers = make_registers(cfg["batch"], cfg["r"], dim, per_image=False)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        a, _ = run(x, registers, attn, "block", True, True)
+        torch.manual_seed(7)
+        b, _ = run(x, registers, attn, "block", True, True)
+        c, _ = run(x, registers, attn, "block", True, True)
+        attn.eval()
+        e1, _ = run(x, registers, attn, "block", True, True)
+        e2, _ = run(x, registers, attn, "block", False, True)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert_close_normwise(e1, e2, 1e-5, name="eval mode: no dropout")
+
+
+# ---------------------------------------------------------------------------------------------
+# whole model, fallbacks, errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_model_fused_matches_reference():
+    torch.manual_seed(torch.seed() % 2**31)
+    kwargs = dict(num_classes=5, dim=32, depth=(1, 1), dim_head=16, window_size=4, num_register_tokens=4)
+    ref = MaxViT(dropout=0.0, **kwargs).to(DEVICE)
+    fused = MaxViT(dropout=0.0, fused=True, **kwargs).to(DEVICE)
+    fused.load_state_dict(ref.state_dict())
+    with torch.no_grad():  # BatchNorm statistics that eval mode actually uses
+        for (name, buf), (_, buf2) in zip(ref.named_buffers(), fused.named_buffers()):
+            if name.endswith("running_var"):
+                buf.uniform_(0.5, 1.5), buf2.copy_(buf)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FusedFallbackWarning)  # MBConv / feed-forward still reference
+        ref.eval(), fused.eval()
+        with torch.no_grad():
+            assert_close_normwise(fused(x), ref(x), 1e-5, name="eval logits")
+        ref.train(), fused.train()
+        target = torch.randn(2, 5, device=DEVICE)
+        (ref(x) * target).sum().backward()
+        (fused(x) * target).sum().backward()
+    grads = dict(ref.named_parameters())
+    floor = 1e-3 * max(p.grad.norm().item() for p in grads.values())
+    for name, p in fused.named_parameters():
+        assert p.grad is not None, name
+        assert_close_l2(p.grad, grads[name].grad, 1e-4, name=f"grad {name}", floor=floor)
+
+
+@pytest.mark.parametrize(
+    "window,r,dim_head,dtype,match",
+    [(12, 4, 16, torch.float32, "r \\+ w\\*w"), (3, 1, 8, torch.float32, "dim_head"),
+     (3, 1, 16, torch.float64, "fp16/bf16/fp32")],
+)
+def test_unsupported_configurations_fall_back_with_a_warning(window, r, dim_head, dtype, match):
+    reset_fallback_warnings()
+    attn = make_attention(2 * dim_head, dim_head, window, r, dtype=dtype)
+    x = make_inputs(1, 1, 1, window, 2 * dim_head, "block", dtype=dtype)
+    registers = make_registers(1, r, 2 * dim_head, per_image=False, dtype=dtype)
+    with pytest.warns(FusedFallbackWarning, match=match):
+        out, regs = window_attention_residual(x, registers, attn, "block", fused=True)
+    ref_out, ref_regs = _reference(x, registers, attn, "block")
+    assert torch.equal(out, ref_out) and torch.equal(regs, ref_regs)
+
+
+def test_bad_arguments_raise_clear_errors():
+    attn = make_attention(32, 16, 3, 2)
+    x = make_inputs(1, 2, 2, 3, 32, "block")
+    regs = make_registers(1, 2, 32, per_image=False)
+    with pytest.raises(ValueError, match="pattern"):
+        window_attention_residual(x, regs, attn, "diagonal", fused=True)
+    with pytest.raises(ValueError, match="divide"):
+        window_attention_residual(x[:, :5], regs, attn, "block", fused=True)
+    with pytest.raises(ValueError, match="registers"):
+        window_attention_residual(x, regs[:1], attn, "block", fused=True)
+    with pytest.raises(ValueError, match="channels"):
+        window_attention_residual(x[..., :16], regs, attn, "block", fused=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# ahead-of-time compile of the default model's kernels
+# ---------------------------------------------------------------------------------------------
+
+_FP32_POINTERS = {"lse_ptr", "dreg_ptr", "dbias_ptr"}
+_FLOAT_ARGS = {"qk_scale_log2", "sm_scale", "keep_scale"}
+
+
+def kernel_signature(kernel, elem, constexprs):
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32" if name in _FP32_POINTERS else f"*{elem}"
+        else:
+            sig[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+    return sig
+
+
+def default_model_kernel_configs():
+    """Every kernel the default model (window 7, 4 registers, dim_head 32, dropout 0.1) launches
+    in fp16 and bf16: forward without dropout (eval) and with it (training), backward with it;
+    block step (register queries) and grid step (none)."""
+    configs = []
+    for elem in ("fp16", "bf16"):
+        for step, register_queries in (("block", True), ("grid", False)):
+            cfg = K.tile_config(7, 4, register_queries, torch.float16)
+            for which, dropout in (("fwd", False), ("fwd", True), ("bwd", True)):
+                constexprs = dict(WINDOW=7, NUM_REG=4, HEAD_DIM=32, Q_START=cfg["q_start"], BLOCK_M=cfg["BLOCK_M"],
+                                  BLOCK_N=cfg["BLOCK_N"], GRID_PATTERN=step == "grid", DROPOUT=dropout, ALIGN=16,
+                                  UPCAST_DOT=False, DOT_PRECISION="tf32")
+                configs.append((f"{which}-{step}-{elem}-{'dropout' if dropout else 'eval'}", which, elem, constexprs,
+                                cfg["num_warps"], cfg[f"{which}_stages"]))
+    return configs
+
+
+def compile_report(arch):
+    from maxvit_fast.aot import compile_kernel
+
+    def one(config):
+        name, which, elem, constexprs, warps, stages = config
+        kernel_name = f"window_attention_{which}_kernel"
+        sig = kernel_signature(getattr(K, kernel_name), elem, constexprs)
+        return name, compile_kernel("maxvit_fast.kernels.window_attention", kernel_name, sig, constexprs,
+                                    arch=arch, num_warps=warps, num_stages=stages)
+
+    with ThreadPoolExecutor(2) as pool:  # each compile is its own subprocess
+        return list(pool.map(one, default_model_kernel_configs()))
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_default_model_kernels_compile_without_spills_on_tensor_cores(arch):
+    problems = []
+    for name, k in compile_report(arch):
+        print(f"sm_{arch} {name}: {k.registers} registers, stack {k.stack}, local {k.local}, shared {k.shared}")
+        if k.local != 0 or k.stack != 0 or k.uses("LDL") or k.uses("STL"):
+            problems.append(f"{name}: spills (local {k.local}, stack {k.stack})")
+        mma = k.uses("HMMA") if arch == 80 else (k.uses("HGMMA") or k.uses("HMMA"))
+        if not mma:
+            problems.append(f"{name}: no tensor-core instruction")
+    assert not problems, "\n".join(problems)
