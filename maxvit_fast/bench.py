@@ -45,6 +45,7 @@ PATH_LABELS = {
     "fused-graph": "fused + CUDA graph",
     "fused-compile": "fused + torch.compile",
 }
+RUN_ORDER = ("eager", "fused", "fused-graph", "compile", "fused-compile")
 CUDA_ONLY_PATHS = ("fused", "fused-graph", "fused-compile")
 COMPILED_PATHS = ("compile", "fused-compile")
 DTYPES = ("fp32", "fp16", "bf16", "autocast")
@@ -430,8 +431,19 @@ class PathRunner:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(3):
+            for _ in range(2):
                 step()
+            # A step that waits for the host (.item(), a data-dependent shape) cannot be captured,
+            # and a failed capture can leave the device unusable: find out first, safely.
+            torch.cuda.synchronize(self.device)
+            previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                step()
+            except RuntimeError as e:
+                raise RuntimeError(f"not capturable: the step synchronises with the host ({_first_line(e, 160)})") from None
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if self.optimizer is not None:
@@ -527,11 +539,13 @@ def run_timing(args, base, model_kwargs, device, doc, notes) -> list[dict]:
     import torch
 
     paths, skipped = _plan(args, device.type == "cuda")
+    paths.sort(key=RUN_ORDER.index)  # the slow-to-build compiled paths last (a time budget cuts them first)
     results = list(skipped)
     doc["results"] = results
     progress = Progress(len(paths) * len(args.batch_sizes), "maxvit-bench")
     started = time.perf_counter()
     eager_outputs = {}
+    stop_all = False
     try:
         for path in paths:
             stop_reason = None
@@ -542,6 +556,8 @@ def run_timing(args, base, model_kwargs, device, doc, notes) -> list[dict]:
                 entry = {"path": path, "batch_size": batch}
                 if args.max_seconds is not None and time.perf_counter() - started > args.max_seconds:
                     stop_reason = stop_reason or f"skipped: --max-seconds {args.max_seconds:g} reached"
+                if stop_all:
+                    stop_reason = "skipped: an earlier CUDA error"
                 if stop_reason:
                     entry.update(status="skipped", note=stop_reason)
                 else:
@@ -559,7 +575,11 @@ def run_timing(args, base, model_kwargs, device, doc, notes) -> list[dict]:
                         stop_reason = f"skipped: failed at batch {batch}"
                     finally:
                         if device.type == "cuda":
-                            torch.cuda.synchronize(device)
+                            try:
+                                torch.cuda.synchronize(device)
+                            except RuntimeError as e:  # the device is unusable: stop, keep what we have
+                                notes.append(f"stopped: CUDA error after {label}: {_first_line(e)}")
+                                stop_all = True
                 out = entry.pop("output", None)
                 if out is not None:
                     if path == "eager":
