@@ -415,7 +415,7 @@ class PathRunner:
             return self.forward(x)
 
     def callable_for(self, x, target):
-        """(fn, outputs) where ``fn()`` runs one call and returns its output."""
+        """``fn`` where ``fn()`` runs one call (forward, or training step) and returns its output."""
         if self.path == "fused-graph":
             return self._graph(x, target)
         if self.args.train:
@@ -620,7 +620,7 @@ def _add_speedups(results: list[dict]):
 
 
 def format_table(results: list[dict], train: bool) -> str:
-    unit = "steps: images/s" if train else "images/s"
+    unit = "train images/s" if train else "images/s"
     header = ["path", "batch", unit, "vs eager", "vs compile", "peak MiB", "1st call s", "note"]
     rows, order = [], []
     for r in results:

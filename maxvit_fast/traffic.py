@@ -122,13 +122,17 @@ def _make_run(original):
 def _install():
     for cls in _kernel_classes():
         if cls not in _originals:
-            _originals[cls] = cls.__dict__["run"]
-            cls.run = _make_run(_originals[cls])
+            # (own attribute or None, the method to wrap): run may be inherited in some release
+            _originals[cls] = (cls.__dict__.get("run"), cls.run)
+            cls.run = _make_run(_originals[cls][1])
 
 
 def _uninstall():
-    for cls, original in _originals.items():
-        cls.run = original
+    for cls, (own, _) in _originals.items():
+        if own is None:
+            del cls.run
+        else:
+            cls.run = own
     _originals.clear()
 
 
