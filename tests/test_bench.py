@@ -148,7 +148,7 @@ def test_presets():
 
 def test_cli_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    argv = [*SMALL, "--batch-sizes", "1,2", "--paths", "eager,fused", "--warmup", "1", "--iters", "1",
+    argv = [*SMALL, "--dtype", "fp32", "--batch-sizes", "1,2", "--paths", "eager,fused", "--warmup", "1", "--iters", "1",
             "--repeats", "2", "--json", str(out), "--plot", str(png)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
