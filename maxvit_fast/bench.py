@@ -56,7 +56,7 @@ TRAFFIC_TARGET = 0.25  # fused / reference, bytes and launches
 CUDA_DEFAULTS = dict(batch_sizes=[1, 8, 32, 128], dtype="bf16", warmup=10, iters=20, repeats=5)
 # About a minute on a small CPU once torch.compile's cache is warm (the first compile of the
 # tiny preset takes 1-2 minutes on 2 cores; --no-compile skips it).
-CPU_DEFAULTS = dict(batch_sizes=[1], dtype="fp32", warmup=3, iters=2, repeats=3)
+CPU_DEFAULTS = dict(batch_sizes=[1], dtype="fp32", warmup=3, iters=3, repeats=5)
 TRAFFIC_DEFAULTS = dict(batch_sizes=[1], dtype="fp32")
 
 # --interpret: the fused path through the Triton interpreter on a tiny input.
