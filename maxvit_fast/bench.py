@@ -848,9 +848,10 @@ def run_interpret_check(args, model_kwargs, device, doc) -> dict:
         check.update(status="skipped", note="maxvit_fast.kernels was imported before TRITON_INTERPRET=1 was "
                      "set; run maxvit-bench --interpret as its own process")
         return check
-    torch.manual_seed(args.seed)
-    model = MaxViT(**kwargs).eval()
-    x = torch.randn(INTERPRET_BATCH, kwargs.get("channels", 3), INTERPRET_IMAGE_SIZE, INTERPRET_IMAGE_SIZE)
+    with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's generator
+        torch.manual_seed(args.seed)
+        model = MaxViT(**kwargs).eval()
+        x = torch.randn(INTERPRET_BATCH, kwargs.get("channels", 3), INTERPRET_IMAGE_SIZE, INTERPRET_IMAGE_SIZE)
     reset_fallback_warnings()
     t0 = time.perf_counter()
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
@@ -926,9 +927,10 @@ def main(argv=None) -> int:
 
     from .model import MaxViT
 
-    torch.manual_seed(args.seed)
     try:
-        base = MaxViT(**model_kwargs)
+        with torch.random.fork_rng(devices=[]):  # seeded weights, without touching the caller's generator
+            torch.manual_seed(args.seed)
+            base = MaxViT(**model_kwargs)
     except ValueError as e:
         parser.error(f"cannot build the model: {e}")
 
