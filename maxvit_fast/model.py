@@ -152,6 +152,11 @@ class MaxViT(nn.Module):
             head = self.mlp_head[2]
             return head(x.new_zeros((0, head.in_features)))
         fused = self.fused
+        if fused:
+            # Channels-last from the start: the stem's convolutions keep the memory format, so
+            # every later op reads each pixel's channels contiguously (a copy of the 3-channel
+            # image, no more).
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.conv_stem(x)
         for (conv, (block_attn, block_ff), (grid_attn, grid_ff)), registers in zip(self.layers, self.register_tokens):
             x = ops.mbconv(x, conv, fused)

@@ -9,6 +9,8 @@ import maxvit_fast
 from maxvit_fast import FusedFallbackWarning, MaxViT, image_size_ok, nearest_valid_sizes
 from maxvit_fast import dispatch
 
+from .helpers import assert_close_normwise
+
 SMALL = dict(num_classes=5, dim=16, depth=(1, 1), dim_head=8, window_size=4)
 
 
@@ -106,7 +108,9 @@ def test_fused_on_cpu_without_interpreter_falls_back_with_exactly_one_warning(mo
     ours = [w for w in caught if issubclass(w.category, FusedFallbackWarning)]
     assert len(ours) == 1, [str(w.message) for w in ours]
     assert "CUDA" in str(ours[0].message)
-    torch.testing.assert_close(out, ref(x), rtol=0, atol=0)
+    # same function; the fused path hands the convolutions channels-last tensors, so only the
+    # summation order differs
+    assert_close_normwise(out, ref(x), 1e-5, name="logits")
     torch.testing.assert_close(out2, out, rtol=0, atol=0)
 
 
