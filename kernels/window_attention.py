@@ -29,28 +29,69 @@ Padded keys get -inf before the max, and every row has at least one real key (n 
 is fully masked; padded query rows are never stored, and in the backward their logsumexp is
 loaded as +inf so their probabilities are exactly 0.
 
-Backward determinism: each backward program owns one head, one query tile and a group of
-consecutive windows. It writes dQ/dK/dV of token rows directly (no two programs write the same
-element when there is one query tile; with several query tiles dK/dV go to per-tile fp32 partials
-summed by torch), the register rows' dQ/dK/dV per window to an fp32 buffer that torch sums, and
-its group's bias-gradient sum (dS summed over its windows, fp32, in registers) to a per-program
-partial that torch sums and scatters into the table (scatter_ without accumulation: for a fixed
-token query row, the token keys map to distinct table entries). No atomics: the backward is
-deterministic (bitwise, for a fixed launch configuration).
+Backward: one program per (window, head, query tile). It recomputes S and P from q, k and the
+saved base-2 row logsumexp, regenerates the dropout mask, and computes dV = P_drop^T dO,
+dP = dO V^T (masked and scaled like P), dS = P (dP - delta) with delta = rowsum(dO * O) (computed
+in the kernel from O and dO), dQ = dS K scale, dK = dS^T Q scale. Token rows' dQ/dK/dV go straight
+to their pixels of dqkv (with several query tiles dK/dV go to per-tile fp32 partials that torch
+sums); register rows' dQ/dK/dV go per window to an fp32 buffer that torch sums over the windows
+sharing them (all windows in the block step, those of one image in the grid step).
+Bias gradient: dS (fp32) is atomically added (relaxed, fire-and-forget `red`) into one of 32
+partial (heads, queries, keys) sums chosen by window % 32; torch sums the slots and scatters the
+result into the table (scatter_ without accumulation is deterministic here: for a fixed token
+query row the token keys hit distinct table entries; pairs with a register all go to the last
+entry). The order of the atomic adds is not fixed, so the bias-table gradient is NOT bitwise
+deterministic (fp32 rounding-level differences between runs); every other gradient is.
+Why atomics and not per-program partials over a loop of windows (the deterministic design):
+with a window loop the (BLOCK_M x BLOCK_N) fp32 dS accumulator is live across iterations and
+ptxas spills (window loop, w=7 r=4 dim_head=32 fp16, num_warps 4: sm_80 255 registers + 56 B
+stack with dropout; sm_90 255 + 80 B without dropout, 255 + 152 B with it; unrolling 2 windows:
+up to 120 B). One window per program has no spills (numbers below). Writing each window's dS
+to memory instead would add ~11 KB per window and head (fp32 53 x 53) to the ~27 KB the
+backward moves anyway; the atomics stay in L2 (the 32 slots are 0.7 MB). Not measured on a GPU.
 
-Dropout: keep = tl.rand(seed, ((window * heads + head) * n + i) * n + j) >= p for query i and key
-j (int64 offsets), so the mask depends only on the seed and the element, not on tile sizes, and
-the backward regenerates it.
+Dropout: keep element (i, j) (query i, key j, sequence indices) of window `win`, head `h` when
+its 16 random bits >= round(p * 2^16); kept values are scaled by 2^16 / (2^16 - threshold), the
+exact inverse of the keep probability (p is used to 2^-16 resolution). The bits come from
+tl.philox(seed, c0 = i * ceil(n / 8) + j // 8, c1:c2 = win * heads + h (64 bits), c3 = 0): one
+Philox call gives 4 x 32 bits = eight 16-bit numbers for eight consecutive keys. The mask depends
+on the seed and the element only (not on tiles), and the backward regenerates it. One Philox call
+per element instead (tl.rand) cost ~100 more registers in the forward (sm_80: 255 + spills).
 
 Numerics: fp32 accumulation; scores in base 2 (q.k * scale * log2(e) + bias * log2(e), exp2); P is
-rounded to the input dtype before P @ V (as flash attention does). fp32 inputs use
-input_precision="ieee" dots (no TF32). Under the Triton interpreter the dot operands are upcast to
-fp32 after rounding to the input dtype (UPCAST_DOT), because the interpreter's bf16 tl.dot is
-wrong (triton issue 11584).
+rounded to the input dtype before P @ V and dS before dQ/dK (as flash attention does). fp32 inputs
+use input_precision="ieee" dots (no TF32), so fp32 meets 1e-5. Under the Triton interpreter the dot
+operands are upcast to fp32 after rounding to the input dtype (UPCAST_DOT), because the
+interpreter's bf16 tl.dot is wrong (triton issue 11584).
 
-Resource report (sm_80 / sm_90, w=7, r=4, dim_head=32, fp16 and bf16, num_warps=4; from
-`python -m tests.test_window_attention` -> report_resources(), which calls maxvit_fast.aot):
-see RESOURCE_REPORT below (filled from that command's output).
+Layout and alignment: every tensor the kernels read or write row-wise has contiguous channels; the
+launcher computes the largest power-of-two byte alignment (<= 16) of all row starts and passes it
+as ALIGN, which the kernels assert with tl.multiple_of / tl.max_contiguous (vectorised 16-byte
+accesses; without it every element is its own 2-byte load and the forward needed 255 registers).
+Offsets inside one image are int32 (checked by the launcher), image and window terms int64.
+
+Resource report: `python -m pytest tests/test_window_attention.py -k compile -s` (ahead-of-time
+compile through maxvit_fast.aot, Triton 3.9, no GPU needed). Default model: w=7, r=4, dim_head=32,
+BLOCK_M = BLOCK_N = 64, num_warps 4, forward num_stages 2 (the window loop prefetches the next
+window with cp.async), backward 1. Registers per thread (stack = spill bytes; all 0; LOCAL 0; no
+LDL/STL), fp16 and bf16 identical:
+
+    kernel                      sm_80 (HMMA)   sm_90 (HGMMA)
+    forward  block  eval         128            120
+    forward  block  dropout      239            173
+    forward  grid   eval         128            111
+    forward  grid   dropout      223            166
+    backward block  dropout      255            230
+    backward grid   dropout      249            226
+    (backward without dropout: sm_80 240 / 223, sm_90 177 / 174, no spills)
+
+Other configurations (same command's helpers; not asserted by the tests): fp32 (FMA dots) at 4
+warps spilled up to 5 KB, so fp32 uses 8 warps: 128-188 registers, no spills. 128-key tiles
+(w = 8, r = 4 or w = 7, r = 16; 8 warps): forward no spills; backward spills 40-144 B (sm_80 72 B,
+sm_90 144 B for w=8 r=4 dim_head=32 fp16); dim_head 128 at w=7: forward sm_80 24 B, backward
+sm_80 216 B / sm_90 16 B. These are correct but not tuned. 8 warps on a 64-row tile do not help:
+Triton puts all warps of a dot chain along the rows (warpsPerCTA [8, 1]), i.e. 16-row MMA tiles
+for 8 rows per warp, duplicated work.
 
 GPU speed: not measured (no GPU in this session).
 """
@@ -72,9 +113,6 @@ MAX_SEQ_TILE = 128
 # Partial sums of the bias gradient that the backward's atomic adds are spread over (window % slots).
 DBIAS_SLOTS = 32
 
-RESOURCE_REPORT = """
-(filled in below after the first AOT run)
-"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,10 +154,23 @@ def _bias_tile(table_ptr, stride_table_t, stride_table_h, head, seq_q, seq_k,
 
 
 @triton.jit
+def _round(x, ELEM: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """x rounded to ELEM as the GPU does (round to nearest even). The interpreter's fp32 -> bf16
+    conversion truncates instead (biased, twice the error), so under it (UPCAST_DOT) bf16
+    rounding is done on the fp32 bits first."""
+    if UPCAST_DOT:
+        if ELEM == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(ELEM)
+
+
+@triton.jit
 def _dot_operand(x, ELEM: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """Round to the input dtype (the GPU's tensor-core operand); under the interpreter compute
-    the dot in fp32 on the rounded values."""
-    x = x.to(ELEM)
+    the dot in fp32 on the rounded values (its bf16 tl.dot is wrong, triton issue 11584)."""
+    x = _round(x, ELEM, UPCAST_DOT)
     if UPCAST_DOT:
         x = x.to(tl.float32)
     return x
@@ -245,7 +296,8 @@ def window_attention_fwd_kernel(
 
         o_rows = tl.where(seq_q < NUM_REG, reg_out_ptr + win * stride_reg_out_win + seq_q * stride_reg_out_r,
                           out_ptr + img * stride_out_b + q_row * stride_out_h + q_col * stride_out_w)
-        tl.store(_tile_ptrs(o_rows, ch, ALIGN, HEAD_DIM), o.to(out_ptr.dtype.element_ty), mask=q_valid[:, None])
+        tl.store(_tile_ptrs(o_rows, ch, ALIGN, HEAD_DIM), _round(o, out_ptr.dtype.element_ty, UPCAST_DOT),
+                 mask=q_valid[:, None])
         tl.store(lse_ptr + win * stride_lse_win + head * stride_lse_h + (seq_q - Q_START), lse, mask=q_valid)
 
 
@@ -259,8 +311,6 @@ def window_attention_bwd_kernel(
     qkv_ptr, stride_qkv_b, stride_qkv_h, stride_qkv_w,
     reg_ptr, stride_reg_b, stride_reg_r, reg_q_off, reg_k_off, reg_v_off,
     table_ptr, stride_table_t, stride_table_h,
-    out_ptr, stride_out_b, stride_out_h, stride_out_w,  # saved forward outputs O
-    reg_out_ptr, stride_reg_out_win, stride_reg_out_r,
     dout_ptr, stride_dout_b, stride_dout_h, stride_dout_w,  # dO
     dreg_out_ptr, stride_dreg_out_win, stride_dreg_out_r,
     lse_ptr, stride_lse_win, stride_lse_h,
@@ -295,15 +345,10 @@ def window_attention_bwd_kernel(
     q, k, v = _load_qkv(qkv_ptr + img * stride_qkv_b, reg_ptr + img * stride_reg_b, stride_qkv_h, stride_qkv_w,
                         stride_reg_r, reg_q_off, reg_k_off, reg_v_off, C, seq_q, seq_k, q_row, q_col, k_row, k_col,
                         ch, SEQ, NUM_REG, HEAD_DIM, ALIGN)
-    # O and dO of query rows: at the token's pixel, or in the per-window register-output rows.
-    o_rows = tl.where(q_is_reg, reg_out_ptr + win * stride_reg_out_win + seq_q * stride_reg_out_r,
-                      out_ptr + img * stride_out_b + q_row * stride_out_h + q_col * stride_out_w)
+    # dO of query rows: at the token's pixel, or in the per-window register-output rows.
     do_rows = tl.where(q_is_reg, dreg_out_ptr + win * stride_dreg_out_win + seq_q * stride_dreg_out_r,
                        dout_ptr + img * stride_dout_b + q_row * stride_dout_h + q_col * stride_dout_w)
-    o = tl.load(_tile_ptrs(o_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0)
     do = tl.load(_tile_ptrs(do_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0)
-    # delta_i = sum_j P_ij dP_ij = dO_i . O_i (also with dropout: O holds the dropped P).
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     lse = tl.load(lse_ptr + win * stride_lse_win + head * stride_lse_h + (seq_q - Q_START), mask=q_valid,
                   other=float("inf"))  # padded query rows: P = 0 exactly
     bias = _bias_tile(table_ptr, stride_table_t, stride_table_h, head, seq_q, seq_k, SEQ, NUM_REG, WINDOW)
@@ -319,7 +364,11 @@ def window_attention_bwd_kernel(
         dp = tl.where(keep, dp * keep_scale, 0.0)
     else:
         p_dropped = p
-    # gradient of the natural-units score q.k*scale + bias; padded query rows have dO = O = 0
+    # Gradient of the natural-units score q.k*scale + bias. The whole row is in this tile, so
+    # delta_i = sum_j P_ij dP_ij is summed here in fp32 rather than taken as dO_i . O_i from the
+    # rounded output (as flash attention must): each row of dS then sums to 0 up to fp32
+    # rounding, and O is neither saved nor read.
+    delta = tl.sum(p * dp, 1)
     ds = p * (dp - delta[:, None])
 
     # Bias gradient: fp32 atomic adds into one of dbias_slots partial sums (window % slots),
@@ -338,15 +387,17 @@ def window_attention_bwd_kernel(
 
     # Token rows straight to their pixels; register rows to the per-window fp32 buffer.
     dq_rows = dq_ptr + img * stride_dq_b + q_row * stride_dq_h + q_col * stride_dq_w
-    tl.store(_tile_ptrs(dq_rows, ch, ALIGN, HEAD_DIM), dq.to(dq_ptr.dtype.element_ty),
+    tl.store(_tile_ptrs(dq_rows, ch, ALIGN, HEAD_DIM), _round(dq, dq_ptr.dtype.element_ty, UPCAST_DOT),
              mask=(q_valid & ~q_is_reg)[:, None])
     dreg_win = dreg_ptr + q_tile.to(tl.int64) * stride_dreg_tile + win * stride_dreg_win
     tl.store(_tile_ptrs(dreg_win + reg_q_off + seq_q * stride_dreg_r, ch, 16, HEAD_DIM), dq, mask=q_is_reg[:, None])
     dkv_rows = dkv_ptr + q_tile.to(tl.int64) * stride_dkv_tile + img * stride_dkv_b \
         + k_row * stride_dkv_h + k_col * stride_dkv_w
     k_tok_mask = (k_valid & ~k_is_reg)[:, None]
-    tl.store(_tile_ptrs(dkv_rows + dk_off, ch, ALIGN, HEAD_DIM), dk.to(dkv_ptr.dtype.element_ty), mask=k_tok_mask)
-    tl.store(_tile_ptrs(dkv_rows + dv_off, ch, ALIGN, HEAD_DIM), dv.to(dkv_ptr.dtype.element_ty), mask=k_tok_mask)
+    tl.store(_tile_ptrs(dkv_rows + dk_off, ch, ALIGN, HEAD_DIM), _round(dk, dkv_ptr.dtype.element_ty, UPCAST_DOT),
+             mask=k_tok_mask)
+    tl.store(_tile_ptrs(dkv_rows + dv_off, ch, ALIGN, HEAD_DIM), _round(dv, dkv_ptr.dtype.element_ty, UPCAST_DOT),
+             mask=k_tok_mask)
     tl.store(_tile_ptrs(dreg_win + reg_k_off + seq_k * stride_dreg_r, ch, 16, HEAD_DIM), dk, mask=k_is_reg[:, None])
     tl.store(_tile_ptrs(dreg_win + reg_v_off + seq_k * stride_dreg_r, ch, 16, HEAD_DIM), dv, mask=k_is_reg[:, None])
 
@@ -534,11 +585,11 @@ def window_attention_forward(
 
 
 def window_attention_backward(
-    qkv, reg_qkv, table, out, reg_out, lse, d_out, d_reg_out, rel_pos_indices, *, window, num_registers,
+    qkv, reg_qkv, table, lse, d_out, d_reg_out, rel_pos_indices, *, window, num_registers,
     heads, head_dim, grid_pattern, register_queries, scale, dropout_p=0.0, seed=0, dqkv=None,
 ):
-    """Gradients of :func:`window_attention_forward` (same arguments; its outputs out/reg_out/lse;
-    d_out (B, H, W, C) and d_reg_out (B, nX, nY, r, C) or None).
+    """Gradients of :func:`window_attention_forward` (same arguments; its output lse; d_out
+    (B, H, W, C) and d_reg_out (B, nX, nY, r, C), or None without register queries).
 
     Returns (dqkv (B, H, W, 3C) in qkv's dtype, d_reg (reg_qkv's shape, fp32: summed over the
     windows sharing each row), d_table (table's shape, fp32)). ``rel_pos_indices`` is the
@@ -552,9 +603,8 @@ def window_attention_backward(
     dev, dtype = qkv.device, qkv.dtype
     seq, q_start, q_tiles = cfg["seq"], cfg["q_start"], cfg["q_tiles"]
     BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    for name, t in (("d_out", d_out), ("out", out)):
-        if t.shape != (B, H, W, C) or t.stride(-1) != 1:
-            raise ValueError(f"{name} must be (B, H, W, C) with contiguous channels, got {tuple(t.shape)} {t.stride()}")
+    if d_out.shape != (B, H, W, C) or d_out.stride(-1) != 1:
+        raise ValueError(f"d_out must be (B, H, W, C) with contiguous channels, got {tuple(d_out.shape)} {d_out.stride()}")
     if dqkv is None:
         dqkv = _alloc((B, H, W, 3 * C), dtype, dev)
     if num_windows == 0:
@@ -562,15 +612,12 @@ def window_attention_backward(
             torch.zeros(table.shape, dtype=torch.float32, device=dev)
 
     if register_queries:
-        reg_out_v = reg_out.reshape(num_windows, num_registers, C)
         d_reg_out_v = d_reg_out.reshape(num_windows, num_registers, C)
         if d_reg_out_v.stride(-1) != 1:
             d_reg_out_v = d_reg_out_v.contiguous()
-        reg_out_strides = (reg_out_v.stride(0), reg_out_v.stride(1))
         d_reg_out_strides = (d_reg_out_v.stride(0), d_reg_out_v.stride(1))
-    else:
-        reg_out_v, d_reg_out_v = out, d_out
-        reg_out_strides = d_reg_out_strides = (0, 0)
+    else:  # no register query rows: never read
+        d_reg_out_v, d_reg_out_strides = d_out, (0, 0)
 
     # Token dK/dV: straight into dqkv with one query tile, else per-tile fp32 partials.
     if q_tiles == 1:
@@ -585,10 +632,9 @@ def window_attention_backward(
     else:  # register query rows sit in tile 0 only: the other tiles' q part must read as zero
         dreg = torch.zeros((q_tiles, num_windows, num_registers, c_reg), dtype=torch.float32, device=dev)
 
-    _check_int32_image(qkv, out, d_out, dqkv)
+    _check_int32_image(qkv, d_out, dqkv)
     threshold, keep_scale = dropout_threshold(dropout_p)
-    align = _alignment([qkv, reg_qkv, out, reg_out_v if register_queries else None, d_out,
-                        d_reg_out_v if register_queries else None, dqkv],
+    align = _alignment([qkv, reg_qkv, d_out, d_reg_out_v if register_queries else None, dqkv],
                        [C, k_off, v_off], qkv.element_size())
     if q_tiles > 1:
         align = min(align, _alignment([dkv], [C], dkv.element_size()))
@@ -599,8 +645,6 @@ def window_attention_backward(
         qkv, qkv.stride(0), qkv.stride(1), qkv.stride(2),
         reg_qkv, reg_batch_stride, reg_qkv.stride(1), q_off, k_off, v_off,
         table, table.stride(0), table.stride(1),
-        out, out.stride(0), out.stride(1), out.stride(2),
-        reg_out_v, *reg_out_strides,
         d_out, d_out.stride(0), d_out.stride(1), d_out.stride(2),
         d_reg_out_v, *d_reg_out_strides,
         lse, lse.stride(0), lse.stride(1),

@@ -5,14 +5,13 @@ on a GPU).
 Tolerances: fp32 1e-5 relative (normwise for outputs, L2 for gradients): both sides compute in
 fp32 and only the summation order differs. fp16/bf16: the fused error against an fp32 reference
 (the same weights and inputs, upcast) is at most 2x the reference module's own error in that
-dtype, plus an atol of 1e-3 x the largest reference entry (entries the reference rounds almost
-exactly would otherwise set a near-zero bound).
+dtype (max entry error for outputs, L2 error for gradients), plus an atol of 1e-3 x the reference's
+scale (max entry, resp. norm), for values the reference happens to round almost exactly.
 """
 
 from __future__ import annotations
 
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -60,6 +59,18 @@ def run(x, registers, attn, pattern, fused, need_register_outputs):
     with warnings.catch_warnings():
         warnings.simplefilter("error", FusedFallbackWarning)  # the fused path must really run
         return window_attention_residual(x, registers, attn, pattern, fused, need_register_outputs)
+
+
+def assert_l2_within_reference_error(actual, ref_lowp, ref_fp32, factor, name):
+    """The low-precision rule for gradients, in the L2 norm: a gradient is a long sum, and the max
+    entry error of a short vector (a LayerNorm bias: C entries) is a noisy statistic. The atol is
+    1e-3 of the reference gradient's norm."""
+    truth = ref_fp32.detach().double()
+    err = (actual.detach().double() - truth).norm().item()
+    ref_err = (ref_lowp.detach().double() - truth).norm().item()
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    bound = factor * ref_err + 1e-3 * truth.norm().item()
+    assert err <= bound, f"{name}: L2 error {err:.3e} > {factor:g} x reference's own {ref_err:.3e} + atol"
 
 
 def grads_of(outputs, cotangents, tensors):
@@ -141,7 +152,7 @@ def test_low_precision_within_twice_the_reference_error(case):
     g_r = grads_of(outs["ref"], cot, [x, registers, *attn.parameters()])
     g_t = grads_of(outs["fp32"], cot, [x32, registers32, *attn32.parameters()])
     for name, a, b, t in zip(names, g_f, g_r, g_t):
-        assert_within_reference_error(a, b, t, factor=2.0, atol=1e-3 * t.abs().max().item(), name=f"grad {name}")
+        assert_l2_within_reference_error(a, b, t, factor=2.0, name=f"grad {name}")
 
 
 def test_large_logits_stay_finite_and_match():
@@ -328,7 +339,9 @@ def test_model_fused_matches_reference():
         (ref(x) * target).sum().backward()
         (fused(x) * target).sum().backward()
     grads = dict(ref.named_parameters())
-    floor = 1e-3 * max(p.grad.norm().item() for p in grads.values())
+    # fp32 at 1e-4 with a floor of 1e-2 x the largest gradient norm, as tests/test_parity.py: conv
+    # biases in front of a train-mode BatchNorm have gradient 0 in exact arithmetic (noise vs noise)
+    floor = 1e-2 * max(p.grad.norm().item() for p in grads.values())
     for name, p in fused.named_parameters():
         assert p.grad is not None, name
         assert_close_l2(p.grad, grads[name].grad, 1e-4, name=f"grad {name}", floor=floor)
@@ -401,18 +414,29 @@ def default_model_kernel_configs():
     return configs
 
 
+# Integer arguments that are multiples of 16 at the default model's launches (channel counts and
+# strides of channels-last maps with C = 64 * 2^i); Triton's runtime gives them the same hint.
+_DIVISIBLE_BY_16 = {
+    "stride_qkv_b", "stride_qkv_h", "stride_qkv_w", "stride_reg_r", "reg_q_off", "reg_k_off", "reg_v_off",
+    "stride_out_b", "stride_out_h", "stride_out_w", "stride_reg_out_win", "stride_reg_out_r",
+    "stride_dout_b", "stride_dout_h", "stride_dout_w", "stride_dreg_out_win", "stride_dreg_out_r",
+    "stride_dq_b", "stride_dq_h", "stride_dq_w", "stride_dkv_tile", "stride_dkv_b", "stride_dkv_h", "stride_dkv_w",
+    "dk_off", "dv_off", "stride_dreg_tile", "stride_dreg_win", "stride_dreg_r", "C",
+}
+
+
 def compile_report(arch):
-    from maxvit_fast.aot import compile_kernel
+    from maxvit_fast.aot import compile_kernels
 
-    def one(config):
-        name, which, elem, constexprs, warps, stages = config
-        kernel_name = f"window_attention_{which}_kernel"
-        sig = kernel_signature(getattr(K, kernel_name), elem, constexprs)
-        return name, compile_kernel("maxvit_fast.kernels.window_attention", kernel_name, sig, constexprs,
-                                    arch=arch, num_warps=warps, num_stages=stages)
-
-    with ThreadPoolExecutor(2) as pool:  # each compile is its own subprocess
-        return list(pool.map(one, default_model_kernel_configs()))
+    configs = default_model_kernel_configs()
+    requests = []
+    for name, which, elem, constexprs, warps, stages in configs:
+        kernel = getattr(K, f"window_attention_{which}_kernel")
+        requests.append(dict(
+            module="maxvit_fast.kernels.window_attention", kernel=f"window_attention_{which}_kernel",
+            signature=kernel_signature(kernel, elem, constexprs), constexprs=constexprs, arch=arch,
+            num_warps=warps, num_stages=stages, divisible=sorted(_DIVISIBLE_BY_16 & set(kernel.arg_names))))
+    return [(c[0], k) for c, k in zip(configs, compile_kernels(requests, shards=2))]
 
 
 @pytest.mark.parametrize("arch", [80, 90])

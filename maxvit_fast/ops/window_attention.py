@@ -115,7 +115,7 @@ class _WindowAttentionCore(torch.autograd.Function):
 
         out, reg_out, lse = K.window_attention_forward(qkv, reg_qkv, table, **cfg)
         ctx.cfg = cfg
-        ctx.save_for_backward(qkv, reg_qkv, table, out, reg_out, lse, rel_pos_indices)
+        ctx.save_for_backward(qkv, reg_qkv, table, lse, rel_pos_indices)  # O is not needed
         if cfg["register_queries"]:
             return out, reg_out
         return out
@@ -124,15 +124,18 @@ class _WindowAttentionCore(torch.autograd.Function):
     def backward(ctx, d_out, d_reg_out=None):
         from ..kernels import window_attention as K
 
-        qkv, reg_qkv, table, out, reg_out, lse, rel_pos_indices = ctx.saved_tensors
+        qkv, reg_qkv, table, lse, rel_pos_indices = ctx.saved_tensors
         cfg = ctx.cfg
-        d_out = torch.zeros_like(out) if d_out is None else d_out
-        if d_out.stride(-1) != 1:
+        b, h, w, c3 = qkv.shape
+        c, r, win = c3 // 3, cfg["num_registers"], cfg["window"]
+        if d_out is None:
+            d_out = qkv.new_zeros((b, h, w, c))
+        elif d_out.stride(-1) != 1:
             d_out = d_out.contiguous()
-        if cfg["register_queries"]:
-            d_reg_out = torch.zeros_like(reg_out) if d_reg_out is None else d_reg_out
+        if cfg["register_queries"] and d_reg_out is None:
+            d_reg_out = qkv.new_zeros((b, h // win, w // win, r, c))
         dqkv, d_reg, d_table = K.window_attention_backward(
-            qkv, reg_qkv, table, out, reg_out, lse, d_out, d_reg_out, rel_pos_indices, **cfg
+            qkv, reg_qkv, table, lse, d_out, d_reg_out, rel_pos_indices, **cfg
         )
         return dqkv, d_reg.to(reg_qkv.dtype), d_table.to(table.dtype), None, None
 
