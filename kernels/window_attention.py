@@ -23,19 +23,23 @@ Fusion decision (what is fused here, what stays in cuBLAS, and why):
 
 Tiles: the whole sequence n = r + w*w sits in one key tile BLOCK_N = next_pow2(n) (16..128), so the
 softmax is a plain max-subtracted softmax (no online rescaling); queries are split into BLOCK_M <= 64
-row tiles (grid axis 2). Supported: n <= 128, i.e. every w <= 10 with r <= 16, w = 11 with r <= 7;
+row tiles (grid axis 2). A forward program handles one head and query tile of a group of
+consecutive windows (about 4096 programs in all; not tuned), gathering the bias tile once and
+holding it in the table's dtype (re-gathering it per window cost ~75 more registers on sm_80: the
+64-bit addresses of a 64 x 64 gather). Supported: n <= 128, i.e. every w <= 10 with r <= 16, w = 11 with r <= 7;
 larger windows fall back to the reference (a key-tile loop would lift this; not done).
 Padded keys get -inf before the max, and every row has at least one real key (n >= 2), so no row
 is fully masked; padded query rows are never stored, and in the backward their logsumexp is
 loaded as +inf so their probabilities are exactly 0.
 
 Backward: one program per (window, head, query tile). It recomputes S and P from q, k and the
-saved base-2 row logsumexp, regenerates the dropout mask, and computes dV = P_drop^T dO,
-dP = dO V^T (masked and scaled like P), dS = P (dP - delta) with delta = rowsum(dO * O) (computed
-in the kernel from O and dO), dQ = dS K scale, dK = dS^T Q scale. Token rows' dQ/dK/dV go straight
-to their pixels of dqkv (with several query tiles dK/dV go to per-tile fp32 partials that torch
-sums); register rows' dQ/dK/dV go per window to an fp32 buffer that torch sums over the windows
-sharing them (all windows in the block step, those of one image in the grid step).
+saved base-2 row logsumexp, regenerates the dropout mask, and computes dP = dO V^T (masked and
+scaled like P), delta = rowsum(P * dP) in fp32 (the whole row is in the tile, so unlike flash
+attention it needs neither O nor its rounding: O is not saved), dS = P (dP - delta),
+dV = P_drop^T dO, dQ = dS K scale, dK = dS^T Q scale. Token rows' dQ/dK/dV go straight to their
+pixels of dqkv (with several query tiles dK/dV go to per-tile fp32 partials that torch sums);
+register rows' dQ/dK/dV go per window to an fp32 buffer that torch sums over the windows sharing
+them (all windows in the block step, those of one image in the grid step).
 Bias gradient: dS (fp32) is atomically added (relaxed, fire-and-forget `red`) into one of 32
 partial (heads, queries, keys) sums chosen by window % 32; torch sums the slots and scatters the
 result into the table (scatter_ without accumulation is deterministic here: for a fixed token
@@ -47,8 +51,8 @@ with a window loop the (BLOCK_M x BLOCK_N) fp32 dS accumulator is live across it
 ptxas spills (window loop, w=7 r=4 dim_head=32 fp16, num_warps 4: sm_80 255 registers + 56 B
 stack with dropout; sm_90 255 + 80 B without dropout, 255 + 152 B with it; unrolling 2 windows:
 up to 120 B). One window per program has no spills (numbers below). Writing each window's dS
-to memory instead would add ~11 KB per window and head (fp32 53 x 53) to the ~27 KB the
-backward moves anyway; the atomics stay in L2 (the 32 slots are 0.7 MB). Not measured on a GPU.
+to memory instead would add ~11 KB per window and head (fp32 53 x 53) to the ~24 KB the
+backward moves anyway (q, k, v, dO in; dq, dk, dv out; fp16); the atomics stay in L2 (the 32 slots are 0.7 MB). Not measured on a GPU.
 
 Dropout: keep element (i, j) (query i, key j, sequence indices) of window `win`, head `h` when
 its 16 random bits >= round(p * 2^16); kept values are scaled by 2^16 / (2^16 - threshold), the
@@ -60,9 +64,12 @@ per element instead (tl.rand) cost ~100 more registers in the forward (sm_80: 25
 
 Numerics: fp32 accumulation; scores in base 2 (q.k * scale * log2(e) + bias * log2(e), exp2); P is
 rounded to the input dtype before P @ V and dS before dQ/dK (as flash attention does). fp32 inputs
-use input_precision="ieee" dots (no TF32), so fp32 meets 1e-5. Under the Triton interpreter the dot
-operands are upcast to fp32 after rounding to the input dtype (UPCAST_DOT), because the
-interpreter's bf16 tl.dot is wrong (triton issue 11584).
+use input_precision="ieee" dots (no TF32), so fp32 meets 1e-5. Under the Triton interpreter
+(UPCAST_DOT) the dot operands are upcast to fp32 after rounding to the input dtype, because the
+interpreter's bf16 tl.dot is wrong (triton issue 11584), and fp32 -> bf16 rounding is done on the
+bits, because the interpreter's conversion truncates (measured: half of 4096 random values
+differ from torch's round-to-nearest-even; it made the interpreted bf16 attention output 2.5x less
+accurate than on a GPU).
 
 Layout and alignment: every tensor the kernels read or write row-wise has contiguous channels; the
 launcher computes the largest power-of-two byte alignment (<= 16) of all row starts and passes it
@@ -81,17 +88,19 @@ LDL/STL), fp16 and bf16 identical:
     forward  block  dropout      239            173
     forward  grid   eval         128            111
     forward  grid   dropout      223            166
-    backward block  dropout      255            230
-    backward grid   dropout      249            226
-    (backward without dropout: sm_80 240 / 223, sm_90 177 / 174, no spills)
+    backward block  dropout      240            220
+    backward grid   dropout      234            212 (bf16 214)
+    (backward without dropout, used when training with dropout 0: sm_80 234 / 219, sm_90 173 / 165)
 
-Other configurations (same command's helpers; not asserted by the tests): fp32 (FMA dots) at 4
-warps spilled up to 5 KB, so fp32 uses 8 warps: 128-188 registers, no spills. 128-key tiles
-(w = 8, r = 4 or w = 7, r = 16; 8 warps): forward no spills; backward spills 40-144 B (sm_80 72 B,
-sm_90 144 B for w=8 r=4 dim_head=32 fp16); dim_head 128 at w=7: forward sm_80 24 B, backward
-sm_80 216 B / sm_90 16 B. These are correct but not tuned. 8 warps on a 64-row tile do not help:
-Triton puts all warps of a dot chain along the rows (warpsPerCTA [8, 1]), i.e. 16-row MMA tiles
-for 8 rows per warp, duplicated work.
+Other configurations (not asserted by the tests; same compile helper, dropout on, block step):
+fp32 (FMA dots, input_precision="ieee") spilled up to 5 KB at 4 warps, so fp32 uses 8 warps:
+forward 128 / 153 registers (sm_80 / sm_90), backward 190 / 255 + 16 B stack. 128-key tiles
+(w = 8 with r = 4, w = 7 with r = 16, w = 10; 8 warps): forward no spills; backward spills
+32-128 B of stack (w=8 r=4 dim_head=32 fp16: 64 B sm_80, 112 B sm_90). dim_head 64 at w=7: no
+spills; dim_head 128: forward sm_80 24 B, backward sm_80 216 B / sm_90 16 B. These run correctly
+but are not tuned (a 32-row query tile or a key loop would be the next step). w=3 r=1 (16-tiles):
+56-72 registers. 8 warps on a 64-row tile do not help: Triton puts all warps of a dot chain along
+the rows (warpsPerCTA [8, 1]), i.e. 16-row MMA tiles for 8 rows per warp, duplicated work.
 
 GPU speed: not measured (no GPU in this session).
 """
@@ -112,7 +121,6 @@ POISON_OUTPUTS = False
 MAX_SEQ_TILE = 128
 # Partial sums of the bias gradient that the backward's atomic adds are spread over (window % slots).
 DBIAS_SLOTS = 32
-
 
 
 # ----------------------------------------------------------------------------------------------
