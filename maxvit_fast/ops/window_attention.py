@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ..dispatch import use_kernels
 from ..reference import Attention
@@ -121,6 +122,7 @@ class _WindowAttentionCore(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_out, d_reg_out=None):
         from ..kernels import window_attention as K
 
