@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..dispatch import use_kernels
+from ..dispatch import kernels_unavailable_reason, use_kernels
 from ..reference import Attention
 
 
@@ -85,10 +85,11 @@ def _check_arguments(x, registers, attn, pattern):
 
 
 def _fused_unsupported(x, registers, attn) -> str | None:
-    try:
-        from ..kernels import window_attention as K
-    except ImportError:
-        return None  # use_kernels reports the missing Triton itself
+    if kernels_unavailable_reason(x) is not None:
+        # use_kernels reports that itself; importing the kernel module now would create its
+        # @triton.jit functions in the wrong mode (interpreter off) for the rest of the process
+        return None
+    from ..kernels import window_attention as K
     attn_p = float(attn.attend[1].p) if attn.training else 0.0
     reason = K.unsupported_reason(attn.window_size, attn.num_registers, attn.dim_head, x.dtype, attn_p)
     if reason is not None:
