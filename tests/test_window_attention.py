@@ -313,6 +313,30 @@ def test_dropout_seed_comes_from_torch_generator():
     assert_close_normwise(e1, e2, 1e-5, name="eval mode: no dropout")
 
 
+def test_output_dropout_in_training_only():
+    """to_out's dropout (torch's, after the projection): in training each projected entry is
+    either dropped or scaled by 1 / (1 - p); the attention dropout is off here, so the eval-mode
+    projection is the reference for the kept entries."""
+    cfg, p = DROP_CFG, 0.5
+    dim = cfg["dim_head"] * cfg["heads"]
+    attn = make_attention(dim, cfg["dim_head"], cfg["window"], cfg["r"], dropout=0.0)
+    attn.to_out[1].p = p
+    x = make_inputs(cfg["batch"], cfg["nx"], cfg["ny"], cfg["window"], dim, "block")
+    registers = make_registers(cfg["batch"], cfg["r"], dim, per_image=False)
+    with torch.no_grad():
+        attn.eval()
+        out_e, regs_e = run(x, registers, attn, "block", True, True)
+        attn.train()
+        out_t, regs_t = run(x, registers, attn, "block", True, True)
+    for name, train, evald, residual in (("tokens", out_t, out_e, x), ("register rows", regs_t, regs_e, registers)):
+        proj_t, proj_e = (train - residual).flatten(), (evald - residual).flatten()
+        dropped = proj_t.abs() <= 1e-6 * proj_e.abs().max()
+        count, n_dropped = proj_t.numel(), dropped.sum().item()
+        sd = (count * p * (1 - p)) ** 0.5
+        assert abs(n_dropped - count * p) <= 5 * sd, f"{name}: dropped {n_dropped} of {count}"
+        assert_close_normwise(proj_t[~dropped], proj_e[~dropped] / (1 - p), 1e-5, name=f"{name}: kept entries")
+
+
 # ---------------------------------------------------------------------------------------------
 # whole model, fallbacks, errors
 # ---------------------------------------------------------------------------------------------
