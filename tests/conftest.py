@@ -15,7 +15,14 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import maxvit_fast.kernels  # noqa: E402,F401  (creates the kernels in the mode chosen above)
+# Create every kernel now, in the mode chosen above. A kernel module first imported later, while
+# a test has TRITON_INTERPRET switched off, would be created compiled for the whole session.
+import maxvit_fast.kernels.batchnorm_gelu  # noqa: E402,F401
+import maxvit_fast.kernels.depthwise_conv  # noqa: E402,F401
+import maxvit_fast.kernels.feedforward  # noqa: E402,F401
+import maxvit_fast.kernels.pointwise_conv  # noqa: E402,F401
+import maxvit_fast.kernels.squeeze_excitation  # noqa: E402,F401
+import maxvit_fast.kernels.window_attention  # noqa: E402,F401
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
