@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .mbconv_helpers import gelu, to_storage
+from .numerics import gelu, to_storage
 
 
 @triton.jit

@@ -88,8 +88,8 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
+from .numerics import gelu, to_storage
 
-SQRT1_2 = tl.constexpr(0.7071067811865476)
 
 # Dropout streams: the philox counter (column, token, stream, 0) names every random number.
 STREAM_HIDDEN = 0
@@ -114,18 +114,6 @@ def _mma(a, b, acc, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
-def _cast(v, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """v (fp32) -> dtype. ROUND_BF16 (interpreter, bf16 only): the interpreter converts fp32 to
-    bf16 by truncation, which doubles the rounding error; round to nearest even on the bits
-    first, so the conversion below is exact."""
-    if ROUND_BF16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        v = bits.to(tl.float32, bitcast=True)
-    return v.to(dtype)
-
-
-@triton.jit
 def _keep(seed, rows, cols, STREAM: tl.constexpr, p):
     """(len(rows), len(cols)) dropout keep mask: philox(seed; col, row, STREAM, 0), the top 24
     bits as a uniform u in [0, 1), kept when u >= p (probability 1 - p, as nn.Dropout)."""
@@ -135,12 +123,6 @@ def _keep(seed, rows, cols, STREAM: tl.constexpr, p):
     r, _, _, _ = tl.philox(seed, c0, c1, zero + STREAM, zero)
     u = (r >> 8).to(tl.float32) * (1.0 / 16777216.0)
     return u >= p
-
-
-@triton.jit
-def _gelu(v):
-    # nn.GELU() default: the exact erf form
-    return 0.5 * v * (1.0 + tl.math.erf(v * SQRT1_2))
 
 
 @triton.jit
@@ -189,7 +171,7 @@ def ff_fused_mlp_kernel(
     gamma = tl.load(ln_w_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
     beta = tl.load(ln_b_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
     # padded channels: gamma = beta = 0, so they are 0 in the A operand
-    xn = _cast(xc * rstd[:, None] * gamma[None, :] + beta[None, :], x_ptr.dtype.element_ty, ROUND_BF16)
+    xn = to_storage(xc * rstd[:, None] * gamma[None, :] + beta[None, :], x_ptr.dtype.element_ty, ROUND_BF16)
 
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for h0 in range(0, HIDDEN, BLOCK_H):
@@ -199,12 +181,12 @@ def ff_fused_mlp_kernel(
         w1 = tl.load(w1_ptr + hid[None, :] * C + chans[:, None], mask=chan_ok[:, None] & hid_ok[None, :], other=0.0)
         b1 = tl.load(b1_ptr + hid, mask=hid_ok, other=0.0).to(tl.float32)
         pre = _mma(xn, w1, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), FP32_DOT) + b1[None, :]
-        act = _gelu(pre)  # padded hidden columns: pre = 0 -> GELU 0, and their W2 rows are 0
+        act = gelu(pre)  # padded hidden columns: pre = 0 -> GELU 0, and their W2 rows are 0
         if DROPOUT_HIDDEN:
             act = tl.where(_keep(seed, rows, hid, _STREAM_HIDDEN, p_hidden), act * scale_hidden, 0.0)
         # W2^T chunk (BLOCK_H, BLOCK_C): element (n, c) = W2[c, n]
         w2 = tl.load(w2_ptr + chans[None, :] * HIDDEN + hid[:, None], mask=hid_ok[:, None] & chan_ok[None, :], other=0.0)
-        acc = _mma(_cast(act, w2_ptr.dtype.element_ty, ROUND_BF16), w2, acc, FP32_DOT)
+        acc = _mma(to_storage(act, w2_ptr.dtype.element_ty, ROUND_BF16), w2, acc, FP32_DOT)
 
     b2 = tl.load(b2_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
     y = acc + b2[None, :]
@@ -215,7 +197,7 @@ def ff_fused_mlp_kernel(
     x_tile_ptrs = x_ptr + _token_offsets(rows, D1, stride_x0, stride_x1)[:, None] + chans[None, :] * stride_xc
     y += tl.load(x_tile_ptrs, mask=tile_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
     out_ptrs = out_ptr + _token_offsets(rows, D1, stride_o0, stride_o1)[:, None] + chans[None, :] * stride_oc
-    tl.store(out_ptrs, _cast(y, out_ptr.dtype.element_ty, ROUND_BF16), mask=tile_ok)
+    tl.store(out_ptrs, to_storage(y, out_ptr.dtype.element_ty, ROUND_BF16), mask=tile_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,14 +254,14 @@ def ff_up_kernel(
         beta = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
         xn = (xk.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
         w1 = tl.load(w1_ptr + cols[None, :] * C + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _mma(_cast(xn, w1_ptr.dtype.element_ty, ROUND_BF16), w1, acc, FP32_DOT)
+        acc = _mma(to_storage(xn, w1_ptr.dtype.element_ty, ROUND_BF16), w1, acc, FP32_DOT)
 
     b1 = tl.load(b1_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    act = _gelu(acc + b1[None, :])
+    act = gelu(acc + b1[None, :])
     if DROPOUT_HIDDEN:
         act = tl.where(_keep(seed, rows, cols, _STREAM_HIDDEN, p_hidden), act * scale_hidden, 0.0)
     h_ptrs = hidden_ptr + rows.to(tl.int64)[:, None] * HIDDEN + cols[None, :]
-    tl.store(h_ptrs, _cast(act, hidden_ptr.dtype.element_ty, ROUND_BF16), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(h_ptrs, to_storage(act, hidden_ptr.dtype.element_ty, ROUND_BF16), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -320,7 +302,7 @@ def ff_down_kernel(
                 mask=tile_ok, other=0.0)
     y += x.to(tl.float32)
     out_ptrs = out_ptr + _token_offsets(rows, D1, stride_o0, stride_o1)[:, None] + chans[None, :] * stride_oc
-    tl.store(out_ptrs, _cast(y, out_ptr.dtype.element_ty, ROUND_BF16), mask=tile_ok)
+    tl.store(out_ptrs, to_storage(y, out_ptr.dtype.element_ty, ROUND_BF16), mask=tile_ok)
 
 
 # --------------------------------------------------------------------------------------------

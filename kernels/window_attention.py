@@ -112,6 +112,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
+from .numerics import round_fp32_to_bf16_nearest_even
 
 LOG2E = 1.4426950408889634
 
@@ -168,9 +169,7 @@ def _round(x, ELEM: tl.constexpr, UPCAST_DOT: tl.constexpr):
     rounding is done on the fp32 bits first."""
     if UPCAST_DOT:
         if ELEM == tl.bfloat16:
-            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
+            x = round_fp32_to_bf16_nearest_even(x.to(tl.float32))
     return x.to(ELEM)
 
 

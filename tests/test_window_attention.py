@@ -15,7 +15,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import maxvit_fast.ops.window_attention as wa_op
 from maxvit_fast import FusedFallbackWarning, MaxViT, reset_fallback_warnings

@@ -1,5 +1,4 @@
-"""@triton.jit helpers shared by the MBConv kernels (pointwise_conv, depthwise_conv,
-squeeze_excitation).
+"""@triton.jit numerics helpers shared by the kernels.
 
 ``to_storage``: cast an fp32 value to the storage dtype. On a GPU ``.to(tl.bfloat16)`` rounds to
 nearest even; the Triton interpreter (3.9) truncates fp32 -> bf16 (round toward zero, also when
@@ -21,6 +20,8 @@ def gelu(x):
 
 @triton.jit
 def round_fp32_to_bf16_nearest_even(x):
+    # add half an ulp of bf16 (minus one when the kept bit is even: ties go to even), then
+    # clear the 16 bits bf16 drops
     bits = x.to(tl.uint32, bitcast=True)
     bits = bits + 0x7FFF + ((bits >> 16) & 1)
     bits = (bits >> 16) << 16
