@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import kernel_cases as kc  # noqa: E402
-from maxvit_fast.bench import environment, measure_roofline, time_per_call, write_json  # noqa: E402
+from maxvit_fast.bench import Progress, environment, measure_roofline, time_per_call, write_json  # noqa: E402
 from maxvit_fast.dispatch import FusedFallbackWarning, reset_fallback_warnings  # noqa: E402
 from maxvit_fast.traffic import triton_launches  # noqa: E402
 
@@ -53,32 +53,6 @@ def parse_args(argv=None):
     p.add_argument("--max-seconds", type=float, default=None, help="skip cases not started by then")
     p.add_argument("--cpu", action="store_true", help="without CUDA: run the non-fused, non-compiled peers on the CPU")
     return p.parse_args(argv)
-
-
-class Progress:
-    def __init__(self, total):
-        try:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, unit="case", file=sys.stderr)
-        except ImportError:
-            self.bar = None
-        self.total, self.done = total, 0
-
-    def step(self, label):
-        if self.bar is not None:
-            self.bar.set_postfix_str(label)
-        else:
-            print(f"[{self.done + 1}/{self.total}] {label}", file=sys.stderr, flush=True)
-
-    def advance(self):
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
 
 
 def run_case(spec, args, dtype, device, roofline) -> dict:
@@ -190,7 +164,7 @@ def main(argv=None) -> int:
     specs.sort(key=lambda s: (s.impl in COMPILED_IMPLS, list(kc.IMPLS).index(s.op), s.stage, s.direction))
     doc["roofline"] = measure_roofline(device)
     dtype = DTYPES[args.dtype]
-    progress = Progress(len(specs))
+    progress = Progress(len(specs), "kernels")
     started = time.perf_counter()
     try:
         for spec in specs:
