@@ -15,6 +15,8 @@ and backward (it is recomputed, as activation checkpointing would).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,26 +52,69 @@ def _dropout_p(module: nn.Dropout) -> float:
     return float(module.p) if module.training else 0.0
 
 
-class _FusedFeedForwardResidual(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden, p_out, seed):
-        from ..kernels import feedforward as kernels
+def _seed_value(seed: torch.Tensor | None) -> int:
+    """The dropout seed as a Python int (a read of a 1-element CPU tensor: no device sync)."""
+    return 0 if seed is None else int(seed.reshape(-1)[0])
 
-        out = kernels.feedforward_residual(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, p_hidden, p_out, seed)
-        ctx.save_for_backward(x, ln_weight, ln_bias, w1, b1, w2, b2)
-        ctx.eps, ctx.p_hidden, ctx.p_out, ctx.seed = eps, p_hidden, p_out, seed
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        inputs = ctx.saved_tensors
-        needs = ctx.needs_input_grad[: len(inputs)]
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, needs)]
-            out = reference_with_masks(*leaves, ctx.eps, ctx.p_hidden, ctx.p_out, ctx.seed)
-            wanted = [t for t, n in zip(leaves, needs) if n]
-            grads = iter(torch.autograd.grad(out, wanted, grad_out))
-        return (*(next(grads) if n else None for n in needs), None, None, None, None)
+def _as_seed_tensor(seed) -> torch.Tensor:
+    """A 1-element int64 CPU tensor holding ``seed`` (an int or a tensor)."""
+    return torch.as_tensor(seed, dtype=torch.int64, device="cpu").reshape(1)
+
+
+# torch.library ops: the Triton-calling core as one opaque op with a shape-only fake
+# implementation, so torch.compile traces the fused model without graph breaks. The seed is a
+# 1-element int64 CPU tensor (drawn in the graph by torch.randint), None without dropout.
+
+@torch.library.custom_op("maxvit_fast::feedforward_residual", mutates_args=())
+def feedforward_residual_op(
+    x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+    w2: torch.Tensor, b2: torch.Tensor, eps: float, p_hidden: float, p_out: float, seed: Optional[torch.Tensor],
+) -> torch.Tensor:
+    from ..kernels import feedforward as kernels
+
+    return kernels.feedforward_residual(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, p_hidden, p_out, _seed_value(seed))
+
+
+@feedforward_residual_op.register_fake
+def _(x, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden, p_out, seed):
+    return torch.empty_like(x)  # what the launcher allocates
+
+
+@torch.library.custom_op("maxvit_fast::feedforward_residual_backward", mutates_args=())
+def feedforward_residual_backward_op(
+    grad_out: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, w1: torch.Tensor,
+    b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, eps: float, p_hidden: float, p_out: float,
+    seed: Optional[torch.Tensor],
+) -> list[torch.Tensor]:
+    """Gradients for (x, ln_weight, ln_bias, w1, b1, w2, b2): autograd through the reference ops
+    under the forward's dropout masks (regenerated from the seed)."""
+    # torch.func.vjp, not torch.autograd.grad: a custom op's implementation runs below the
+    # autograd dispatch keys, where tensors cannot record a graph; functorch transforms still work.
+    masks = keep_masks(x, w1.shape[0], p_hidden, p_out, _seed_value(seed))
+    _, vjp = torch.func.vjp(
+        lambda *t: _reference_under_masks(*t, eps, p_hidden, p_out, *masks), x, ln_weight, ln_bias, w1, b1, w2, b2
+    )
+    return [g.contiguous() for g in vjp(grad_out)]
+
+
+@feedforward_residual_backward_op.register_fake
+def _(grad_out, x, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden, p_out, seed):
+    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (x, ln_weight, ln_bias, w1, b1, w2, b2)]
+
+
+def _ff_setup_context(ctx, inputs, output):
+    *tensors, eps, p_hidden, p_out, seed = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.eps, ctx.p_hidden, ctx.p_out, ctx.seed = eps, p_hidden, p_out, seed
+
+
+def _ff_backward(ctx, grad_out):
+    grads = feedforward_residual_backward_op(grad_out, *ctx.saved_tensors, ctx.eps, ctx.p_hidden, ctx.p_out, ctx.seed)
+    return (*grads, None, None, None, None)
+
+
+feedforward_residual_op.register_autograd(_ff_backward, setup_context=_ff_setup_context)
 
 
 def keep_masks(x: torch.Tensor, hidden: int, p_hidden: float, p_out: float, seed: int):
@@ -99,7 +144,11 @@ def _apply_dropout(t: torch.Tensor, keep: torch.Tensor | None, p: float) -> torc
 def reference_with_masks(x, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden, p_out, seed):
     """The feed-forward + residual in reference torch ops, with the fused kernels' dropout
     masks for ``seed`` (what the backward differentiates, and what tests compare to)."""
-    m_hidden, m_out = keep_masks(x, w1.shape[0], p_hidden, p_out, seed)
+    return _reference_under_masks(x, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden, p_out,
+                                  *keep_masks(x, w1.shape[0], p_hidden, p_out, seed))
+
+
+def _reference_under_masks(x, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden, p_out, m_hidden, m_out):
     h = F.gelu(F.linear(F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps), w1, b1))
     y = F.linear(_apply_dropout(h, m_hidden, p_hidden), w2, b2)
     return _apply_dropout(y, m_out, p_out) + x
@@ -120,13 +169,9 @@ def feedforward_residual(
     if x.shape[-1] != norm.weight.shape[0]:
         raise ValueError(f"tokens have {x.shape[-1]} channels, the feed-forward expects {norm.weight.shape[0]}")
     p_hidden, p_out = _dropout_p(drop_hidden), _dropout_p(drop_out)
-    if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if (p_hidden > 0 or p_out > 0) else 0
-    args = (x, norm.weight, norm.bias, lin1.weight, lin1.bias, lin2.weight, lin2.bias,
-            float(norm.eps), p_hidden, p_out, int(seed))
-    if torch.is_grad_enabled() and any(t.requires_grad for t in args[:7]):
-        return _FusedFeedForwardResidual.apply(*args)
-    from ..kernels import feedforward as kernels
-
-    return kernels.feedforward_residual(x, norm.weight, norm.bias, float(norm.eps), lin1.weight, lin1.bias,
-                                        lin2.weight, lin2.bias, p_hidden, p_out, int(seed))
+    seed_t = None
+    if p_hidden > 0 or p_out > 0:
+        # drawn from torch's default generator as a tensor (no .item(): no graph break under compile)
+        seed_t = torch.randint(0, 2**31 - 1, (1,)) if seed is None else _as_seed_tensor(seed)
+    return feedforward_residual_op(x, norm.weight, norm.bias, lin1.weight, lin1.bias, lin2.weight, lin2.bias,
+                                   float(norm.eps), p_hidden, p_out, seed_t)
