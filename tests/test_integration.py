@@ -1,0 +1,203 @@
+"""Integration and robustness: MaxViT(fused=True) against MaxViT(fused=False) where users put it.
+
+Autocast, memory formats and strides, DistributedDataParallel (two gloo processes on the CPU),
+property-based configurations (hypothesis), non-finite and extreme inputs, state changes between
+forwards (folded-weight cache), repeated-forward memory, and a short training run.
+
+Without CUDA the kernels run through the Triton interpreter (tests/conftest.py), which is slow:
+every model here is tiny (width 16, dim_head 16 -- the smallest head size the attention kernels
+take --, window 2, 16 x 16 images, batch 2). The fused path is compared with the reference path
+of the SAME module (``model.fused`` toggled), so both see identical parameters.
+
+Hypothesis: the profile "ci" (derandomised, 5 examples per test, no deadline) is loaded by
+default; ``HYPOTHESIS_PROFILE=full`` selects "full" (60 examples, randomised).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import warnings
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from maxvit_fast import FusedFallbackWarning, MaxViT, reset_fallback_warnings
+
+from .helpers import assert_close_l2, assert_close_normwise, assert_within_reference_error
+
+settings.register_profile("ci", derandomize=True, max_examples=5, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("full", max_examples=60, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# fp32: fused and reference differ only by summation order (1e-5 normwise, as in test_parity);
+# gradients are long sums: 1e-4 relative L2 with a floor of 1% of the largest gradient norm for
+# gradients that are zero in exact arithmetic (conv biases in front of a train-mode BatchNorm).
+RTOL = 1e-5
+GRAD_RTOL, GRAD_FLOOR_FRAC = 1e-4, 1e-2
+
+TINY = dict(num_classes=4, dim=16, depth=(1, 1), dim_head=16, window_size=2, dropout=0.0,
+            num_register_tokens=2)
+SIZE = 16
+
+
+def randomize_buffers_(model: MaxViT) -> MaxViT:
+    """Non-trivial BatchNorm running statistics (a fresh model's mean 0 / var 1 hide folding bugs)."""
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_(0, 0.5)
+            elif name.endswith("running_var"):
+                buf.uniform_(0.5, 1.5)
+    return model
+
+
+def tiny_model(**kw) -> MaxViT:
+    return randomize_buffers_(MaxViT(**{**TINY, **kw}))
+
+
+def forward(model, x, fused):
+    model.fused = fused
+    return model(x)
+
+
+def run_both(model, x):
+    """(fused, reference) outputs of the same module; the fused run must not fall back."""
+    reset_fallback_warnings()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusedFallbackWarning)
+        y_fused = forward(model, x, True)
+    return y_fused, forward(model, x, False)
+
+
+def param_grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(actual: dict, expected: dict, rtol=GRAD_RTOL, floor_frac=GRAD_FLOOR_FRAC):
+    assert actual.keys() == expected.keys()
+    floor = floor_frac * max(g.norm().item() for g in expected.values())
+    for name in expected:
+        assert_close_l2(actual[name], expected[name], rtol, name=f"grad {name}", floor=floor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autocast
+# ----------------------------------------------------------------------------------------------
+
+class KernelDtypeRecorder:
+    """Records the dtypes of the tensors each kernel launcher receives (monkeypatched wrappers)."""
+
+    LAUNCHERS = {
+        "window_attention": ("maxvit_fast.kernels.window_attention", "window_attention_forward"),
+        "feedforward": ("maxvit_fast.kernels.feedforward", "feedforward_residual"),
+        "pointwise_conv": ("maxvit_fast.kernels.pointwise_conv", "pointwise_conv"),
+        "depthwise_conv": ("maxvit_fast.kernels.depthwise_conv", "depthwise_conv3x3"),
+    }
+
+    def __init__(self, monkeypatch):
+        import importlib
+
+        self.calls: list[tuple[str, tuple]] = []
+        for op, (module_name, fn_name) in self.LAUNCHERS.items():
+            module = importlib.import_module(module_name)
+            original = getattr(module, fn_name)
+
+            def wrapper(*args, _op=op, _original=original, **kwargs):
+                self.calls.append((_op, tuple(a.dtype for a in args if isinstance(a, torch.Tensor))))
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(module, fn_name, wrapper)
+
+    def dtypes(self, op):
+        return [d for name, d in self.calls if name == op]
+
+
+def _autocast_run(model, x, fused, train, target):
+    model.fused = fused
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+        if train:
+            F.cross_entropy(y.float(), target).backward()
+    return y.detach().float(), param_grads(model) if train else None
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_autocast_bf16_matches_reference_under_autocast(train, monkeypatch):
+    """Under CPU autocast(bf16) the fused model's error against the fp32 reference is at most 2x
+    the error of the reference model under the same autocast (+ 1/256 of max|logit|, one bf16
+    ulp, for logits the reference happens to round exactly). Gradients: relative L2 error at most
+    2x the reference's own (+ 1e-2 of the largest gradient norm). Fallbacks are recorded, not
+    hidden: every op that falls back warns with FusedFallbackWarning, and the warnings are checked
+    against what the ops document (MBConv never runs fused under autocast)."""
+    model = tiny_model()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    target = torch.randint(0, TINY["num_classes"], (2,))
+    recorder = KernelDtypeRecorder(monkeypatch)
+
+    state = copy.deepcopy(model.state_dict())  # train-mode forwards move the running statistics
+    model.fused = False
+    model.train(train)
+    y32 = model(x)  # the fp32 truth: reference path, no autocast
+    if train:
+        F.cross_entropy(y32, target).backward()
+    ref32, g_ref32 = y32.detach(), param_grads(model)
+
+    model.load_state_dict(state)
+    ref_ac, g_ref_ac = _autocast_run(model, x, False, train, target)
+    model.load_state_dict(state)
+    reset_fallback_warnings()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused_ac, g_fused_ac = _autocast_run(model, x, True, train, target)
+
+    fallbacks = sorted({str(w.message) for w in caught if issubclass(w.category, FusedFallbackWarning)})
+    print("autocast fallbacks:", *fallbacks, sep="\n  ")
+    print("kernel input dtypes:", *recorder.calls, sep="\n  ")
+    assert any("MBConv" in m for m in fallbacks), "MBConv is documented to fall back under autocast"
+    assert not recorder.dtypes("pointwise_conv") and not recorder.dtypes("depthwise_conv")
+
+    scale = ref32.abs().max().item()
+    assert_within_reference_error(fused_ac, ref_ac, ref32, factor=2.0, atol=scale / 256, name="logits")
+    if train:
+        for name, g in g_ref32.items():
+            ref_err = (g_ref_ac[name].double() - g.double()).norm().item()
+            err = (g_fused_ac[name].double() - g.double()).norm().item()
+            floor = 1e-2 * max(v.norm().item() for v in g_ref32.values())
+            assert err <= 2 * ref_err + floor, f"grad {name}: {err:.3e} > 2 x {ref_err:.3e} + {floor:.3e}"
+
+
+def test_autocast_attention_kernel_receives_autocast_dtype(monkeypatch):
+    """The attention core gets q/k/v in bf16, the dtype autocast gives the qkv Linear."""
+    model = tiny_model().eval()
+    recorder = KernelDtypeRecorder(monkeypatch)
+    _autocast_run(model, torch.randn(2, 3, SIZE, SIZE), True, False, None)
+    attn = recorder.dtypes("window_attention")
+    assert attn, "the attention kernel never ran under autocast"
+    assert all(d[0] == torch.bfloat16 and d[1] == torch.bfloat16 for d in attn), attn
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "fused feed-forward under autocast runs its matmuls in fp32 (the residual stream is fp32 and "
+    "the op checks only input/parameter dtype equality), where the reference's nn.Linear runs in "
+    "bf16 under autocast; no FusedFallbackWarning says so. Reported to the lead."))
+def test_autocast_feedforward_kernel_receives_autocast_dtype(monkeypatch):
+    model = tiny_model().eval()
+    recorder = KernelDtypeRecorder(monkeypatch)
+    _autocast_run(model, torch.randn(2, 3, SIZE, SIZE), True, False, None)
+    ff = recorder.dtypes("feedforward")
+    assert ff, "the feed-forward kernel never ran under autocast"
+    assert all(d[0] == torch.bfloat16 for d in ff), ff
