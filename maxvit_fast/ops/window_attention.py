@@ -20,9 +20,10 @@ projection + residual as one ``addmm`` (output dropout in between when training)
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from ..dispatch import kernels_unavailable_reason, use_kernels
 from ..reference import Attention
@@ -104,49 +105,109 @@ def _fused_unsupported(x, registers, attn) -> str | None:
     return None
 
 
-class _WindowAttentionCore(torch.autograd.Function):
-    """softmax(q k^T * scale + bias) (dropout) @ v over every window; Triton forward and backward.
+# torch.library ops: the Triton attention core (forward and backward) as opaque ops with
+# shape-only fake implementations, so torch.compile traces the fused model without graph breaks.
+# The dropout seed is a 1-element int64 CPU tensor (None without dropout).
 
-    Inputs: qkv (B, H, W, 3C), register rows (1 or B, r, 3C or 2C), the bias table. Outputs: the
-    per-head outputs (B, H, W, C) and, with register queries, the register rows' (B, nX, nY, r, C).
+def _seed_value(seed: torch.Tensor | None) -> int:
+    return 0 if seed is None else int(seed.reshape(-1)[0])  # a CPU read, no device sync
+
+
+@torch.library.custom_op("maxvit_fast::window_attention_core", mutates_args=())
+def window_attention_core_op(
+    qkv: torch.Tensor, reg_qkv: torch.Tensor, table: torch.Tensor, rel_pos_indices: torch.Tensor, window: int,
+    num_registers: int, heads: int, head_dim: int, grid_pattern: bool, register_queries: bool, scale: float,
+    dropout_p: float, seed: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale + bias) (dropout) @ v over every window.
+
+    qkv (B, H, W, 3C), register rows reg_qkv (1 or B, r, 3C or 2C), the bias table. Returns the
+    per-head outputs (B, H, W, C), the register rows' (B, nX, nY, r, C) with register queries
+    (else an empty tensor) and the fp32 log-sum-exp the backward needs. ``rel_pos_indices``
+    (the (n, n) bias-table index map) is used by the backward only.
     """
+    from ..kernels import window_attention as K
 
-    @staticmethod
-    def forward(ctx, qkv, reg_qkv, table, rel_pos_indices, cfg):
-        from ..kernels import window_attention as K
-
-        out, reg_out, lse = K.window_attention_forward(qkv, reg_qkv, table, **cfg)
-        ctx.cfg = cfg
-        ctx.save_for_backward(qkv, reg_qkv, table, lse, rel_pos_indices)  # O is not needed
-        if cfg["register_queries"]:
-            return out, reg_out
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, d_out, d_reg_out=None):
-        from ..kernels import window_attention as K
-
-        qkv, reg_qkv, table, lse, rel_pos_indices = ctx.saved_tensors
-        cfg = ctx.cfg
-        b, h, w, c3 = qkv.shape
-        c, r, win = c3 // 3, cfg["num_registers"], cfg["window"]
-        if d_out is None:
-            d_out = qkv.new_zeros((b, h, w, c))
-        elif d_out.stride(-1) != 1:
-            d_out = d_out.contiguous()
-        if cfg["register_queries"] and d_reg_out is None:
-            d_reg_out = qkv.new_zeros((b, h // win, w // win, r, c))
-        dqkv, d_reg, d_table = K.window_attention_backward(
-            qkv, reg_qkv, table, lse, d_out, d_reg_out, rel_pos_indices, **cfg
-        )
-        return dqkv, d_reg.to(reg_qkv.dtype), d_table.to(table.dtype), None, None
+    out, reg_out, lse = K.window_attention_forward(
+        qkv, reg_qkv, table, window=window, num_registers=num_registers, heads=heads, head_dim=head_dim,
+        grid_pattern=grid_pattern, register_queries=register_queries, scale=scale, dropout_p=dropout_p,
+        seed=_seed_value(seed),
+    )
+    if reg_out is None:
+        reg_out = qkv.new_empty((0,))
+    return out, reg_out, lse
 
 
-def _draw_seed() -> int:
+@window_attention_core_op.register_fake
+def _(qkv, reg_qkv, table, rel_pos_indices, window, num_registers, heads, head_dim, grid_pattern,
+      register_queries, scale, dropout_p, seed):
+    from ..kernels import window_attention as K
+
+    b, h, w, _ = qkv.shape
+    c, nx, ny = heads * head_dim, h // window, w // window
+    cfg = K.tile_config(window, num_registers, register_queries, qkv.dtype)
+    out = qkv.new_empty((b, h, w, c))
+    reg_out = qkv.new_empty((b, nx, ny, num_registers, c) if register_queries else (0,))
+    lse = qkv.new_empty((b * nx * ny, heads, cfg["seq"] - cfg["q_start"]), dtype=torch.float32)
+    return out, reg_out, lse
+
+
+@torch.library.custom_op("maxvit_fast::window_attention_core_backward", mutates_args=())
+def window_attention_core_backward_op(
+    qkv: torch.Tensor, reg_qkv: torch.Tensor, table: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor,
+    d_reg_out: Optional[torch.Tensor], rel_pos_indices: torch.Tensor, window: int, num_registers: int, heads: int,
+    head_dim: int, grid_pattern: bool, register_queries: bool, scale: float, dropout_p: float,
+    seed: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d qkv, d reg_qkv, d table) in the dtypes of qkv, reg_qkv and table (Triton backward)."""
+    from ..kernels import window_attention as K
+
+    dqkv, d_reg, d_table = K.window_attention_backward(
+        qkv, reg_qkv, table, lse, d_out, d_reg_out, rel_pos_indices, window=window, num_registers=num_registers,
+        heads=heads, head_dim=head_dim, grid_pattern=grid_pattern, register_queries=register_queries, scale=scale,
+        dropout_p=dropout_p, seed=_seed_value(seed),
+    )
+    return dqkv, d_reg.to(reg_qkv.dtype).contiguous(), d_table.to(table.dtype).contiguous()
+
+
+@window_attention_core_backward_op.register_fake
+def _(qkv, reg_qkv, table, lse, d_out, d_reg_out, rel_pos_indices, window, num_registers, heads, head_dim,
+      grid_pattern, register_queries, scale, dropout_p, seed):
+    return (torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device),
+            torch.empty(reg_qkv.shape, dtype=reg_qkv.dtype, device=reg_qkv.device),
+            torch.empty(table.shape, dtype=table.dtype, device=table.device))
+
+
+_CORE_CONFIG = ("window", "num_registers", "heads", "head_dim", "grid_pattern", "register_queries", "scale",
+                "dropout_p", "seed")
+
+
+def _core_setup_context(ctx, inputs, output):
+    qkv, reg_qkv, table, rel_pos_indices, *config = inputs
+    ctx.cfg = dict(zip(_CORE_CONFIG, config))
+    ctx.save_for_backward(qkv, reg_qkv, table, rel_pos_indices, output[2])  # O is not needed, the lse is
+
+
+def _core_backward(ctx, d_out, d_reg_out, _d_lse):
+    qkv, reg_qkv, table, rel_pos_indices, lse = ctx.saved_tensors
+    cfg = ctx.cfg
+    if d_out.stride(-1) != 1:
+        d_out = d_out.contiguous()
+    d_reg_out = d_reg_out if cfg["register_queries"] else None
+    dqkv, d_reg, d_table = window_attention_core_backward_op(
+        qkv, reg_qkv, table, lse, d_out, d_reg_out, rel_pos_indices, *cfg.values()
+    )
+    return dqkv, d_reg, d_table, None, *(None for _ in _CORE_CONFIG)
+
+
+window_attention_core_op.register_autograd(_core_backward, setup_context=_core_setup_context)
+
+
+def _draw_seed() -> torch.Tensor:
     """A seed for the in-kernel dropout, drawn from torch's default generator (so
-    ``torch.manual_seed`` makes fused dropout reproducible)."""
-    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+    ``torch.manual_seed`` makes fused dropout reproducible) as a 1-element CPU tensor: no
+    ``.item()`` in the caller, so no graph break under torch.compile."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
 
 
 def _project_residual(o, residual, weight, dropout_p, training):
@@ -175,13 +236,13 @@ def _fused(x, registers, attn: Attention, pattern: str, need_register_outputs: b
 
     training = attn.training
     attn_p = float(attn.attend[1].p) if training else 0.0
-    cfg = dict(
-        window=w, num_registers=r, heads=attn.heads, head_dim=attn.dim_head,
-        grid_pattern=pattern == "grid", register_queries=register_queries, scale=attn.scale,
-        dropout_p=attn_p, seed=_draw_seed() if attn_p > 0.0 else 0,
+    seed = None
+    if attn_p > 0.0:
+        seed = torch.as_tensor(_draw_seed(), dtype=torch.int64, device="cpu").reshape(1)
+    o, o_reg, _ = window_attention_core_op(
+        qkv, reg_qkv, attn.rel_pos_bias.weight, attn.rel_pos_indices, w, r, attn.heads, attn.dim_head, pattern == "grid",
+        register_queries, float(attn.scale), attn_p, seed,
     )
-    result = _WindowAttentionCore.apply(qkv, reg_qkv, attn.rel_pos_bias.weight, attn.rel_pos_indices, cfg)
-    o, o_reg = result if register_queries else (result, None)
 
     out_weight, out_p = attn.to_out[0].weight, float(attn.to_out[1].p)
     out = _project_residual(o, x, out_weight, out_p, training)
