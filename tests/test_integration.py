@@ -201,3 +201,130 @@ def test_autocast_feedforward_kernel_receives_autocast_dtype(monkeypatch):
     ff = recorder.dtypes("feedforward")
     assert ff, "the feed-forward kernel never ran under autocast"
     assert all(d[0] == torch.bfloat16 for d in ff), ff
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory formats and strides
+# ----------------------------------------------------------------------------------------------
+
+def _layouts(x: torch.Tensor) -> dict:
+    """The same values as ``x`` (B, C, H, W) in other memory layouts."""
+    wide = torch.randn(*x.shape[:3], x.shape[3] + 5)
+    wide[..., 2:2 + x.shape[3]] = x
+    transposed = x.transpose(2, 3).contiguous().transpose(2, 3)  # (B, C, W, H) storage
+    batch_strided = torch.stack([x, torch.randn_like(x)], dim=1)[:, 0]  # every other image
+    return {
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "width_slice": wide[..., 2:2 + x.shape[3]],
+        "transposed_view": transposed,
+        "batch_strided": batch_strided,
+    }
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_memory_formats_and_strides_give_the_same_result(train):
+    """Fused outputs (and, in train mode, input and parameter gradients) on channels-last and
+    non-contiguous views equal those on the contiguous tensor (1e-6 normwise: the model copies the
+    input to channels-last first, so only that copy differs), and match the reference at fp32 rtol."""
+    model = tiny_model().train(train)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    state = copy.deepcopy(model.state_dict())
+
+    def run(inp, fused):
+        model.load_state_dict(state)
+        model.zero_grad(set_to_none=True)
+        inp = inp.detach().requires_grad_(train)
+        model.fused = fused
+        y = model(inp)
+        if train:
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            return y.detach(), inp.grad, param_grads(model)
+        return y.detach(), None, None
+
+    y_ref, gx_ref, gp_ref = run(x, False)
+    y0, gx0, gp0 = run(x, True)
+    assert_close_normwise(y0, y_ref, RTOL, name="contiguous logits")
+    if train:
+        assert_close_l2(gx0, gx_ref, GRAD_RTOL, name="contiguous input grad")
+        assert_grads_close(gp0, gp_ref)
+    for name, xv in _layouts(x).items():
+        assert torch.equal(xv, x)
+        y, gx, gp = run(xv, True)
+        assert_close_normwise(y, y0, 1e-6, name=f"{name} logits")
+        if train:
+            assert gx.shape == x.shape
+            assert_close_l2(gx, gx0, 1e-6, name=f"{name} input grad")
+            assert_grads_close(gp, gp0, rtol=1e-6)
+
+
+def test_ops_accept_non_contiguous_inputs():
+    """The model hands the ops channels-last views; called directly with other strides (an NCHW
+    contiguous or width-sliced MBConv input, transposed tokens) the fused ops give the reference's
+    answer."""
+    from maxvit_fast import ops
+
+    model = tiny_model().eval()
+    conv = model.layers[1][0]  # stage 2's first MBConv: 16 -> 32 channels, stride 2
+    (block_attn, block_ff) = model.layers[1][1]
+    x = torch.randn(2, 16, 8, 8)
+    wide = torch.randn(2, 16, 8, 13)[..., 3:11]
+    reset_fallback_warnings()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error", FusedFallbackWarning)
+        for name, xin in (("nchw", x), ("width_slice", wide)):
+            assert_close_normwise(ops.mbconv(xin, conv, True), conv(xin), RTOL, name=f"mbconv {name}")
+        tokens = torch.randn(2, 4, 4, 32).transpose(1, 2)  # (B, H, W, C) with H and W strides swapped
+        regs = model.register_tokens[1]
+        out_f, regs_f = ops.window_attention_residual(tokens, regs, block_attn, "block", True)
+        out_r, regs_r = ops.window_attention_residual(tokens, regs, block_attn, "block", False)
+        assert_close_normwise(out_f, out_r, RTOL, name="attention tokens")
+        assert_close_normwise(regs_f, regs_r, RTOL, name="attention registers")
+        channel_slice = torch.randn(2, 4, 4, 40)[..., 4:36]  # last-dim contiguous, row stride 40
+        assert_close_normwise(ops.feedforward_residual(channel_slice, block_ff, True),
+                              block_ff(channel_slice) + channel_slice, RTOL, name="feed-forward")
+        t_ff = tokens.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # channel stride H*W
+        assert_close_normwise(ops.feedforward_residual(t_ff, block_ff, True),
+                              block_ff(t_ff) + t_ff, RTOL, name="feed-forward channel-strided")
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite and extreme inputs
+# ----------------------------------------------------------------------------------------------
+
+def _assert_same_nonfinite(actual, expected, rtol, name):
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected)), f"{name}: NaN positions differ"
+    assert torch.equal(torch.isinf(actual), torch.isinf(expected)), f"{name}: inf positions differ"
+    inf = torch.isinf(expected)
+    assert torch.equal(actual[inf], expected[inf]), f"{name}: inf signs differ"
+    finite = torch.isfinite(expected)
+    if finite.any():
+        assert_close_normwise(actual[finite], expected[finite], rtol, name=f"{name} (finite part)")
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_input_propagates_like_the_reference(value, train):
+    """One non-finite pixel in image 0: the logits are NaN/inf exactly where the reference's are
+    (eval: image 0 only, the SE mean and the attention spread it over the image; train: the
+    batch statistics spread it over the batch), the other logits equal the reference's."""
+    model = tiny_model().train(train)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    x[0, 1, 5, 7] = value
+    state = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        y_f = forward(model, x, True)
+        model.load_state_dict(state)
+        y_r = forward(model, x, False)
+    assert not torch.isfinite(y_r).all(), "reference stays finite: the test would show nothing"
+    _assert_same_nonfinite(y_f, y_r, RTOL, "logits")
+
+
+@pytest.mark.parametrize("scale", [1e4, 1e-4])
+def test_extreme_magnitudes_match_the_reference(scale):
+    """Inputs scaled by 1e4 (and 1e-4): eval logits within fp32 rtol of the reference, finite."""
+    model = tiny_model().eval()
+    x = torch.randn(2, 3, SIZE, SIZE) * scale
+    with torch.no_grad():
+        y_f, y_r = run_both(model, x)
+    assert torch.isfinite(y_r).all()
+    assert_close_normwise(y_f, y_r, RTOL, name=f"logits x{scale:g}")
