@@ -48,14 +48,14 @@ block without its residual and applies the module's own Dropsample and the add w
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from ..batchnorm import FoldCache, batch_stats_from_tiles, bn_scale_shift, fold_batchnorm, update_running_stats_
+from ..batchnorm import FoldCache, batch_stats_from_tiles, fold_batchnorm, update_running_stats_
 from ..dispatch import use_kernels
 from ..reference import MBConvResidual, SqueezeExcitation
 
@@ -199,14 +199,20 @@ class _Weights:
 
 
 def _layout_weights(p: _Parts) -> _Weights:
-    hidden = p.conv1.out_channels
+    return _layout_weights_from(p.params())
+
+
+def _layout_weights_from(params) -> _Weights:
+    """Kernel layouts of the block's weights; ``params`` in the order of ``_Parts.params``."""
+    w1, _, _, _, wd, bd, _, _, wr, we, w3, _, _, _ = params
+    hidden = w1.shape[0]
     return _Weights(
-        w1_t=p.conv1.weight.detach().reshape(hidden, -1).t().contiguous(),
-        w3_t=p.conv3.weight.detach().reshape(p.conv3.out_channels, hidden).t().contiguous(),
-        dw_w=p.dw.weight.detach().reshape(hidden, 9).t().float().contiguous(),
-        dw_b=p.dw.bias.detach().float().contiguous(),
-        se_reduce=p.se_reduce.weight.detach().float().contiguous(),
-        se_expand=p.se_expand.weight.detach().float().contiguous(),
+        w1_t=w1.detach().reshape(hidden, -1).t().contiguous(),
+        w3_t=w3.detach().reshape(w3.shape[0], hidden).t().contiguous(),
+        dw_w=wd.detach().reshape(hidden, 9).t().float().contiguous(),
+        dw_b=bd.detach().float().contiguous(),
+        se_reduce=wr.detach().float().contiguous(),
+        se_expand=we.detach().float().contiguous(),
     )
 
 
@@ -232,21 +238,21 @@ def _pixels_view(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(B, H * W, C)
 
 
-def _forward_eval(x: torch.Tensor, p: _Parts, w: _Weights, add_residual: bool) -> torch.Tensor:
+def _forward_eval(x: torch.Tensor, w: _Weights, stride: int, add_residual: bool) -> torch.Tensor:
     from ..kernels.depthwise_conv import depthwise_conv3x3, depthwise_output_size, depthwise_tiles_per_image
     from ..kernels.pointwise_conv import pointwise_conv
     from ..kernels.squeeze_excitation import se_gate
 
     B, _, H, W = x.shape
-    hidden, dim_out = p.conv1.out_channels, p.conv3.out_channels
+    hidden, dim_out = w.w1_t.shape[1], w.w3_t.shape[1]
     dev, dt = x.device, x.dtype
-    Ho, Wo = depthwise_output_size(H, p.stride), depthwise_output_size(W, p.stride)
+    Ho, Wo = depthwise_output_size(H, stride), depthwise_output_size(W, stride)
     T = depthwise_tiles_per_image(Ho, Wo)
 
     a = _pixels_view(x)
     h1 = pointwise_conv(a, w.w1_t, w.scale1, w.shift1, out_gelu=True, out=_empty((B, H * W, hidden), dt, dev))
     h2, tile_sum, _ = depthwise_conv3x3(
-        h1.view(B, H, W, hidden), w.dw_w, w.dw_b, p.stride, out_gelu=True,
+        h1.view(B, H, W, hidden), w.dw_w, w.dw_b, stride, out_gelu=True,
         out=_empty((B, Ho, Wo, hidden), dt, dev), tile_sum=_empty((B * T, hidden), torch.float32, dev),
     )
     gate = se_gate(tile_sum, B, Ho * Wo, w.se_reduce, w.se_expand, out=_empty((B, hidden), torch.float32, dev))
@@ -267,18 +273,28 @@ def _tile_counts(total: int, block: int, device, repeat: int = 1) -> torch.Tenso
     return counts.reshape(-1)
 
 
-def _forward_train(x: torch.Tensor, p: _Parts, add_residual: bool) -> torch.Tensor:
+def _scale_shift(weight, bias, eps: float, mean, var):
+    """``batchnorm.bn_scale_shift`` for an affine BN given as tensors."""
+    scale = torch.rsqrt(var.float() + eps) * weight.float()
+    return scale.contiguous(), (bias.float() - mean.float() * scale).contiguous()
+
+
+def _forward_train(x: torch.Tensor, params, eps, stride: int, add_residual: bool):
+    """Returns (out (B, Ho, Wo, dim_out), [mean1, var1, mean2, var2, mean3, var3]): the block
+    output and the batch statistics (mean, biased variance; fp32) of the three BatchNorms. The
+    caller updates the running statistics from them."""
     from ..kernels.batchnorm_gelu import batchnorm_gelu, batchnorm_gelu_tiles_per_image
     from ..kernels.depthwise_conv import (depthwise_conv3x3, depthwise_conv_config, depthwise_output_size,
                                           depthwise_tiles_per_image)
     from ..kernels.pointwise_conv import pointwise_conv, pointwise_conv_config
     from ..kernels.squeeze_excitation import se_gate
 
+    (w1, b1, g1, be1, wd, bd, g2, be2, wr, we, w3, b3, g3, be3) = params
     B, dim_in, H, W = x.shape
-    hidden, dim_out = p.conv1.out_channels, p.conv3.out_channels
+    hidden, dim_out = w1.shape[0], w3.shape[0]
     dev, dt = x.device, x.dtype
     f32 = torch.float32
-    Ho, Wo = depthwise_output_size(H, p.stride), depthwise_output_size(W, p.stride)
+    Ho, Wo = depthwise_output_size(H, stride), depthwise_output_size(W, stride)
     P1, P2 = H * W, Ho * Wo
     T_dw, T_bn = depthwise_tiles_per_image(Ho, Wo), batchnorm_gelu_tiles_per_image(P2)
     block_m1 = pointwise_conv_config(hidden, dim_in, dt, False)["BLOCK_M"]
@@ -291,109 +307,186 @@ def _forward_train(x: torch.Tensor, p: _Parts, add_residual: bool) -> torch.Tens
         return dict(tile_sum=_empty((rows, channels), f32, dev), tile_m2=_empty((rows, channels), f32, dev))
 
     with torch.no_grad():
-        w = _layout_weights(p)
+        w = _layout_weights_from(params)
 
         # 1. y1 = expand conv + conv bias, with tile statistics -> BN1 batch statistics
         a = _pixels_view(x)
         y1, s1, m1 = pointwise_conv(
-            a, w.w1_t, torch.ones(hidden, dtype=f32, device=dev), p.conv1.bias.detach().float().contiguous(),
+            a, w.w1_t, torch.ones(hidden, dtype=f32, device=dev), b1.detach().float().contiguous(),
             stats=True, out=_empty((B, P1, hidden), dt, dev), **stats_buffers(counts1.numel(), hidden),
         )
         mean1, var1 = batch_stats_from_tiles(s1, m1, counts1)
-        update_running_stats_(p.bn1, mean1, var1, B * P1)
         # 2. gelu(BN1(y1)), in place
-        h1 = batchnorm_gelu(y1, *bn_scale_shift(p.bn1, mean1, var1), out=y1)
+        h1 = batchnorm_gelu(y1, *_scale_shift(g1, be1, eps[0], mean1, var1), out=y1)
 
         # 3. y2 = depthwise conv + conv bias, with tile statistics -> BN2 batch statistics
         y2, s2, m2 = depthwise_conv3x3(
-            h1.view(B, H, W, hidden), w.dw_w, w.dw_b, p.stride, out_gelu=False, m2=True,
+            h1.view(B, H, W, hidden), w.dw_w, w.dw_b, stride, out_gelu=False, m2=True,
             out=_empty((B, Ho, Wo, hidden), dt, dev), **stats_buffers(B * T_dw, hidden),
         )
         mean2, var2 = batch_stats_from_tiles(s2, m2, counts2)
-        update_running_stats_(p.bn2, mean2, var2, B * P2)
         # 4. gelu(BN2(y2)), in place, with the SE sums; 5. the SE gate
         y2 = y2.view(B, P2, hidden)
-        h2, se_sums = batchnorm_gelu(y2, *bn_scale_shift(p.bn2, mean2, var2), out=y2, sums=True,
+        h2, se_sums = batchnorm_gelu(y2, *_scale_shift(g2, be2, eps[1], mean2, var2), out=y2, sums=True,
                                      tile_sum=_empty((B * T_bn, hidden), f32, dev))
         gate = se_gate(se_sums, B, P2, w.se_reduce, w.se_expand, out=_empty((B, hidden), f32, dev))
 
         # 6. y3 = project conv on gate * h2 + conv bias, with tile statistics -> BN3 batch statistics
         y3, s3, m3 = pointwise_conv(
-            h2, w.w3_t, torch.ones(dim_out, dtype=f32, device=dev), p.conv3.bias.detach().float().contiguous(),
+            h2, w.w3_t, torch.ones(dim_out, dtype=f32, device=dev), b3.detach().float().contiguous(),
             gate=gate, stats=True, out=_empty((B, P2, dim_out), dt, dev), **stats_buffers(counts3.numel(), dim_out),
         )
         mean3, var3 = batch_stats_from_tiles(s3, m3, counts3)
-        update_running_stats_(p.bn3, mean3, var3, B * P2)
-        scale3, shift3 = bn_scale_shift(p.bn3, mean3, var3)
+        scale3, shift3 = _scale_shift(g3, be3, eps[2], mean3, var3)
 
         # 7. BN3 (+ residual): torch, elementwise over the block output (dim_out wide), fp32, one rounding
         out = torch.addcmul(shift3, y3.float(), scale3)
         if add_residual:
             out += a.float()
-        return out.to(dt).view(B, Ho, Wo, dim_out)
+        return out.to(dt).view(B, Ho, Wo, dim_out), [mean1, var1, mean2, var2, mean3, var3]
 
 
 # ----------------------------------------------------------------------------------------------
 # Reference function for the backward (functional form of reference.MBConv)
 # ----------------------------------------------------------------------------------------------
 
-def _reference_function(x, params, p: _Parts, training: bool, bn_stats, add_residual: bool):
+def _reference_function(x, params, eps, stride: int, training: bool, bn_stats, add_residual: bool):
     (w1, b1, g1, be1, wd, bd, g2, be2, wr, we, w3, b3, g3, be3) = params
 
-    def bn(y, layer, idx, weight, bias):
+    def bn(y, idx, weight, bias):
         if training:  # batch statistics; the forward already updated the running statistics
-            return F.batch_norm(y, None, None, weight, bias, True, 0.0, layer.eps)
-        return F.batch_norm(y, bn_stats[2 * idx], bn_stats[2 * idx + 1], weight, bias, False, 0.0, layer.eps)
+            return F.batch_norm(y, None, None, weight, bias, True, 0.0, eps[idx])
+        return F.batch_norm(y, bn_stats[2 * idx], bn_stats[2 * idx + 1], weight, bias, False, 0.0, eps[idx])
 
-    h = F.gelu(bn(F.conv2d(x, w1, b1), p.bn1, 0, g1, be1))
-    h = F.gelu(bn(F.conv2d(h, wd, bd, stride=p.stride, padding=1, groups=h.shape[1]), p.bn2, 1, g2, be2))
+    h = F.gelu(bn(F.conv2d(x, w1, b1), 0, g1, be1))
+    h = F.gelu(bn(F.conv2d(h, wd, bd, stride=stride, padding=1, groups=h.shape[1]), 1, g2, be2))
     gate = torch.sigmoid(F.linear(F.silu(F.linear(h.mean(dim=(2, 3)), wr)), we))
-    y = bn(F.conv2d(h * gate[:, :, None, None], w3, b3), p.bn3, 2, g3, be3)
+    y = bn(F.conv2d(h * gate[:, :, None, None], w3, b3), 2, g3, be3)
     return y + x if add_residual else y
 
 
-class _FusedMBConv(torch.autograd.Function):
-    """Forward: the kernel pipelines. Backward: autograd through ``_reference_function``."""
+# ----------------------------------------------------------------------------------------------
+# torch.library ops: the kernel pipelines and the recompute backward as opaque ops with
+# shape-only fake implementations, so torch.compile traces the fused model without graph
+# breaks. Module state stays outside them: the eval op receives the folded weights (from the
+# cache in eager mode, folded inside the traced graph under torch.compile), the train op returns
+# the batch statistics and the caller updates the running statistics with torch ops.
+# ``params`` is always the 14 tensors of ``_Parts.params``; ``eps`` the three BatchNorm eps.
+# ----------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def forward(ctx, x, p: _Parts, training: bool, add_residual: bool, *params):
-        if training:
-            bn_stats = ()
-            out = _forward_train(x, p, add_residual)
-        else:
-            bn_stats = tuple(t.detach().clone() for bn in p.bns for t in (bn.running_mean, bn.running_var))
-            out = _forward_eval(x, p, folded_cache.get(p.net, lambda: _fold_eval_weights(p)), add_residual)
-        ctx.p, ctx.training, ctx.add_residual, ctx.bn_stats = p, training, add_residual, bn_stats
-        ctx.save_for_backward(x, *params)
-        return out
+def _output_like(x: torch.Tensor, dim_out: int, stride: int) -> torch.Tensor:
+    B, _, H, W = x.shape
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    return x.new_empty((B, Ho, Wo, dim_out))
 
-    @staticmethod
-    @once_differentiable  # the recompute below is not itself differentiated: no double backward
-    def backward(ctx, grad_out):
-        x, *params = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        with torch.enable_grad():
-            x_in = x.detach().requires_grad_(needs[0])
-            p_in = [t.detach().requires_grad_(need) for t, need in zip(params, needs[4:])]
-            y = _reference_function(x_in, p_in, ctx.p, ctx.training, ctx.bn_stats, ctx.add_residual)
-            inputs = [t for t in (x_in, *p_in) if t.requires_grad]
-            grads = iter(torch.autograd.grad(y.permute(0, 2, 3, 1), inputs, grad_out, allow_unused=True))
-        grad_x = next(grads) if needs[0] else None
-        grad_params = [next(grads) if t.requires_grad else None for t in p_in]
-        return (grad_x, None, None, None, *grad_params)
+
+@torch.library.custom_op("maxvit_fast::mbconv_eval", mutates_args=())
+def mbconv_eval_op(
+    x: torch.Tensor, params: list[torch.Tensor], bn_stats: list[torch.Tensor], folded: list[torch.Tensor],
+    eps: list[float], stride: int, add_residual: bool,
+) -> torch.Tensor:
+    """Eval-mode block output (B, Ho, Wo, dim_out) from the folded weights ``folded`` (the fields
+    of ``_Weights`` in order). ``params``, ``bn_stats`` (running mean/var of BN1..3) and ``eps``
+    are for the backward only."""
+    return _forward_eval(x, _Weights(*folded), stride, add_residual)
+
+
+@mbconv_eval_op.register_fake
+def _(x, params, bn_stats, folded, eps, stride, add_residual):
+    return _output_like(x, params[10].shape[0], stride)
+
+
+@torch.library.custom_op("maxvit_fast::mbconv_train", mutates_args=())
+def mbconv_train_op(
+    x: torch.Tensor, params: list[torch.Tensor], eps: list[float], stride: int, add_residual: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Train-mode block output (B, Ho, Wo, dim_out) and the BN batch statistics
+    [mean1, var1, mean2, var2, mean3, var3] (fp32, biased variances)."""
+    return _forward_train(x, params, eps, stride, add_residual)
+
+
+@mbconv_train_op.register_fake
+def _(x, params, eps, stride, add_residual):
+    hidden, dim_out = params[0].shape[0], params[10].shape[0]
+    stats = [x.new_empty((n,), dtype=torch.float32) for n in (hidden, hidden, hidden, hidden, dim_out, dim_out)]
+    return _output_like(x, dim_out, stride), stats
+
+
+@torch.library.custom_op("maxvit_fast::mbconv_backward", mutates_args=())
+def mbconv_backward_op(
+    grad_out: torch.Tensor, x: torch.Tensor, params: list[torch.Tensor], bn_stats: list[torch.Tensor],
+    eps: list[float], stride: int, training: bool, add_residual: bool,
+) -> list[torch.Tensor]:
+    """[grad x, grads of the 14 params]: the reference function recomputed with torch ops and
+    differentiated (torch.func.vjp: a custom op's implementation runs below the autograd keys)."""
+    def block(x, *params):
+        return _reference_function(x, params, eps, stride, training, bn_stats, add_residual).permute(0, 2, 3, 1)
+
+    _, vjp = torch.func.vjp(block, x, *params)
+    return [g.contiguous() for g in vjp(grad_out)]
+
+
+@mbconv_backward_op.register_fake
+def _(grad_out, x, params, bn_stats, eps, stride, training, add_residual):
+    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (x, *params)]
+
+
+def _setup_eval(ctx, inputs, output):
+    x, params, bn_stats, _, eps, stride, add_residual = inputs
+    ctx.save_for_backward(x, *params, *bn_stats)
+    ctx.config = (eps, stride, False, add_residual)
+    ctx.num_folded = len(inputs[3])
+
+
+def _backward_eval(ctx, grad_out):
+    x, *rest = ctx.saved_tensors
+    grads = mbconv_backward_op(grad_out, x, rest[:14], rest[14:], *ctx.config)
+    # list inputs take a list of gradients (None for the non-differentiable ones)
+    return grads[0], list(grads[1:]), [None] * len(rest[14:]), [None] * ctx.num_folded, None, None, None
+
+
+def _setup_train(ctx, inputs, output):
+    x, params, eps, stride, add_residual = inputs
+    ctx.save_for_backward(x, *params)
+    ctx.config = (eps, stride, True, add_residual)
+
+
+def _backward_train(ctx, grad_out, _grad_stats):
+    x, *params = ctx.saved_tensors
+    grads = mbconv_backward_op(grad_out, x, params, [], *ctx.config)
+    return grads[0], list(grads[1:]), None, None, None
+
+
+mbconv_eval_op.register_autograd(_backward_eval, setup_context=_setup_eval)
+mbconv_train_op.register_autograd(_backward_train, setup_context=_setup_train)
+
+
+def _folded_weights(p: _Parts) -> _Weights:
+    if torch.compiler.is_compiling():
+        # in the traced graph: recomputed from the current parameters at every call, so a
+        # compiled model never sees stale folded weights (the Python-side cache is not traced)
+        return _fold_eval_weights(p)
+    return folded_cache.get(p.net, lambda: _fold_eval_weights(p))
 
 
 def _fused(x: torch.Tensor, p: _Parts) -> torch.Tensor:
     training = p.bn1.training
     drop = p.residual and p.dropsample is not None and p.dropsample.training and p.dropsample.prob > 0
     add_residual = p.residual and not drop
-    params = p.params()
-    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params)):
-        out = _FusedMBConv.apply(x, p, training, add_residual, *params)
-    elif training:
-        out = _forward_train(x, p, add_residual)
+    params = list(p.params())
+    eps = [float(bn.eps) for bn in p.bns]
+    if training:
+        out, stats = mbconv_train_op(x, params, eps, p.stride, add_residual)
+        B, _, H, W = x.shape
+        counts = (B * H * W, B * out.shape[1] * out.shape[2], B * out.shape[1] * out.shape[2])
+        for i, bn in enumerate(p.bns):
+            update_running_stats_(bn, stats[2 * i].detach(), stats[2 * i + 1].detach(), counts[i])
     else:
-        out = _forward_eval(x, p, folded_cache.get(p.net, lambda: _fold_eval_weights(p)), add_residual)
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params))
+        # the backward uses the running statistics of this forward: a copy when it will run
+        bn_stats = [t.detach().clone() if grad else t for bn in p.bns for t in (bn.running_mean, bn.running_var)]
+        folded = dataclasses.astuple(_folded_weights(p))
+        out = mbconv_eval_op(x, params, bn_stats, list(folded), eps, p.stride, add_residual)
     out = out.permute(0, 3, 1, 2)  # NCHW shape, channels-last strides
     if drop:
         out = p.dropsample(out) + x
