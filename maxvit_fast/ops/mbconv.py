@@ -485,8 +485,9 @@ def _fused(x: torch.Tensor, p: _Parts) -> torch.Tensor:
         grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params))
         # the backward uses the running statistics of this forward: a copy when it will run
         bn_stats = [t.detach().clone() if grad else t for bn in p.bns for t in (bn.running_mean, bn.running_var)]
-        folded = dataclasses.astuple(_folded_weights(p))
-        out = mbconv_eval_op(x, params, bn_stats, list(folded), eps, p.stride, add_residual)
+        w = _folded_weights(p)
+        folded = [getattr(w, f.name) for f in dataclasses.fields(w)]  # (not astuple: it deep-copies)
+        out = mbconv_eval_op(x, params, bn_stats, folded, eps, p.stride, add_residual)
     out = out.permute(0, 3, 1, 2)  # NCHW shape, channels-last strides
     if drop:
         out = p.dropsample(out) + x
