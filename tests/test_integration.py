@@ -480,3 +480,82 @@ def test_fold_cache_does_not_keep_models_alive():
     gc.collect()
     assert ref() is None, "the model is still referenced after del"
     assert len(mbconv_op.folded_cache._entries) == n - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# DistributedDataParallel: two gloo processes on 127.0.0.1
+# ----------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_a_single_process_step(tmp_path):
+    """One SGD step of DistributedDataParallel(MaxViT(fused=True, dropout=0)) on 2 gloo ranks
+    (batch 2 each), with tests/ddp_worker.py as the ranks. Gradients and updated parameters are
+    equal on both ranks (bitwise: DDP all-reduces them) and equal, within fp32 tolerance, to one
+    single-process step (fused) of:
+
+    - eval mode (BatchNorm with running statistics, still backpropagated): the loss on the
+      concatenated batch of 4 -- exactly what DDP computes, since BN does not mix images;
+    - train mode: the mean of the two per-shard losses, each shard forwarded on its own. DDP keeps
+      BatchNorm local (each rank normalises with its own batch's statistics), so the concatenated
+      batch's train-mode gradient is NOT what DDP computes. SyncBatchNorm would make it so, but
+      the fused MBConv requires nn.BatchNorm2d and falls back to the reference for SyncBatchNorm,
+      so it would not test the fused path.
+    """
+    world = 2
+    config = dict(TINY)
+    model = tiny_model()
+    x = torch.randn(2 * world, 3, SIZE, SIZE)
+    target = torch.randint(0, config["num_classes"], (2 * world,))
+    lr = 0.1
+    torch.save(dict(config=config, state=model.state_dict(), x=x, target=target, lr=lr), tmp_path / "setup.pt")
+
+    port = _free_port()
+    worker = pathlib.Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(worker.parents[1]), os.environ.get("PYTHONPATH", "")]),
+           "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(worker), str(r), str(world), str(port), str(tmp_path)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{out[-4000:]}"
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+    state = copy.deepcopy(model.state_dict())
+    shards = list(zip(x.chunk(world), target.chunk(world)))
+    for mode in ("eval", "train"):
+        assert ranks[0][mode]["fallbacks"] == [] and ranks[1][mode]["fallbacks"] == [], "a rank fell back"
+        for key in ("grads", "params"):
+            a, b = ranks[0][mode][key], ranks[1][mode][key]
+            assert a.keys() == b.keys()
+            for name in a:
+                assert torch.equal(a[name], b[name]), f"{mode}: {key} {name} differ between ranks"
+
+        model.load_state_dict(state)
+        model.train(mode == "train")
+        model.zero_grad(set_to_none=True)
+        model.fused = True
+        if mode == "eval":
+            loss = F.cross_entropy(model(x), target)
+        else:
+            loss = sum(F.cross_entropy(model(xs), ts) for xs, ts in shards) / world
+        loss.backward()
+        grads = param_grads(model)
+        assert grads.keys() == ranks[0][mode]["grads"].keys(), "DDP and single process differ in which params get gradients"
+        assert_grads_close(ranks[0][mode]["grads"], grads)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                stepped = p - lr * grads[name]
+                assert_close_normwise(ranks[0][mode]["params"][name], stepped, RTOL, atol=1e-7, name=f"{mode} param {name}")
