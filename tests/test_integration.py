@@ -559,3 +559,67 @@ def test_ddp_two_processes_match_a_single_process_step(tmp_path):
             for name, p in model.named_parameters():
                 stepped = p - lr * grads[name]
                 assert_close_normwise(ranks[0][mode]["params"][name], stepped, RTOL, atol=1e-7, name=f"{mode} param {name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Property-based: fused == reference over configurations
+# ----------------------------------------------------------------------------------------------
+
+@st.composite
+def configurations(draw):
+    """A model configuration the fused kernels take (dim_head a power of two >= 16) and an input
+    shape it accepts (height and width drawn separately, odd sizes included where valid)."""
+    from maxvit_fast import image_size_ok
+
+    window = draw(st.sampled_from([2, 3, 4]))
+    stages = draw(st.integers(1, 2))
+    depth = (draw(st.integers(1, 2)),) if stages == 1 else (1, 1)  # <= 2 blocks (interpreter cost)
+    dim_head = draw(st.sampled_from([16, 32]))
+    heads = draw(st.integers(1, 32 // dim_head))  # width <= 32 (interpreter cost)
+    step = window * 2 ** (stages + 1)
+    sizes = [s for s in range(1, step + 1) if image_size_ok(s, stages, window)]  # one window per map at the last stage (interpreter cost)
+    height, width = draw(st.sampled_from(sizes)), draw(st.sampled_from(sizes))
+    config = dict(num_classes=draw(st.integers(2, 5)), dim=heads * dim_head, depth=depth, dim_head=dim_head,
+                  window_size=window, num_register_tokens=draw(st.integers(1, 4)), dropout=0.0,
+                  mbconv_expansion_rate=draw(st.sampled_from([1, 2, 4])))
+    return config, (draw(st.integers(1, 2)), 3, height, width)
+
+
+@given(configurations())
+def test_property_eval_fused_equals_reference(case):
+    config, shape = case
+    model = randomize_buffers_(MaxViT(**config)).eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        y_f, y_r = run_both(model, x)
+    assert_close_normwise(y_f, y_r, RTOL, name=f"logits {config} {shape}")
+
+
+@given(configurations())
+def test_property_train_fused_equals_reference_with_gradients(case):
+    config, shape = case
+    model = randomize_buffers_(MaxViT(**config)).train()
+    x = torch.randn(shape)
+    state = copy.deepcopy(model.state_dict())
+    weights = torch.randn(shape[0], config["num_classes"])
+    results = []
+    for fused in (True, False):
+        model.load_state_dict(state)
+        model.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        reset_fallback_warnings()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FusedFallbackWarning)
+            y = forward(model, xi, fused)
+            (y * weights).sum().backward()
+        results.append((y.detach(), xi.grad, param_grads(model),
+                        {n: b.clone() for n, b in model.named_buffers()}))
+    (y_f, gx_f, gp_f, buf_f), (y_r, gx_r, gp_r, buf_r) = results
+    assert_close_normwise(y_f, y_r, RTOL, name=f"logits {config} {shape}")
+    assert_close_l2(gx_f, gx_r, GRAD_RTOL, name="input grad")
+    assert_grads_close(gp_f, gp_r)
+    for name in buf_r:
+        if buf_r[name].is_floating_point():
+            assert_close_normwise(buf_f[name], buf_r[name], RTOL, name=name)
+        else:
+            assert torch.equal(buf_f[name], buf_r[name]), name
