@@ -125,20 +125,21 @@ class KernelDtypeRecorder:
         return [d for name, d in self.calls if name == op]
 
 
-def _autocast_run(model, x, fused, train, target):
+def _autocast_run(model, x, fused, train, target, dtype=torch.bfloat16):
     model.fused = fused
     model.train(train)
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         y = model(x)
         if train:
             F.cross_entropy(y.float(), target).backward()
     return y.detach().float(), param_grads(model) if train else None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_autocast_bf16_matches_reference_under_autocast(train, monkeypatch):
-    """Under CPU autocast(bf16) the fused model's error against the fp32 reference is at most 2x
+def test_autocast_matches_reference_under_autocast(train, dtype, monkeypatch):
+    """Under CPU autocast (bf16 or fp16) the fused model's error against the fp32 reference is at most 2x
     the error of the reference model under the same autocast (+ 1/256 of max|logit|, one bf16
     ulp, for logits the reference happens to round exactly). Gradients: relative L2 error at most
     2x the reference's own (+ 1e-2 of the largest gradient norm). Fallbacks are recorded, not
@@ -158,12 +159,12 @@ def test_autocast_bf16_matches_reference_under_autocast(train, monkeypatch):
     ref32, g_ref32 = y32.detach(), param_grads(model)
 
     model.load_state_dict(state)
-    ref_ac, g_ref_ac = _autocast_run(model, x, False, train, target)
+    ref_ac, g_ref_ac = _autocast_run(model, x, False, train, target, dtype)
     model.load_state_dict(state)
     reset_fallback_warnings()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fused_ac, g_fused_ac = _autocast_run(model, x, True, train, target)
+        fused_ac, g_fused_ac = _autocast_run(model, x, True, train, target, dtype)
 
     fallbacks = sorted({str(w.message) for w in caught if issubclass(w.category, FusedFallbackWarning)})
     print("autocast fallbacks:", *fallbacks, sep="\n  ")
@@ -181,17 +182,23 @@ def test_autocast_bf16_matches_reference_under_autocast(train, monkeypatch):
             assert err <= 2 * ref_err + floor, f"grad {name}: {err:.3e} > 2 x {ref_err:.3e} + {floor:.3e}"
 
 
-def test_autocast_attention_kernel_receives_autocast_dtype(monkeypatch):
-    """The attention core gets q/k/v in bf16, the dtype autocast gives the qkv Linear."""
+def test_autocast_kernel_input_dtypes(monkeypatch):
+    """What the kernels receive under autocast(bf16), as it is today (documented, see the xfail
+    below): the attention core gets q/k/v in bf16, the dtype autocast gives the qkv Linear; the
+    feed-forward kernel, where it runs (on the fp32 residual stream), gets fp32; the MBConv kernels
+    never run."""
     model = tiny_model().eval()
     recorder = KernelDtypeRecorder(monkeypatch)
     _autocast_run(model, torch.randn(2, 3, SIZE, SIZE), True, False, None)
     attn = recorder.dtypes("window_attention")
     assert attn, "the attention kernel never ran under autocast"
     assert all(d[0] == torch.bfloat16 and d[1] == torch.bfloat16 for d in attn), attn
+    ff = recorder.dtypes("feedforward")
+    assert ff and all(d[0] == torch.float32 for d in ff), ff
+    assert not recorder.dtypes("pointwise_conv") and not recorder.dtypes("depthwise_conv")
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "fused feed-forward under autocast runs its matmuls in fp32 (the residual stream is fp32 and "
     "the op checks only input/parameter dtype equality), where the reference's nn.Linear runs in "
     "bf16 under autocast; no FusedFallbackWarning says so. Reported to the lead."))
@@ -200,7 +207,8 @@ def test_autocast_feedforward_kernel_receives_autocast_dtype(monkeypatch):
     recorder = KernelDtypeRecorder(monkeypatch)
     _autocast_run(model, torch.randn(2, 3, SIZE, SIZE), True, False, None)
     ff = recorder.dtypes("feedforward")
-    assert ff, "the feed-forward kernel never ran under autocast"
+    if not ff:
+        pytest.fail("the feed-forward kernel never ran under autocast")  # not an AssertionError: fails the xfail
     assert all(d[0] == torch.bfloat16 for d in ff), ff
 
 
