@@ -8,9 +8,15 @@ kernels from a philox seed that is itself drawn from torch's default generator, 
 Backward (documented split): the forward saves only its inputs and the seed. The backward
 regenerates both dropout keep masks with a Triton kernel (the same philox counters as the
 forward), recomputes the feed-forward with the reference torch ops under those masks and
-differentiates that with autograd. The gradients are therefore exactly the reference module's
+differentiates that with ``torch.func.vjp``. The gradients are therefore exactly the reference module's
 for the mask the forward used, and the 4C-wide hidden activation is never kept between forward
 and backward (it is recomputed, as activation checkpointing would).
+
+torch.compile: the forward kernels and the mask kernel are ``torch.library`` custom ops
+(``maxvit_fast::feedforward_residual``, ``maxvit_fast::feedforward_dropout_keep_mask``) with
+fake implementations; the backward is plain torch ops (traced into the backward graph). The
+dropout seed is a 1-element int64 CPU tensor drawn with ``torch.randint`` (no ``.item()`` in
+the traced code); the ops read it on the host, which is not a device synchronisation.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dispatch import use_kernels
+from .library import custom_op
 
 
 def _unsupported_reason(x: torch.Tensor, ff: nn.Sequential) -> str | None:
@@ -66,7 +73,7 @@ def _as_seed_tensor(seed) -> torch.Tensor:
 # implementation, so torch.compile traces the fused model without graph breaks. The seed is a
 # 1-element int64 CPU tensor (drawn in the graph by torch.randint), None without dropout.
 
-@torch.library.custom_op("maxvit_fast::feedforward_residual", mutates_args=())
+@custom_op("feedforward_residual")
 def feedforward_residual_op(
     x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
     w2: torch.Tensor, b2: torch.Tensor, eps: float, p_hidden: float, p_out: float, seed: Optional[torch.Tensor],
@@ -81,26 +88,19 @@ def _(x, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden, p_out, seed):
     return torch.empty_like(x)  # what the launcher allocates
 
 
-@torch.library.custom_op("maxvit_fast::feedforward_residual_backward", mutates_args=())
-def feedforward_residual_backward_op(
-    grad_out: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, w1: torch.Tensor,
-    b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, eps: float, p_hidden: float, p_out: float,
-    seed: Optional[torch.Tensor],
-) -> list[torch.Tensor]:
-    """Gradients for (x, ln_weight, ln_bias, w1, b1, w2, b2): autograd through the reference ops
-    under the forward's dropout masks (regenerated from the seed)."""
-    # torch.func.vjp, not torch.autograd.grad: a custom op's implementation runs below the
-    # autograd dispatch keys, where tensors cannot record a graph; functorch transforms still work.
-    masks = keep_masks(x, w1.shape[0], p_hidden, p_out, _seed_value(seed))
-    _, vjp = torch.func.vjp(
-        lambda *t: _reference_under_masks(*t, eps, p_hidden, p_out, *masks), x, ln_weight, ln_bias, w1, b1, w2, b2
-    )
-    return [g.contiguous() for g in vjp(grad_out)]
+@custom_op("feedforward_dropout_keep_mask")
+def dropout_keep_mask_op(x: torch.Tensor, width: int, p: float, seed: torch.Tensor, stream: int) -> torch.Tensor:
+    """The (..., width) bool keep mask of dropout ``stream`` the forward kernels used for tokens x."""
+    from ..kernels import feedforward as kernels
+
+    C = x.shape[-1]
+    mask = kernels.dropout_keep_mask(x.numel() // C, width, p, _seed_value(seed), stream, x.device)
+    return mask.view(*x.shape[:-1], width)
 
 
-@feedforward_residual_backward_op.register_fake
-def _(grad_out, x, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden, p_out, seed):
-    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (x, ln_weight, ln_bias, w1, b1, w2, b2)]
+@dropout_keep_mask_op.register_fake
+def _(x, width, p, seed, stream):
+    return x.new_empty((*x.shape[:-1], width), dtype=torch.bool)
 
 
 def _ff_setup_context(ctx, inputs, output):
@@ -110,8 +110,15 @@ def _ff_setup_context(ctx, inputs, output):
 
 
 def _ff_backward(ctx, grad_out):
-    grads = feedforward_residual_backward_op(grad_out, *ctx.saved_tensors, ctx.eps, ctx.p_hidden, ctx.p_out, ctx.seed)
-    return (*grads, None, None, None, None)
+    # Recompute with the reference torch ops under the forward's masks (regenerated from the
+    # seed) and differentiate them. torch.func.vjp rather than torch.autograd.grad: under
+    # torch.compile AOTAutograd traces this function into the backward graph.
+    x, *weights = ctx.saved_tensors
+    masks = _keep_masks(x, weights[2].shape[0], ctx.p_hidden, ctx.p_out, ctx.seed)
+    _, vjp = torch.func.vjp(
+        lambda *t: _reference_under_masks(*t, ctx.eps, ctx.p_hidden, ctx.p_out, *masks), x, *weights
+    )
+    return (*vjp(grad_out), None, None, None, None)
 
 
 feedforward_residual_op.register_autograd(_ff_backward, setup_context=_ff_setup_context)
@@ -120,16 +127,17 @@ feedforward_residual_op.register_autograd(_ff_backward, setup_context=_ff_setup_
 def keep_masks(x: torch.Tensor, hidden: int, p_hidden: float, p_out: float, seed: int):
     """The fused forward's dropout keep masks for tokens ``x`` (..., C): (hidden mask
     (..., hidden) or None, output mask (..., C) or None)."""
+    return _keep_masks(x, hidden, p_hidden, p_out, _as_seed_tensor(seed))
+
+
+def _keep_masks(x: torch.Tensor, hidden: int, p_hidden: float, p_out: float, seed: torch.Tensor | None):
     from ..kernels import feedforward as kernels
 
-    C = x.shape[-1]
-    M = x.numel() // C
-    lead = x.shape[:-1]
     m_hidden = m_out = None
     if p_hidden > 0:
-        m_hidden = kernels.dropout_keep_mask(M, hidden, p_hidden, seed, kernels.STREAM_HIDDEN, x.device).view(*lead, hidden)
+        m_hidden = dropout_keep_mask_op(x, hidden, p_hidden, seed, kernels.STREAM_HIDDEN)
     if p_out > 0:
-        m_out = kernels.dropout_keep_mask(M, C, p_out, seed, kernels.STREAM_OUT, x.device).view(*lead, C)
+        m_out = dropout_keep_mask_op(x, x.shape[-1], p_out, seed, kernels.STREAM_OUT)
     return m_hidden, m_out
 
 

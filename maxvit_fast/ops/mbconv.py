@@ -27,10 +27,10 @@ produces it, together with per-tile (sum, centred sum of squares); the host merg
   Eval-mode BN is never used in train mode: the mode comes from the BatchNorm layers' own
   ``training`` flags (mixed flags fall back to the reference).
 
-Backward (both modes): an autograd Function whose backward recomputes the reference function
-with torch ops (F.conv2d, F.batch_norm with the batch statistics and NO running-stat update in
-train mode / with the forward's running statistics in eval mode, F.gelu, ...) and
-differentiates it with torch.autograd. The gradients are therefore exactly the reference's
+Backward (both modes): the autograd registered for the custom ops below recomputes the reference
+function with torch ops (F.conv2d, F.batch_norm with the batch statistics and NO running-stat
+update in train mode / with the forward's running statistics in eval mode, F.gelu, ...) and
+differentiates it with torch.func.vjp. The gradients are therefore exactly the reference's
 (same ops on the same inputs); the cost is one reference forward inside the backward, and only
 x and the parameters are saved (activation memory of a checkpointed block).
 
@@ -58,6 +58,7 @@ from torch import nn
 from ..batchnorm import FoldCache, batch_stats_from_tiles, fold_batchnorm, update_running_stats_
 from ..dispatch import use_kernels
 from ..reference import MBConvResidual, SqueezeExcitation
+from .library import custom_op
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -366,9 +367,9 @@ def _reference_function(x, params, eps, stride: int, training: bool, bn_stats, a
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library ops: the kernel pipelines and the recompute backward as opaque ops with
-# shape-only fake implementations, so torch.compile traces the fused model without graph
-# breaks. Module state stays outside them: the eval op receives the folded weights (from the
+# torch.library ops: the kernel pipelines as opaque ops with shape-only fake implementations,
+# so torch.compile traces the fused model without graph breaks; their backward is torch ops
+# (traced into the backward graph). Module state stays outside them: the eval op receives the folded weights (from the
 # cache in eager mode, folded inside the traced graph under torch.compile), the train op returns
 # the batch statistics and the caller updates the running statistics with torch ops.
 # ``params`` is always the 14 tensors of ``_Parts.params``; ``eps`` the three BatchNorm eps.
@@ -380,7 +381,7 @@ def _output_like(x: torch.Tensor, dim_out: int, stride: int) -> torch.Tensor:
     return x.new_empty((B, Ho, Wo, dim_out))
 
 
-@torch.library.custom_op("maxvit_fast::mbconv_eval", mutates_args=())
+@custom_op("mbconv_eval")
 def mbconv_eval_op(
     x: torch.Tensor, params: list[torch.Tensor], bn_stats: list[torch.Tensor], folded: list[torch.Tensor],
     eps: list[float], stride: int, add_residual: bool,
@@ -396,7 +397,7 @@ def _(x, params, bn_stats, folded, eps, stride, add_residual):
     return _output_like(x, params[10].shape[0], stride)
 
 
-@torch.library.custom_op("maxvit_fast::mbconv_train", mutates_args=())
+@custom_op("mbconv_train")
 def mbconv_train_op(
     x: torch.Tensor, params: list[torch.Tensor], eps: list[float], stride: int, add_residual: bool,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -412,23 +413,16 @@ def _(x, params, eps, stride, add_residual):
     return _output_like(x, dim_out, stride), stats
 
 
-@torch.library.custom_op("maxvit_fast::mbconv_backward", mutates_args=())
-def mbconv_backward_op(
-    grad_out: torch.Tensor, x: torch.Tensor, params: list[torch.Tensor], bn_stats: list[torch.Tensor],
-    eps: list[float], stride: int, training: bool, add_residual: bool,
-) -> list[torch.Tensor]:
+def _backward(ctx, grad_out, x, params, bn_stats):
     """[grad x, grads of the 14 params]: the reference function recomputed with torch ops and
-    differentiated (torch.func.vjp: a custom op's implementation runs below the autograd keys)."""
+    differentiated with torch.func.vjp (traced into the backward graph under torch.compile)."""
+    eps, stride, training, add_residual = ctx.config
+
     def block(x, *params):
         return _reference_function(x, params, eps, stride, training, bn_stats, add_residual).permute(0, 2, 3, 1)
 
     _, vjp = torch.func.vjp(block, x, *params)
-    return [g.contiguous() for g in vjp(grad_out)]
-
-
-@mbconv_backward_op.register_fake
-def _(grad_out, x, params, bn_stats, eps, stride, training, add_residual):
-    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (x, *params)]
+    return vjp(grad_out)
 
 
 def _setup_eval(ctx, inputs, output):
@@ -440,7 +434,7 @@ def _setup_eval(ctx, inputs, output):
 
 def _backward_eval(ctx, grad_out):
     x, *rest = ctx.saved_tensors
-    grads = mbconv_backward_op(grad_out, x, rest[:14], rest[14:], *ctx.config)
+    grads = _backward(ctx, grad_out, x, rest[:14], rest[14:])
     # list inputs take a list of gradients (None for the non-differentiable ones)
     return grads[0], list(grads[1:]), [None] * len(rest[14:]), [None] * ctx.num_folded, None, None, None
 
@@ -453,7 +447,7 @@ def _setup_train(ctx, inputs, output):
 
 def _backward_train(ctx, grad_out, _grad_stats):
     x, *params = ctx.saved_tensors
-    grads = mbconv_backward_op(grad_out, x, params, [], *ctx.config)
+    grads = _backward(ctx, grad_out, x, params, [])
     return grads[0], list(grads[1:]), None, None, None
 
 

@@ -14,7 +14,7 @@ image (grid step).
 Fused path (``fused=True`` where the kernels can run; see ``kernels/window_attention.py``):
 LayerNorm + qkv projection as one cuBLAS GEMM over the whole map (and once for the register rows:
 per block when they are shared, per image in the grid step; k/v only when their outputs are not
-needed), the Triton attention core (autograd Function below, Triton backward), then output
+needed), the Triton attention core (a torch.library custom op with a Triton backward), then output
 projection + residual as one ``addmm`` (output dropout in between when training).
 """
 
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..dispatch import kernels_unavailable_reason, use_kernels
 from ..reference import Attention
+from .library import custom_op
 
 
 def window_partition(x: torch.Tensor, window: int, pattern: str) -> torch.Tensor:
@@ -113,7 +114,7 @@ def _seed_value(seed: torch.Tensor | None) -> int:
     return 0 if seed is None else int(seed.reshape(-1)[0])  # a CPU read, no device sync
 
 
-@torch.library.custom_op("maxvit_fast::window_attention_core", mutates_args=())
+@custom_op("window_attention_core")
 def window_attention_core_op(
     qkv: torch.Tensor, reg_qkv: torch.Tensor, table: torch.Tensor, rel_pos_indices: torch.Tensor, window: int,
     num_registers: int, heads: int, head_dim: int, grid_pattern: bool, register_queries: bool, scale: float,
@@ -152,7 +153,7 @@ def _(qkv, reg_qkv, table, rel_pos_indices, window, num_registers, heads, head_d
     return out, reg_out, lse
 
 
-@torch.library.custom_op("maxvit_fast::window_attention_core_backward", mutates_args=())
+@custom_op("window_attention_core_backward")
 def window_attention_core_backward_op(
     qkv: torch.Tensor, reg_qkv: torch.Tensor, table: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor,
     d_reg_out: Optional[torch.Tensor], rel_pos_indices: torch.Tensor, window: int, num_registers: int, heads: int,
@@ -215,7 +216,10 @@ def _project_residual(o, residual, weight, dropout_p, training):
     no dropout."""
     c = o.shape[-1]
     if training and dropout_p > 0.0:
-        return F.dropout(F.linear(o, weight), dropout_p, True) + residual
+        # on (tokens, C) rows: with 4-D rows the compiled backward's native_dropout_backward can
+        # produce strides its view does not accept (seen with torch 2.13, aot_eager)
+        projected = F.linear(o.reshape(-1, c), weight)
+        return F.dropout(projected, dropout_p, True).view(o.shape) + residual
     flat = torch.addmm(residual.reshape(-1, c), o.reshape(-1, c), weight.t())
     return flat.view(o.shape)
 

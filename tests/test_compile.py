@@ -1,0 +1,284 @@
+"""torch.library registration, torch.compile and CUDA-graph readiness of the fused ops.
+
+On the CPU the kernels run through the Triton interpreter. torch.compile traces the model with
+fake tensors (the custom ops' fake implementations) and then runs the real custom ops, i.e. the
+interpreter, inside the compiled graph. The compile tests use ``backend="aot_eager"`` (Dynamo +
+AOTAutograd, the graph run by eager aten ops): it exercises everything that decides graph breaks
+and the custom ops' autograd, without inductor's C++ build time; one eval test also runs
+inductor where a C++ compiler exists.
+
+- every custom op passes ``torch.library.opcheck`` (schema, fake tensors, autograd
+  registration, AOT dispatch);
+- ``torch.compile(MaxViT(fused=True), fullgraph=True)`` matches the eager fused model in eval
+  mode, in train mode with dropout 0 (output, gradients, BatchNorm running statistics) and in
+  train mode with dropout (same seed -> same result as eager);
+- a compiled model never serves stale folded BatchNorm weights;
+- the fused forward (eval, and train with dropout 0) makes no host synchronisation and no
+  device-to-host copy (what CUDA-graph capture forbids), its custom ops included.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib
+import shutil
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from maxvit_fast import MaxViT
+ff_op = importlib.import_module("maxvit_fast.ops.feedforward")
+mbconv_op = importlib.import_module("maxvit_fast.ops.mbconv")  # (the package exports a function of that name)
+wa_op = importlib.import_module("maxvit_fast.ops.window_attention")
+from maxvit_fast.ops.library import registry, see_inside
+from maxvit_fast.reference import Attention, MBConv
+
+from .conftest import DEVICE
+from .helpers import assert_close_normwise
+
+FP32_RTOL = 1e-5  # fp32: same ops in both runs, only summation order may differ
+pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="CPU (interpreter) test; the GPU path is the same code")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def seed_tensor():
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# opcheck on every custom op
+# ----------------------------------------------------------------------------------------------
+
+def feedforward_cases():
+    C = 16
+    x = torch.randn(2, 3, 5, C, requires_grad=True)
+    weights = [torch.randn(C) * 0.5 + 1, torch.randn(C) * 0.1, torch.randn(4 * C, C) / C**0.5,
+               torch.randn(4 * C) * 0.1, torch.randn(C, 4 * C) / (2 * C**0.5), torch.randn(C) * 0.1]
+    weights = [w.requires_grad_() for w in weights]
+    for p_hidden, p_out, seed in ((0.0, 0.0, None), (0.25, 0.1, seed_tensor())):
+        yield ff_op.feedforward_residual_op, (x, *weights, 1e-5, p_hidden, p_out, seed)
+    yield ff_op.dropout_keep_mask_op, (x.detach(), 4 * C, 0.3, seed_tensor(), 0)
+
+
+def window_attention_cases():
+    heads, head_dim, window, r = 2, 16, 2, 2
+    C = heads * head_dim
+    attn = Attention(C, dim_head=head_dim, window_size=window, num_registers=r)
+    B, H, W = 2, 4, 4  # 2 x 2 windows per image
+    for pattern, register_queries, p, seed in (("block", True, 0.0, None), ("grid", False, 0.3, seed_tensor())):
+        qkv = torch.randn(B, H, W, 3 * C, requires_grad=True)
+        reg_qkv = torch.randn(1 if register_queries else B, r, (3 if register_queries else 2) * C,
+                              requires_grad=True)
+        table = torch.randn(attn.rel_pos_bias.weight.shape, requires_grad=True)
+        config = (window, r, heads, head_dim, pattern == "grid", register_queries, head_dim**-0.5, p, seed)
+        yield wa_op.window_attention_core_op, (qkv, reg_qkv, table, attn.rel_pos_indices, *config)
+        with torch.no_grad():
+            _, _, lse = wa_op.window_attention_core_op(qkv, reg_qkv, table, attn.rel_pos_indices, *config)
+        d_reg_out = torch.randn(B, H // window, W // window, r, C) if register_queries else None
+        yield wa_op.window_attention_core_backward_op, (
+            qkv.detach(), reg_qkv.detach(), table.detach(), lse, torch.randn(B, H, W, C), d_reg_out,
+            attn.rel_pos_indices, *config,
+        )
+
+
+def randomize_batchnorm_(module):
+    for bn in module.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.normal_(0, 0.2)
+                bn.running_mean.normal_(0, 0.2)
+                bn.running_var.uniform_(0.5, 1.5)
+    return module
+
+
+def mbconv_cases():
+    for dim_in, dim_out, downsample in ((8, 8, False), (8, 16, True)):
+        module = randomize_batchnorm_(MBConv(dim_in, dim_out, downsample=downsample))
+        parts = mbconv_op._split(module)
+        stride, add_residual = parts.stride, parts.residual
+        eps = [float(bn.eps) for bn in parts.bns]
+        params = [t.detach().clone().requires_grad_() for t in parts.params()]
+        x = torch.randn(2, dim_in, 5, 6, requires_grad=True)
+        module.eval()
+        w = mbconv_op._fold_eval_weights(parts)
+        folded = [getattr(w, name) for name in w.__dataclass_fields__]
+        bn_stats = [t.clone() for bn in parts.bns for t in (bn.running_mean, bn.running_var)]
+        yield mbconv_op.mbconv_eval_op, (x, params, bn_stats, folded, eps, stride, add_residual)
+        yield mbconv_op.mbconv_train_op, (x, params, eps, stride, add_residual)
+
+
+CASE_GROUPS = {"feedforward": (feedforward_cases, 3), "window_attention": (window_attention_cases, 4),
+               "mbconv": (mbconv_cases, 4)}
+
+
+@functools.cache
+def opcheck_cases(group):
+    cases = list(CASE_GROUPS[group][0]())
+    assert len(cases) == CASE_GROUPS[group][1]
+    return cases
+
+
+def test_every_custom_op_has_opcheck_cases():
+    ops = {op._qualname for group in CASE_GROUPS for op, _ in opcheck_cases(group)}
+    assert ops == set(registry)
+
+
+@pytest.mark.parametrize("group, index", [(g, i) for g, (_, n) in CASE_GROUPS.items() for i in range(n)])
+def test_opcheck(group, index):
+    op, args = opcheck_cases(group)[index]
+    torch.library.opcheck(op, args)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile of the fused model
+# ----------------------------------------------------------------------------------------------
+
+SMALL = dict(num_classes=5, dim=32, depth=(1,), dim_head=16, window_size=2, num_register_tokens=2)
+
+
+def small_model(dropout=0.0):
+    model = MaxViT(**SMALL, dropout=dropout, fused=True)
+    randomize_batchnorm_(model)
+    return model
+
+
+def image():
+    return torch.randn(2, 3, 16, 16)  # stage map 4x4: 2x2 windows
+
+
+def compiled(model, backend="aot_eager"):
+    return torch.compile(model, fullgraph=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", [
+    "aot_eager",
+    pytest.param("inductor", marks=pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                                       reason="inductor on the CPU needs a C++ compiler")),
+])
+def test_compile_eval_fullgraph_matches_eager(backend):
+    model = small_model().eval()
+    x = image()
+    with torch.no_grad():
+        eager = model(x)
+        out = compiled(model, backend)(x)
+        model.fused = False
+        reference = model(x)
+    assert_close_normwise(out, eager, FP32_RTOL, name="compiled vs eager fused")
+    assert_close_normwise(out, reference, 1e-4, name="compiled fused vs reference")  # kernels' own fp32 error
+
+
+def grads(model):
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def train_step(model, x, grad_out, seed):
+    torch.manual_seed(seed)
+    out = model(x)
+    out.backward(grad_out)
+    return out
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_compile_train_fullgraph_matches_eager(dropout):
+    """Train mode: output, every parameter gradient and the BatchNorm running statistics of the
+    compiled model equal the eager fused model's; with dropout, for the same torch.manual_seed
+    (the in-kernel dropout seeds are drawn from torch's default generator inside the graph)."""
+    model = small_model(dropout).train()
+    twin = copy.deepcopy(model)
+    x, seed = image(), torch.seed()
+    grad_out = torch.randn(2, SMALL["num_classes"])
+    eager = train_step(model, x, grad_out, seed)
+    out = train_step(compiled(twin), x, grad_out, seed)
+    assert_close_normwise(out, eager, FP32_RTOL, name="output")
+    for name, g in grads(model).items():
+        assert g is not None and grads(twin)[name] is not None, name
+        assert_close_normwise(grads(twin)[name], g, 1e-4, name=f"grad {name}")  # fp32, longer sums
+    for name, buf in model.named_buffers():
+        assert_close_normwise(dict(twin.named_buffers())[name].float(), buf.float(), FP32_RTOL, name=name)
+
+
+def test_compile_train_dropout_changes_with_the_seed():
+    model = small_model(0.3).train()
+    fn, x = compiled(model), image()
+    torch.manual_seed(1)
+    a = fn(x)
+    torch.manual_seed(2)
+    b = fn(x)
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_compiled_model_never_serves_stale_folded_batchnorm():
+    model = small_model().eval()
+    fn, x = compiled(model), image()
+    with torch.no_grad():
+        fn(x)
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_var.mul_(1.7)
+            bn.weight.add_(0.3)
+        out = fn(x)
+        eager = model(x)
+    assert_close_normwise(out, eager, FP32_RTOL, name="output after a BatchNorm update")
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA-graph readiness: no host synchronisation in the fused forward
+# ----------------------------------------------------------------------------------------------
+
+@see_inside  # also look inside the maxvit_fast custom ops
+class HostSyncDetector(TorchDispatchMode):
+    """Records every op that reads device values on the host (``.item()``, ``bool(tensor)``,
+    ``nonzero``-style data-dependent shapes) or copies a tensor to the CPU."""
+
+    SYNCS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal", "aten::nonzero",
+             "aten::masked_select", "aten::unique", "aten::_unique2"}
+
+    def __init__(self, device):
+        super().__init__()
+        self.device = torch.device(device)
+        self.syncs: list[str] = []
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        self.ops += 1
+        if name in self.SYNCS:
+            self.syncs.append(name)
+        if name in ("aten::_to_copy", "aten::copy_") and self.device.type != "cpu":
+            src = args[1] if name == "aten::copy_" else args[0]
+            dst = args[0].device if name == "aten::copy_" else kwargs.get("device", src.device)
+            if src.device.type != "cpu" and torch.device(dst).type == "cpu":
+                self.syncs.append(f"{name} to cpu")
+        return func(*args, **kwargs)
+
+
+def test_host_sync_detector_sees_item_inside_custom_ops():
+    x = torch.randn(2, 3, 5, SMALL["dim"])
+    ff = small_model().layers[0][1][1]
+    seed = seed_tensor()  # the seed is read with .item() (a CPU tensor: no device sync on a GPU)
+    with HostSyncDetector("cpu") as mode:
+        ff_op.feedforward_residual_op(x, *(p.detach() for p in ff[0].parameters()),
+                                      *(p.detach() for p in ff[1].parameters()),
+                                      *(p.detach() for p in ff[4].parameters()), 1e-5, 0.1, 0.1, seed)
+    assert mode.syncs and set(mode.syncs) <= HostSyncDetector.SYNCS
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_fused_forward_makes_no_host_sync(mode):
+    """No .item()/.cpu()/data-dependent shape in the fused forward, custom ops included (eval;
+    train with dropout 0 -- with dropout the CPU-side seed tensor is read, see the README)."""
+    model = small_model().train(mode == "train")
+    x = image()
+    with torch.no_grad(), HostSyncDetector(DEVICE) as detector:
+        model(x)
+    assert detector.ops > 100  # the mode saw the model's ops, those inside the custom ops too
+    assert detector.syncs == []
