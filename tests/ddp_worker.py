@@ -14,8 +14,9 @@ import warnings
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+# The ranks run on the CPU, so the kernels run through the Triton interpreter (also on a CUDA
+# machine); it must be on before any kernel module is imported.
+os.environ["TRITON_INTERPRET"] = "1"
 
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

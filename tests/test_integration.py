@@ -34,9 +34,10 @@ from hypothesis import strategies as st
 
 from maxvit_fast import FusedFallbackWarning, MaxViT, reset_fallback_warnings
 
+from .conftest import DEVICE
 from .helpers import assert_close_l2, assert_close_normwise, assert_within_reference_error
 
-settings.register_profile("ci", derandomize=True, max_examples=5, deadline=None, print_blob=True,
+settings.register_profile("ci", derandomize=True, database=None, max_examples=5, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("full", max_examples=60, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -51,6 +52,20 @@ GRAD_RTOL, GRAD_FLOOR_FRAC = 1e-4, 1e-2
 TINY = dict(num_classes=4, dim=16, depth=(1, 1), dim_head=16, window_size=2, dropout=0.0,
             num_register_tokens=2)
 SIZE = 16
+
+
+@pytest.fixture(autouse=True)
+def _on_test_device():
+    """Models and inputs on DEVICE (the CPU with the interpreter, or CUDA with compiled kernels;
+    fp32 without TF32 there, so the reference is exact fp32 too)."""
+    previous = (torch.get_default_device(), torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.set_default_device(DEVICE)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_default_device(previous[0])
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous[1:]
 
 
 def randomize_buffers_(model: MaxViT) -> MaxViT:
@@ -108,8 +123,6 @@ class KernelDtypeRecorder:
     }
 
     def __init__(self, monkeypatch):
-        import importlib
-
         self.calls: list[tuple[str, tuple]] = []
         for op, (module_name, fn_name) in self.LAUNCHERS.items():
             module = importlib.import_module(module_name)
@@ -129,7 +142,7 @@ def _autocast_run(model, x, fused, train, target, dtype=torch.bfloat16):
     model.fused = fused
     model.train(train)
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(DEVICE, dtype=dtype):
         y = model(x)
         if train:
             F.cross_entropy(y.float(), target).backward()
@@ -139,7 +152,7 @@ def _autocast_run(model, x, fused, train, target, dtype=torch.bfloat16):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_autocast_matches_reference_under_autocast(train, dtype, monkeypatch):
-    """Under CPU autocast (bf16 or fp16) the fused model's error against the fp32 reference is at most 2x
+    """Under autocast (bf16 or fp16; CPU autocast on the CPU) the fused model's error against the fp32 reference is at most 2x
     the error of the reference model under the same autocast (+ 1/256 of max|logit|, one bf16
     ulp, for logits the reference happens to round exactly). Gradients: relative L2 error at most
     2x the reference's own (+ 1e-2 of the largest gradient norm). Fallbacks are recorded, not
@@ -381,7 +394,6 @@ def test_state_changes_never_serve_stale_folded_weights():
     _check_eval(model, x, "fused off/on")
 
     # load_state_dict: in place (copy_) and by assignment (new tensors)
-    other = tiny_model()
     for assign in (False, True):
         other = tiny_model()
         model.load_state_dict(other.state_dict(), assign=assign)
@@ -457,7 +469,7 @@ def test_repeated_eval_forwards_leak_nothing():
     mbconv_op = importlib.import_module("maxvit_fast.ops.mbconv")
 
     model = tiny_model(depth=(1,)).eval()
-    counts, rss, cache_sizes = [], [], []
+    counts, rss, cache_sizes, device_bytes = [], [], [], []
     for i in range(MEMORY_ITERATIONS):
         x = torch.randn(2, 3, 8, 8)
         model.fused = True
@@ -470,9 +482,12 @@ def test_repeated_eval_forwards_leak_nothing():
             counts.append(_live_tensor_count())
             rss.append(_rss_bytes())
             cache_sizes.append(len(mbconv_op.folded_cache._entries))
+            if DEVICE == "cuda":
+                device_bytes.append(torch.cuda.memory_allocated())
     assert len(set(counts)) == 1, f"live tensors grow: {counts}"
     assert rss[-1] - rss[0] < 16 * 2**20, f"RSS grew {(rss[-1] - rss[0]) / 2**20:.1f} MiB"
     assert len(set(cache_sizes)) == 1, f"fold cache grows: {cache_sizes}"
+    assert len(set(device_bytes)) <= 1, f"CUDA memory grows: {device_bytes}"
 
 
 def test_fold_cache_does_not_keep_models_alive():
@@ -501,10 +516,16 @@ def _free_port() -> int:
 
 
 def test_ddp_two_processes_match_a_single_process_step(tmp_path):
+    with torch.device("cpu"):  # gloo on the CPU, whatever DEVICE is
+        _ddp_two_processes_match_a_single_process_step(tmp_path)
+
+
+def _ddp_two_processes_match_a_single_process_step(tmp_path):
     """One SGD step of DistributedDataParallel(MaxViT(fused=True, dropout=0)) on 2 gloo ranks
     (batch 2 each), with tests/ddp_worker.py as the ranks. Gradients and updated parameters are
     equal on both ranks (bitwise: DDP all-reduces them) and equal, within fp32 tolerance, to one
-    single-process step (fused) of:
+    single-process step of the reference path (fused=False; the ranks run the kernels through the
+    Triton interpreter on the CPU, and must not fall back) of:
 
     - eval mode (BatchNorm with running statistics, still backpropagated): the loss on the
       concatenated batch of 4 -- exactly what DDP computes, since BN does not mix images;
@@ -554,7 +575,7 @@ def test_ddp_two_processes_match_a_single_process_step(tmp_path):
         model.load_state_dict(state)
         model.train(mode == "train")
         model.zero_grad(set_to_none=True)
-        model.fused = True
+        model.fused = False
         if mode == "eval":
             loss = F.cross_entropy(model(x), target)
         else:
@@ -661,11 +682,12 @@ def test_short_training_run_follows_the_reference_loss_curve():
     after training, the training-set accuracy in train mode (batch statistics, as trained) and
     then in eval mode equal to the reference's, the train-mode one >= 90% (eval mode is not
     asserted high: after 15 steps the BN running statistics, momentum 0.1, still lag), and the loss at most half the initial one (the run learned something)."""
-    gen = torch.Generator().manual_seed(1234)
+    gen = torch.Generator(device="cpu").manual_seed(1234)
     classes = 4
-    prototypes = torch.randn(classes, 3, 8, 8, generator=gen)
-    labels = torch.arange(CONVERGENCE_IMAGES) % classes
-    images = prototypes[labels] + 0.7 * torch.randn(CONVERGENCE_IMAGES, 3, 8, 8, generator=gen)
+    prototypes = torch.randn(classes, 3, 8, 8, generator=gen, device="cpu")
+    labels = torch.arange(CONVERGENCE_IMAGES, device="cpu") % classes
+    images = prototypes[labels] + 0.7 * torch.randn(CONVERGENCE_IMAGES, 3, 8, 8, generator=gen, device="cpu")
+    images, labels = images.to(DEVICE), labels.to(DEVICE)
 
     initial = MaxViT(**{**TINY, "depth": (1,)})
     curves, accuracies = {}, {}
