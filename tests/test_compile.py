@@ -14,7 +14,9 @@ inductor where a C++ compiler exists.
   train mode with dropout (same seed -> same result as eager);
 - a compiled model never serves stale folded BatchNorm weights;
 - the fused forward (eval, and train with dropout 0) makes no host synchronisation and no
-  device-to-host copy (what CUDA-graph capture forbids), its custom ops included.
+  device-to-host copy (what CUDA-graph capture forbids), its custom ops included;
+- on a GPU (``gpu`` marker): the fused eval forward captured in a CUDA graph and replayed on
+  new input equals the eager forward.
 """
 
 from __future__ import annotations
@@ -39,11 +41,12 @@ from .conftest import DEVICE
 from .helpers import assert_close_normwise
 
 FP32_RTOL = 1e-5  # fp32: same ops in both runs, only summation order may differ
-pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="CPU (interpreter) test; the GPU path is the same code")
 
 
 @pytest.fixture(autouse=True)
-def fresh_dynamo():
+def fresh_dynamo(request):
+    if DEVICE != "cpu" and "gpu" not in request.keywords:
+        pytest.skip("CPU (Triton interpreter) test; on a GPU the CUDA-graph test below covers capture")
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -282,3 +285,25 @@ def test_fused_forward_makes_no_host_sync(mode):
         model(x)
     assert detector.ops > 100  # the mode saw the model's ops, those inside the custom ops too
     assert detector.syncs == []
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_of_fused_eval_forward():
+    model = small_model().to(DEVICE).eval()
+    static_x = image().to(DEVICE)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture: Triton compiles, folded weights cached
+            for _ in range(2):
+                model(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = model(static_x)
+        fresh = torch.randn_like(static_x)
+        static_x.copy_(fresh)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = model(fresh)
+    assert_close_normwise(static_out, expected, FP32_RTOL, name="replayed CUDA graph vs eager")
