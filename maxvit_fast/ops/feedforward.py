@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dispatch import use_kernels
-from .library import custom_op
+from .library import custom_op, draw_seed, seed_tensor, seed_value
 
 
 def _unsupported_reason(x: torch.Tensor, ff: nn.Sequential) -> str | None:
@@ -59,16 +59,6 @@ def _dropout_p(module: nn.Dropout) -> float:
     return float(module.p) if module.training else 0.0
 
 
-def _seed_value(seed: torch.Tensor | None) -> int:
-    """The dropout seed as a Python int (a read of a 1-element CPU tensor: no device sync)."""
-    return 0 if seed is None else int(seed.reshape(-1)[0])
-
-
-def _as_seed_tensor(seed) -> torch.Tensor:
-    """A 1-element int64 CPU tensor holding ``seed`` (an int or a tensor)."""
-    return torch.as_tensor(seed, dtype=torch.int64, device="cpu").reshape(1)
-
-
 # torch.library ops: the Triton-calling core as one opaque op with a shape-only fake
 # implementation, so torch.compile traces the fused model without graph breaks. The seed is a
 # 1-element int64 CPU tensor (drawn in the graph by torch.randint), None without dropout.
@@ -80,7 +70,7 @@ def feedforward_residual_op(
 ) -> torch.Tensor:
     from ..kernels import feedforward as kernels
 
-    return kernels.feedforward_residual(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, p_hidden, p_out, _seed_value(seed))
+    return kernels.feedforward_residual(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, p_hidden, p_out, seed_value(seed))
 
 
 @feedforward_residual_op.register_fake
@@ -94,7 +84,7 @@ def dropout_keep_mask_op(x: torch.Tensor, width: int, p: float, seed: torch.Tens
     from ..kernels import feedforward as kernels
 
     C = x.shape[-1]
-    mask = kernels.dropout_keep_mask(x.numel() // C, width, p, _seed_value(seed), stream, x.device)
+    mask = kernels.dropout_keep_mask(x.numel() // C, width, p, seed_value(seed), stream, x.device)
     return mask.view(*x.shape[:-1], width)
 
 
@@ -127,7 +117,7 @@ feedforward_residual_op.register_autograd(_ff_backward, setup_context=_ff_setup_
 def keep_masks(x: torch.Tensor, hidden: int, p_hidden: float, p_out: float, seed: int):
     """The fused forward's dropout keep masks for tokens ``x`` (..., C): (hidden mask
     (..., hidden) or None, output mask (..., C) or None)."""
-    return _keep_masks(x, hidden, p_hidden, p_out, _as_seed_tensor(seed))
+    return _keep_masks(x, hidden, p_hidden, p_out, seed_tensor(seed))
 
 
 def _keep_masks(x: torch.Tensor, hidden: int, p_hidden: float, p_out: float, seed: torch.Tensor | None):
@@ -180,6 +170,6 @@ def feedforward_residual(
     seed_t = None
     if p_hidden > 0 or p_out > 0:
         # drawn from torch's default generator as a tensor (no .item(): no graph break under compile)
-        seed_t = torch.randint(0, 2**31 - 1, (1,)) if seed is None else _as_seed_tensor(seed)
+        seed_t = draw_seed() if seed is None else seed_tensor(seed)
     return feedforward_residual_op(x, norm.weight, norm.bias, lin1.weight, lin1.bias, lin2.weight, lin2.bias,
                                    float(norm.eps), p_hidden, p_out, seed_t)

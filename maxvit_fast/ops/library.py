@@ -55,3 +55,20 @@ def see_inside(mode_class: type) -> type:
         for op, fn in registry.values():
             _register_rule(op, fn, mode_class)
     return mode_class
+
+
+def seed_tensor(seed) -> torch.Tensor:
+    """A dropout seed (an int or a tensor) as the ops take it: a 1-element int64 CPU tensor."""
+    return torch.as_tensor(seed, dtype=torch.int64, device="cpu").reshape(1)
+
+
+def draw_seed() -> torch.Tensor:
+    """A dropout seed drawn from torch's default generator (``torch.manual_seed`` makes fused
+    dropout reproducible), as a tensor: no ``.item()`` in traced code, so no graph break."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+
+
+def seed_value(seed: torch.Tensor | None) -> int:
+    """Inside an op: the seed as a Python int, 0 without dropout (a read of a CPU tensor, not a
+    device synchronisation)."""
+    return 0 if seed is None else int(seed.reshape(-1)[0])
