@@ -36,6 +36,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .ops.library import see_inside
+
 __all__ = ["TrafficCounter", "TrafficReport", "OpCount", "count_traffic", "triton_launches"]
 
 # Ops that only allocate memory: nothing written, nothing launched.
@@ -237,6 +239,9 @@ class TrafficReport:
         }
 
 
+# see_inside: the counter looks inside maxvit_fast's custom ops (their aten ops, allocations and
+# Triton launches are what it counts), instead of seeing each as one opaque call.
+@see_inside
 class _DispatchMode(TorchDispatchMode):
     def __init__(self, counter: "TrafficCounter"):
         super().__init__()

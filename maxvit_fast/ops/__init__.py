@@ -8,12 +8,6 @@ steps and NCHW tensors (any memory format) for MBConv.
 from .feedforward import feedforward_residual
 from .mbconv import mbconv
 from .window_attention import window_attention_residual, window_partition, window_unpartition
-from .library import see_inside
-from .. import traffic as _traffic
-
-# The traffic counter's dispatch mode looks inside the custom ops (their aten ops, allocations
-# and Triton launches are what it counts). TODO(lead): better as a decorator in traffic.py.
-see_inside(_traffic._DispatchMode)
 
 __all__ = [
     "feedforward_residual",
