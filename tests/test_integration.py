@@ -20,6 +20,7 @@ import gc
 import importlib
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -679,9 +680,15 @@ def test_short_training_run_follows_the_reference_loss_curve():
     would be possible). 15 steps, not 30: a fused step on 16 images costs ~2 s under the
     interpreter. Tolerance: every step's loss within 1e-4 relative of the reference's (measured:
     ~2e-7, fp32 summation-order differences that the optimizer does not amplify over this run);
-    after training, the training-set accuracy in train mode (batch statistics, as trained) and
-    then in eval mode equal to the reference's, the train-mode one >= 90% (eval mode is not
-    asserted high: after 15 steps the BN running statistics, momentum 0.1, still lag), and the loss at most half the initial one (the run learned something)."""
+    after training, the training-set accuracy in train mode (batch statistics, as trained) equal
+    to the reference's and >= 90% (measured: 100% over 30 random initialisations, top-2 logit
+    margins >= 1.9, so no near-tie flips), the trained parameters within 1e-4 normwise (measured
+    ~1e-6) EXCEPT the conv biases in front of a train-mode BatchNorm (stem conv 2, MBConv convs):
+    their exact gradient is zero, AdamW normalises the rounding noise of either path into lr-sized
+    steps of random sign, so they drift apart by up to ~lr * steps on both paths alike (measured:
+    0.04-0.23 relative). That drift is invisible in train mode (BN removes it) but moves the
+    eval-mode logits (running means lag it), so eval-mode outputs of the two trained models are not
+    compared. And the loss at most half the initial one (the run learned something)."""
     gen = torch.Generator(device="cpu").manual_seed(1234)
     classes = 4
     prototypes = torch.randn(classes, 3, 8, 8, generator=gen, device="cpu")
@@ -690,7 +697,7 @@ def test_short_training_run_follows_the_reference_loss_curve():
     images, labels = images.to(DEVICE), labels.to(DEVICE)
 
     initial = MaxViT(**{**TINY, "depth": (1,)})
-    curves, accuracies = {}, {}
+    curves, accuracies, trained = {}, {}, {}
     for fused in (True, False):
         model = copy.deepcopy(initial).train()
         model.fused = fused
@@ -706,8 +713,8 @@ def test_short_training_run_follows_the_reference_loss_curve():
                 opt.step()
                 losses.append(loss.item())
             with torch.no_grad():
-                accuracies[fused] = [(model.train(mode)(images).argmax(1) == labels).float().mean().item()
-                                     for mode in (True, False)]
+                accuracies[fused] = (model.train()(images).argmax(1) == labels).float().mean().item()
+        trained[fused] = dict(model.named_parameters())
         curves[fused] = torch.tensor(losses, dtype=torch.float64)
 
     rel = ((curves[True] - curves[False]).abs() / curves[False]).max().item()
@@ -715,4 +722,8 @@ def test_short_training_run_follows_the_reference_loss_curve():
     assert rel <= 1e-4, f"fused loss curve departs from the reference's: max relative difference {rel:.2e}"
     assert curves[False][-1] <= 0.5 * curves[False][0], "the run did not learn: the test would show nothing"
     assert accuracies[True] == accuracies[False], accuracies
-    assert accuracies[False][0] >= 0.9, accuracies
+    assert accuracies[False] >= 0.9, accuracies
+    null_gradient = re.compile(r"^(conv_stem\.1|layers\.\d+\.0\.(fn\.)?[037])\.bias$")
+    for name, p_ref in trained[False].items():
+        if not null_gradient.match(name):
+            assert_close_normwise(trained[True][name], p_ref, 1e-4, name=f"trained {name}")
