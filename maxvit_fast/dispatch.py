@@ -48,12 +48,23 @@ def triton_interpreting() -> bool:
     return kernels.INTERPRET
 
 
+def autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # older torch: no device argument
+        return torch.is_autocast_enabled()
+
+
 def kernels_unavailable_reason(x: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot run on ``x``, or None when they can."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return "Triton is not installed"
+    if autocast_enabled(x.device.type):
+        # The kernels compute in their input dtype; under autocast every op falls back alike,
+        # so the model computes exactly the reference's autocast function.
+        return "autocast is enabled (the fused kernels run in the input dtype: cast the model with .to(dtype) instead)"
     if x.is_cuda:
         return None
     if triton_interpreting():

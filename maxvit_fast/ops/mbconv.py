@@ -146,13 +146,6 @@ def _split(module: nn.Module) -> _Parts | str:
     return _Parts(conv1, bn1, dw, bn2, se_reduce, se_expand, conv3, bn3, net, residual, dropsample)
 
 
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # older torch: no device argument
-        return torch.is_autocast_enabled()
-
-
 def _unsupported_reason(x: torch.Tensor, parts: _Parts | str) -> str | None:
     if isinstance(parts, str):
         return parts
@@ -168,8 +161,6 @@ def _unsupported_reason(x: torch.Tensor, parts: _Parts | str) -> str | None:
         return "MBConv parameters are not on the input's device"
     if x.numel() == 0:
         return "empty input"
-    if _autocast_on(x.device.type):
-        return "autocast is enabled (the fused MBConv runs in the input dtype)"
     flags = {bn.training for bn in parts.bns}
     if len(flags) != 1:
         return "MBConv BatchNorm layers are in mixed train/eval modes"
