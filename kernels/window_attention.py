@@ -511,6 +511,16 @@ def _check_inputs(qkv, reg_qkv, table, window, num_registers, heads, head_dim):
     return B, H, W, C
 
 
+def _launch_geometry(qkv, reg_qkv, table, window, num_registers, heads, head_dim, register_queries):
+    """Checked shapes, window counts, tile configuration and register q/k/v column offsets,
+    shared by the forward and backward launchers."""
+    B, H, W, C = _check_inputs(qkv, reg_qkv, table, window, num_registers, heads, head_dim)
+    cfg = tile_config(window, num_registers, register_queries, qkv.dtype)
+    offsets = _register_layout(reg_qkv, C, register_queries)
+    nX, nY = H // window, W // window
+    return (B, H, W, C, nX, nY, B * nX * nY), cfg, offsets
+
+
 def _alignment(tensors, element_offsets, itemsize) -> int:
     """Largest power-of-two byte alignment (<= 16) of every row start the kernels form: tensor
     base addresses, row/pixel/batch strides and channel offsets (in elements)."""
@@ -551,11 +561,8 @@ def window_attention_forward(
     Returns (out (B, H, W, C), reg_out (B, nX, nY, r, C) or None, lse (windows, heads, n - q0) fp32).
     ``out``/``reg_out``/``lse`` may be passed preallocated (contiguous).
     """
-    B, H, W, C = _check_inputs(qkv, reg_qkv, table, window, num_registers, heads, head_dim)
-    cfg = tile_config(window, num_registers, register_queries, qkv.dtype)
-    q_off, k_off, v_off = _register_layout(reg_qkv, C, register_queries)
-    nX, nY = H // window, W // window
-    num_windows = B * nX * nY
+    (B, H, W, C, nX, nY, num_windows), cfg, (q_off, k_off, v_off) = _launch_geometry(
+        qkv, reg_qkv, table, window, num_registers, heads, head_dim, register_queries)
     dev, dtype = qkv.device, qkv.dtype
     if out is None:
         out = _alloc((B, H, W, C), dtype, dev)
@@ -602,11 +609,8 @@ def window_attention_backward(
     windows sharing each row), d_table (table's shape, fp32)). ``rel_pos_indices`` is the
     (n, n) table-index map used to scatter the summed score gradients into the table.
     """
-    B, H, W, C = _check_inputs(qkv, reg_qkv, table, window, num_registers, heads, head_dim)
-    cfg = tile_config(window, num_registers, register_queries, qkv.dtype)
-    q_off, k_off, v_off = _register_layout(reg_qkv, C, register_queries)
-    nX, nY = H // window, W // window
-    num_windows = B * nX * nY
+    (B, H, W, C, nX, nY, num_windows), cfg, (q_off, k_off, v_off) = _launch_geometry(
+        qkv, reg_qkv, table, window, num_registers, heads, head_dim, register_queries)
     dev, dtype = qkv.device, qkv.dtype
     seq, q_start, q_tiles = cfg["seq"], cfg["q_start"], cfg["q_tiles"]
     BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
