@@ -69,3 +69,15 @@ def assert_within_reference_error(actual, ref_lowp, ref_fp32, factor=2.0, atol=0
 def poison_(t):
     """Fill with NaN so anything a kernel forgets to write fails the comparison."""
     return t.fill_(float("nan"))
+
+
+def randomize_batchnorm_buffers_(model, mean_std=0.5):
+    """Non-trivial BatchNorm running statistics (a fresh model's mean 0 / var 1 hide folding
+    bugs): running_mean ~ N(0, mean_std), running_var ~ U(0.5, 1.5)."""
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_(0, mean_std)
+            elif name.endswith("running_var"):
+                buf.uniform_(0.5, 1.5)
+    return model

@@ -36,7 +36,12 @@ from hypothesis import strategies as st
 from maxvit_fast import FusedFallbackWarning, MaxViT, reset_fallback_warnings
 
 from .conftest import DEVICE
-from .helpers import assert_close_l2, assert_close_normwise, assert_within_reference_error
+from .helpers import (
+    assert_close_l2,
+    assert_close_normwise,
+    assert_within_reference_error,
+    randomize_batchnorm_buffers_,
+)
 
 settings.register_profile("ci", derandomize=True, database=None, max_examples=5, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -71,13 +76,7 @@ def _on_test_device():
 
 def randomize_buffers_(model: MaxViT) -> MaxViT:
     """Non-trivial BatchNorm running statistics (a fresh model's mean 0 / var 1 hide folding bugs)."""
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if name.endswith("running_mean"):
-                buf.normal_(0, 0.5)
-            elif name.endswith("running_var"):
-                buf.uniform_(0.5, 1.5)
-    return model
+    return randomize_batchnorm_buffers_(model, mean_std=0.5)
 
 
 def tiny_model(**kw) -> MaxViT:

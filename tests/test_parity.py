@@ -5,7 +5,7 @@ import torch
 
 from maxvit_fast import MaxViT
 
-from .helpers import assert_close_l2, assert_close_normwise, load_vit_pytorch_maxvit
+from .helpers import assert_close_l2, assert_close_normwise, randomize_batchnorm_buffers_, load_vit_pytorch_maxvit
 
 peer = load_vit_pytorch_maxvit()
 pytestmark = pytest.mark.skipif(peer is None, reason="vit-pytorch is not installed (pip install --no-deps vit-pytorch==1.26.11)")
@@ -33,12 +33,7 @@ def build_pair(kwargs, dropout):
     ours = MaxViT(num_classes=7, dropout=dropout, **kwargs)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     # BatchNorm buffers start at 0/1: give them values so eval mode exercises them.
-    with torch.no_grad():
-        for name, buf in theirs.named_buffers():
-            if name.endswith("running_mean"):
-                buf.normal_(0, 0.1)
-            elif name.endswith("running_var"):
-                buf.uniform_(0.5, 1.5)
+    randomize_batchnorm_buffers_(theirs, mean_std=0.1)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     return theirs, ours
 
