@@ -3,14 +3,18 @@
 ``mbconv(x, module, fused)`` computes ``module(x)`` for the reference MBConv (an nn.Sequential,
 or an MBConvResidual wrapping one; see maxvit_fast/reference.py).
 
-Fused path, eval mode (BatchNorm folded; 4 kernel launches, hidden tensor written twice and read
-twice in total):
-  1. kernels/pointwise_conv.py   expand 1x1 conv + BN1 + GELU          -> h1 (B, H, W, hidden)
-  2. kernels/depthwise_conv.py   3x3 depthwise + BN2 + GELU, and the per-tile channel sums for
-                                 the SE mean                            -> h2 (B, Ho, Wo, hidden)
-  3. kernels/squeeze_excitation.py  mean -> Linear -> SiLU -> Linear -> sigmoid, per image -> gate
-  4. kernels/pointwise_conv.py   project 1x1 conv on gate * h2 (gate applied to the A tile in
+Fused path, eval mode (BatchNorm folded; 3 kernel launches; the 4x-wide expand output h1 is
+never written, the hidden tensor h2 is written once and read once):
+  1. kernels/expand_depthwise_conv.py  expand 1x1 conv + BN1 + GELU, recomputed in registers for
+                                 each of the 9 taps of the 3x3 depthwise conv + BN2 + GELU, and
+                                 the per-tile channel sums for the SE mean -> h2 (B, Ho, Wo, hidden)
+  2. kernels/squeeze_excitation.py  mean -> Linear -> SiLU -> Linear -> sigmoid, per image -> gate
+  3. kernels/pointwise_conv.py   project 1x1 conv on gate * h2 (gate applied to the A tile in
                                  registers) + BN3 (+ residual x)        -> out (B, Ho, Wo, dim_out)
+  Every block, stride 1 and 2, takes this path (no shape spills, see the kernel's header). The
+  price is recomputation: the expand conv runs 9x (stride 1) or 2.25x (stride 2) as often as in
+  the unfused order (expand kernel writing h1, depthwise kernel reading it; that order is still
+  what train mode does). The kernel's header has the FLOPs-for-bytes numbers.
 
 Fused path, train mode (BatchNorm with batch statistics: a BN cannot normalise before the
 statistics of its whole input exist, so each BN input is written once by the kernel that
@@ -34,12 +38,13 @@ differentiates it with torch.func.vjp. The gradients are therefore exactly the r
 (same ops on the same inputs); the cost is one reference forward inside the backward, and only
 x and the parameters are saved (activation memory of a checkpointed block).
 
-Layout: the fused path works channels-last. x is read through the view
-``x.permute(0, 2, 3, 1).reshape(B, H*W, C)``, which is free for NCHW-contiguous and
-channels-last inputs (the kernel takes the strides); ``reshape`` copies (to channels-last) only
-when H and W cannot be merged (e.g. a width slice of a larger tensor). The residual is read
-through the same view. The result is returned as an NCHW-shaped view of a channels-last
-(B, Ho, Wo, C) tensor: ``out.permute(0, 2, 3, 1)`` (what the model does next) is contiguous.
+Layout: the fused path works channels-last. In eval mode the first kernel reads x through the
+view ``x.permute(0, 2, 3, 1)`` with its strides (no copy for any layout). The train-mode expand
+conv and the residual read x through ``x.permute(0, 2, 3, 1).reshape(B, H*W, C)``, which is
+free for NCHW-contiguous and channels-last inputs (the kernel takes the strides); ``reshape``
+copies (to channels-last) only when H and W cannot be merged (e.g. a width slice of a larger
+tensor). The result is returned as an NCHW-shaped view of a channels-last (B, Ho, Wo, C)
+tensor: ``out.permute(0, 2, 3, 1)`` (what the model does next) is contiguous.
 
 Drop path (MBConvResidual.dropsample): identity in eval mode and at probability 0 (the model's
 setting): the residual is fused. In train mode with probability > 0 the fused path computes the
@@ -231,26 +236,26 @@ def _pixels_view(x: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_eval(x: torch.Tensor, w: _Weights, stride: int, add_residual: bool) -> torch.Tensor:
-    from ..kernels.depthwise_conv import depthwise_conv3x3, depthwise_output_size, depthwise_tiles_per_image
+    from ..kernels.expand_depthwise_conv import (expand_depthwise_conv3x3, expand_depthwise_output_size,
+                                                 expand_depthwise_tiles_per_image)
     from ..kernels.pointwise_conv import pointwise_conv
     from ..kernels.squeeze_excitation import se_gate
 
     B, _, H, W = x.shape
     hidden, dim_out = w.w1_t.shape[1], w.w3_t.shape[1]
     dev, dt = x.device, x.dtype
-    Ho, Wo = depthwise_output_size(H, stride), depthwise_output_size(W, stride)
-    T = depthwise_tiles_per_image(Ho, Wo)
+    Ho, Wo = expand_depthwise_output_size(H, stride), expand_depthwise_output_size(W, stride)
+    T = expand_depthwise_tiles_per_image(Ho, Wo)
 
-    a = _pixels_view(x)
-    h1 = pointwise_conv(a, w.w1_t, w.scale1, w.shift1, out_gelu=True, out=_empty((B, H * W, hidden), dt, dev))
-    h2, tile_sum, _ = depthwise_conv3x3(
-        h1.view(B, H, W, hidden), w.dw_w, w.dw_b, stride, out_gelu=True,
+    # (B, H, W, C) view of x: read in place whatever its strides
+    h2, tile_sum = expand_depthwise_conv3x3(
+        x.permute(0, 2, 3, 1), w.w1_t, w.scale1, w.shift1, w.dw_w, w.dw_b, stride,
         out=_empty((B, Ho, Wo, hidden), dt, dev), tile_sum=_empty((B * T, hidden), torch.float32, dev),
     )
     gate = se_gate(tile_sum, B, Ho * Wo, w.se_reduce, w.se_expand, out=_empty((B, hidden), torch.float32, dev))
     out = pointwise_conv(
         h2.view(B, Ho * Wo, hidden), w.w3_t, w.scale3, w.shift3, gate=gate,
-        residual=a if add_residual else None, out=_empty((B, Ho * Wo, dim_out), dt, dev),
+        residual=_pixels_view(x) if add_residual else None, out=_empty((B, Ho * Wo, dim_out), dt, dev),
     )
     return out.view(B, Ho, Wo, dim_out)
 
