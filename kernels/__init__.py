@@ -10,3 +10,22 @@ import os
 # triton.jit reads TRITON_INTERPRET when a function is decorated, i.e. when the kernel modules
 # are imported, so this must be read at the same moment.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def seed_pointer(seed, dropout: bool, placeholder):
+    """The dropout seed as the kernels take it: a 1-element int64 tensor on the kernels' device,
+    read in the kernel (so a captured CUDA graph uses each replay's seed). ``seed`` is such a
+    tensor, or an int (copied to the device; tests and direct launcher calls). Without dropout
+    the kernels never read it and ``placeholder`` (any tensor of the launch) stands in, so an
+    eval-mode launch allocates nothing."""
+    import torch
+
+    if not dropout:
+        return placeholder
+    if seed is None:
+        raise ValueError("dropout needs a seed (an int or a 1-element int64 tensor)")
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64:
+            raise ValueError(f"the seed tensor must hold one int64, got {seed.dtype} {tuple(seed.shape)}")
+        return seed.to(placeholder.device).reshape(1)
+    return torch.tensor([int(seed)], dtype=torch.int64, device=placeholder.device)

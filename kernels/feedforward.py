@@ -25,8 +25,9 @@ Kernels
 Dropout: element (token, column) of stream s (0 hidden, 1 output) is kept when the top 24 bits
 of philox(seed; column, token, s, 0) / 2^24 >= p, scaled by 1/(1-p). Token is the row-major
 index over x's leading dims, so the mask does not depend on strides, tiles or kernel path, and
-the counters do not overflow for any token count below 2^31. The seed is drawn by the op layer
-from torch's default generator (reproducible with torch.manual_seed).
+the counters do not overflow for any token count below 2^31. The seed is a 1-element int64
+tensor that the kernels read (once per program); the op layer draws it on the device from
+torch's generator (reproducible with torch.manual_seed, fresh in every CUDA-graph replay).
 
 Precision: fp32 accumulation everywhere; fp32 inputs use exact fp32 dots (input_precision
 "ieee"); fp16/bf16 use tensor-core dots (HMMA on sm_80, HGMMA on sm_90) with the normalised
@@ -87,7 +88,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, seed_pointer
 from .numerics import gelu, to_storage
 
 
@@ -143,7 +144,7 @@ def ff_fused_mlp_kernel(
     x_ptr, out_ptr, ln_w_ptr, ln_b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     M, D1,
     stride_x0, stride_x1, stride_xc, stride_o0, stride_o1, stride_oc,
-    eps, seed, p_hidden, p_out, scale_hidden, scale_out,
+    eps, seed_ptr, p_hidden, p_out, scale_hidden, scale_out,
     C: tl.constexpr, HIDDEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
     DROPOUT_HIDDEN: tl.constexpr, DROPOUT_OUT: tl.constexpr, FP32_DOT: tl.constexpr, ROUND_BF16: tl.constexpr,
@@ -158,6 +159,8 @@ def ff_fused_mlp_kernel(
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     chans = tl.arange(0, BLOCK_C)
     row_ok = rows < M
+    if DROPOUT_HIDDEN or DROPOUT_OUT:
+        seed = tl.load(seed_ptr)  # once, not in the hidden loop (sm_90 C=256 train spilled with it there)
     chan_ok = chans < C
     tile_ok = row_ok[:, None] & chan_ok[None, :]
 
@@ -211,7 +214,7 @@ def ff_up_kernel(
     x_ptr, hidden_ptr, ln_w_ptr, ln_b_ptr, w1_ptr, b1_ptr,
     M, D1,
     stride_x0, stride_x1, stride_xc,
-    eps, seed, p_hidden, scale_hidden,
+    eps, seed_ptr, p_hidden, scale_hidden,
     C: tl.constexpr, HIDDEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DROPOUT_HIDDEN: tl.constexpr, FP32_DOT: tl.constexpr, ROUND_BF16: tl.constexpr,
@@ -224,6 +227,8 @@ def ff_up_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
+    if DROPOUT_HIDDEN:
+        seed = tl.load(seed_ptr)
     col_ok = cols < HIDDEN
     x_rows = x_ptr + _token_offsets(rows, D1, stride_x0, stride_x1)
 
@@ -269,7 +274,7 @@ def ff_down_kernel(
     hidden_ptr, x_ptr, out_ptr, w2_ptr, b2_ptr,
     M, D1,
     stride_x0, stride_x1, stride_xc, stride_o0, stride_o1, stride_oc,
-    seed, p_out, scale_out,
+    seed_ptr, p_out, scale_out,
     C: tl.constexpr, HIDDEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DROPOUT_OUT: tl.constexpr, FP32_DOT: tl.constexpr, ROUND_BF16: tl.constexpr,
@@ -281,6 +286,8 @@ def ff_down_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     chans = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
+    if DROPOUT_OUT:
+        seed = tl.load(seed_ptr)
     chan_ok = chans < C
     h_rows = hidden_ptr + rows.to(tl.int64)[:, None] * HIDDEN
 
@@ -312,14 +319,14 @@ def ff_down_kernel(
 
 @triton.jit
 def ff_dropout_keep_kernel(
-    keep_ptr, M, N, seed, p,
+    keep_ptr, M, N, seed_ptr, p,
     STREAM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """keep[row, col] (uint8, (M, N) contiguous) = 1 where the forward kept element (row, col)
     of dropout STREAM."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep(seed, rows, cols, STREAM, p)
+    keep = _keep(tl.load(seed_ptr), rows, cols, STREAM, p)
     ok = (rows < M)[:, None] & (cols < N)[None, :]
     tl.store(keep_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], keep.to(tl.uint8), mask=ok)
 
@@ -419,7 +426,7 @@ def feedforward_residual(
     x: torch.Tensor,
     ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
     w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-    p_hidden: float = 0.0, p_out: float = 0.0, seed: int = 0,
+    p_hidden: float = 0.0, p_out: float = 0.0, seed=None,
     out: torch.Tensor | None = None, path: str | None = None,
 ) -> torch.Tensor:
     """``Dropout_out(Linear2(Dropout_hidden(GELU(Linear1(LayerNorm(x)))))) + x`` per token.
@@ -459,7 +466,7 @@ def feedforward_residual(
 
     ln_weight, ln_bias, w1, b1, w2, b2 = (t.contiguous() for t in (ln_weight, ln_bias, w1, b1, w2, b2))
     dropout = dict(
-        seed=int(seed),
+        seed=seed_pointer(seed, p_hidden > 0 or p_out > 0, w2),
         p_hidden=float(p_hidden), scale_hidden=1.0 / (1.0 - p_hidden) if p_hidden < 1.0 else 0.0,
         p_out=float(p_out), scale_out=1.0 / (1.0 - p_out) if p_out < 1.0 else 0.0,
     )
@@ -510,12 +517,12 @@ def feedforward_residual(
     return out
 
 
-def dropout_keep_mask(M: int, N: int, p: float, seed: int, stream: int, device) -> torch.Tensor:
+def dropout_keep_mask(M: int, N: int, p: float, seed, stream: int, device) -> torch.Tensor:
     """The (M, N) bool keep mask the forward kernels used for dropout ``stream``
     (STREAM_HIDDEN: N = hidden width, STREAM_OUT: N = C)."""
     keep = torch.empty((M, N), dtype=torch.uint8, device=device)
     if M and N:
         BLOCK_M, BLOCK_N = 32, 64
         grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
-        ff_dropout_keep_kernel[grid](keep, M, N, int(seed), float(p), STREAM=stream, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+        ff_dropout_keep_kernel[grid](keep, M, N, seed_pointer(seed, True, keep), float(p), STREAM=stream, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     return keep.view(torch.bool)

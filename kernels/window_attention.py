@@ -111,7 +111,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, seed_pointer
 from .numerics import round_fp32_to_bf16_nearest_even
 
 LOG2E = 1.4426950408889634
@@ -184,8 +184,10 @@ def _dot_operand(x, ELEM: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
-def _keep_mask(seed, win, head, heads, seq_q, dropout_threshold, SEQ: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Dropout keep mask of query rows seq_q and keys 0..BLOCK_N-1 of one window and head.
+def _keep_mask(seed_ptr, win, head, heads, seq_q, dropout_threshold, SEQ: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dropout keep mask of query rows seq_q and keys 0..BLOCK_N-1 of one window and head; the
+    seed is read from device memory (a 1-element int64 tensor) so that a captured CUDA graph
+    replays with the seed its replay draws, not the one drawn at capture.
 
     16 random bits per element (kept when >= dropout_threshold = round(p * 2^16)), eight elements
     per Philox call: counter (i * ceil(n / 8) + j // 8, window * heads + head (64 bits), 0), output
@@ -194,6 +196,7 @@ def _keep_mask(seed, win, head, heads, seq_q, dropout_threshold, SEQ: tl.constex
     counter = seq_q[:, None] * CALLS + tl.arange(0, BLOCK_N // 8)[None, :]
     stream = win * heads + head
     zero = counter * 0
+    seed = tl.load(seed_ptr)
     r0, r1, r2, r3 = tl.philox(seed, counter, (stream & 0xFFFFFFFF).to(tl.int32) + zero,
                                (stream >> 32).to(tl.int32) + zero, zero)
     bits = tl.join(tl.join(r0, r1), tl.join(r2, r3))
@@ -253,7 +256,7 @@ def window_attention_fwd_kernel(
     reg_out_ptr, stride_reg_out_win, stride_reg_out_r,  # (windows, r, C) register-row outputs
     lse_ptr, stride_lse_win, stride_lse_h,  # (windows, heads, n - Q_START) fp32, base 2
     C, heads, nX, nY, num_windows, windows_per_program,
-    qk_scale_log2, seed, dropout_threshold, keep_scale,
+    qk_scale_log2, seed_ptr, dropout_threshold, keep_scale,
     WINDOW: tl.constexpr, NUM_REG: tl.constexpr, HEAD_DIM: tl.constexpr, Q_START: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRID_PATTERN: tl.constexpr, DROPOUT: tl.constexpr,
     ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -296,7 +299,7 @@ def window_attention_fwd_kernel(
         p = p * (1.0 / row_sum)[:, None]
         lse = row_max + tl.math.log2(row_sum)
         if DROPOUT:
-            keep = _keep_mask(seed, win, head, heads, seq_q, dropout_threshold, SEQ, BLOCK_N)
+            keep = _keep_mask(seed_ptr, win, head, heads, seq_q, dropout_threshold, SEQ, BLOCK_N)
             p = tl.where(keep, p * keep_scale, 0.0)
         o = tl.dot(_dot_operand(p, ELEM, UPCAST_DOT), _dot_operand(v, ELEM, UPCAST_DOT),
                    input_precision=DOT_PRECISION)
@@ -326,7 +329,7 @@ def window_attention_bwd_kernel(
     dreg_ptr, stride_dreg_tile, stride_dreg_win, stride_dreg_r,  # fp32 register-row dq|dk|dv per window
     dbias_ptr, stride_dbias_slot, stride_dbias_h, stride_dbias_q, dbias_slots,  # fp32 (slots, heads, n - Q_START, n)
     C, heads, nX, nY,
-    qk_scale_log2, sm_scale, seed, dropout_threshold, keep_scale,
+    qk_scale_log2, sm_scale, seed_ptr, dropout_threshold, keep_scale,
     WINDOW: tl.constexpr, NUM_REG: tl.constexpr, HEAD_DIM: tl.constexpr, Q_START: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRID_PATTERN: tl.constexpr, DROPOUT: tl.constexpr,
     ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -366,7 +369,7 @@ def window_attention_bwd_kernel(
     dp = tl.dot(_dot_operand(do, ELEM, UPCAST_DOT), tl.trans(_dot_operand(v, ELEM, UPCAST_DOT)),
                 input_precision=DOT_PRECISION)
     if DROPOUT:
-        keep = _keep_mask(seed, win, head, heads, seq_q, dropout_threshold, SEQ, BLOCK_N)
+        keep = _keep_mask(seed_ptr, win, head, heads, seq_q, dropout_threshold, SEQ, BLOCK_N)
         p_dropped = tl.where(keep, p * keep_scale, 0.0)
         dp = tl.where(keep, dp * keep_scale, 0.0)
     else:
@@ -551,7 +554,7 @@ def _dot_precision(dtype):
 
 def window_attention_forward(
     qkv, reg_qkv, table, *, window, num_registers, heads, head_dim, grid_pattern, register_queries,
-    scale, dropout_p=0.0, seed=0, out=None, reg_out=None, lse=None,
+    scale, dropout_p=0.0, seed=None, out=None, reg_out=None, lse=None,
 ):
     """Attention core over every window.
 
@@ -589,7 +592,7 @@ def window_attention_forward(
         reg_out_arg, *((reg_out_view.stride(0), reg_out_view.stride(1)) if register_queries else (0, 0)),
         lse, lse.stride(0), lse.stride(1),
         C, heads, nX, nY, num_windows, wpp,
-        float(scale) * LOG2E, int(seed), threshold, keep_scale,
+        float(scale) * LOG2E, seed_pointer(seed, threshold > 0, table), threshold, keep_scale,
         WINDOW=window, NUM_REG=num_registers, HEAD_DIM=head_dim, Q_START=cfg["q_start"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GRID_PATTERN=bool(grid_pattern),
         DROPOUT=threshold > 0, ALIGN=align, UPCAST_DOT=INTERPRET, DOT_PRECISION=_dot_precision(dtype),
@@ -600,7 +603,7 @@ def window_attention_forward(
 
 def window_attention_backward(
     qkv, reg_qkv, table, lse, d_out, d_reg_out, rel_pos_indices, *, window, num_registers,
-    heads, head_dim, grid_pattern, register_queries, scale, dropout_p=0.0, seed=0, dqkv=None,
+    heads, head_dim, grid_pattern, register_queries, scale, dropout_p=0.0, seed=None, dqkv=None,
 ):
     """Gradients of :func:`window_attention_forward` (same arguments; its output lse; d_out
     (B, H, W, C) and d_reg_out (B, nX, nY, r, C), or None without register queries).
@@ -664,7 +667,7 @@ def window_attention_backward(
         dreg, dreg.stride(0), dreg.stride(1), dreg.stride(2),
         dbias, dbias.stride(0), dbias.stride(1), dbias.stride(2), slots,
         C, heads, nX, nY,
-        float(scale) * LOG2E, float(scale), int(seed), threshold, keep_scale,
+        float(scale) * LOG2E, float(scale), seed_pointer(seed, threshold > 0, table), threshold, keep_scale,
         WINDOW=window, NUM_REG=num_registers, HEAD_DIM=head_dim, Q_START=q_start,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, GRID_PATTERN=bool(grid_pattern),
         DROPOUT=threshold > 0, ALIGN=align, UPCAST_DOT=INTERPRET, DOT_PRECISION=_dot_precision(dtype),

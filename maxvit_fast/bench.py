@@ -591,10 +591,6 @@ def run_timing(args, base, model_kwargs, device, doc, notes) -> list[dict]:
                         eager_outputs[batch] = out
                     elif batch in eager_outputs:
                         entry["relative_error_vs_eager"] = _relative_error(out, eager_outputs[batch])
-                if entry.get("status") == "ok" and path == "fused-graph" and args.train \
-                        and model_kwargs.get("dropout", 0.1) > 0:
-                    entry["note"] = ("the fused ops draw dropout seeds on the host: the captured step "
-                                     "replays the same dropout masks (timing unaffected)")
                 if entry.get("status") == "ok" and path.startswith("fused") and path != "fused-graph" \
                         and entry.get("triton_launches_per_call") == 0:
                     entry["note"] = ("no Triton kernel ran: this is the reference path. "

@@ -352,7 +352,9 @@ def _signature(kernel, dtype_name):
     sig = {}
     # the plain Python function (the interpreter's wrapper and triton.jit both hold it as .fn)
     for name, param in inspect.signature(kernel.fn).parameters.items():
-        if name.endswith("_ptr"):
+        if name == "seed_ptr":
+            sig[name] = "*i64"
+        elif name.endswith("_ptr"):
             sig[name] = f"*{dtype_name}"
         elif "constexpr" in str(param.annotation) or name in ("stride_xc", "stride_oc"):
             sig[name] = "constexpr"

@@ -20,7 +20,6 @@ import gc
 import importlib
 import os
 import pathlib
-import re
 import socket
 import subprocess
 import sys
@@ -661,22 +660,22 @@ CONVERGENCE_IMAGES, CONVERGENCE_STEPS = 16, 15
 
 
 def test_short_training_run_follows_the_reference_loss_curve():
-    """Full-batch AdamW (lr 3e-3) on a fixed synthetic set: 16 images of 8 x 8, 4 classes, each
-    image its class's random prototype plus noise (generator seed 1234: the set is fixed so the
-    run's outcome is too). One-stage tiny model, train mode, dropout 0 so both paths compute the
-    same function (with dropout the masks differ between paths and only a statistical comparison
-    would be possible). 15 steps, not 30: a fused step on 16 images costs ~2 s under the
-    interpreter. Tolerance: every step's loss within 1e-4 relative of the reference's (measured:
-    ~2e-7, fp32 summation-order differences that the optimizer does not amplify over this run);
-    after training, the training-set accuracy in train mode (batch statistics, as trained) equal
-    to the reference's and >= 90% (measured: 100% over 30 random initialisations, top-2 logit
-    margins >= 1.9, so no near-tie flips), the trained parameters within 1e-4 normwise (measured
-    ~1e-6) EXCEPT the conv biases in front of a train-mode BatchNorm (stem conv 2, MBConv convs):
-    their exact gradient is zero, AdamW normalises the rounding noise of either path into lr-sized
-    steps of random sign, so they drift apart by up to ~lr * steps on both paths alike (measured:
-    0.04-0.23 relative). That drift is invisible in train mode (BN removes it) but moves the
-    eval-mode logits (running means lag it), so eval-mode outputs of the two trained models are not
-    compared. And the loss at most half the initial one (the run learned something)."""
+    """Full-batch SGD (lr 0.05, momentum 0.9) on a fixed synthetic set: 16 images of 8 x 8, 4
+    classes, each image its class's random prototype plus noise (generator seed 1234: the set is
+    fixed so the run's outcome is too); fresh random initial weights each run. One-stage tiny
+    model, train mode, dropout 0 so both paths compute the same function (with dropout the masks
+    differ between paths and only a statistical comparison would be possible). 15 steps, not 30:
+    a fused step on 16 images costs ~1.5 s under the interpreter. SGD, not Adam: SGD's update is
+    linear in the gradient, so the two paths' fp32 rounding differences stay rounding-sized,
+    whereas Adam divides each gradient by its own running magnitude and turns the rounding noise
+    of exactly-zero gradients (conv biases in front of a train-mode BatchNorm) into lr-sized steps
+    of random sign, different on every CPU (a 5e-4 parameter difference on the CI machine).
+    Tolerances: every step's loss within 1e-4 relative of the reference's, and every trained
+    parameter within 1e-4 normwise (measured over 8 initialisations: parameters <= 9e-7); after
+    training, the training-set accuracy in train mode (batch statistics, as trained) equal to the
+    reference's and >= 90% (measured: 100% in all 8, final loss ~0.01, so no near-tie flips); the
+    eval-mode logits of the two trained models within 1e-4 normwise (running statistics included);
+    and the loss at most half the initial one (the run learned something)."""
     gen = torch.Generator(device="cpu").manual_seed(1234)
     classes = 4
     prototypes = torch.randn(classes, 3, 8, 8, generator=gen, device="cpu")
@@ -685,11 +684,11 @@ def test_short_training_run_follows_the_reference_loss_curve():
     images, labels = images.to(DEVICE), labels.to(DEVICE)
 
     initial = MaxViT(**{**TINY, "depth": (1,)})
-    curves, accuracies, trained = {}, {}, {}
+    curves, accuracies, trained, eval_logits = {}, {}, {}, {}
     for fused in (True, False):
         model = copy.deepcopy(initial).train()
         model.fused = fused
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         losses = []
         reset_fallback_warnings()
         with warnings.catch_warnings():
@@ -702,6 +701,7 @@ def test_short_training_run_follows_the_reference_loss_curve():
                 losses.append(loss.item())
             with torch.no_grad():
                 accuracies[fused] = (model.train()(images).argmax(1) == labels).float().mean().item()
+                eval_logits[fused] = model.eval()(images)
         trained[fused] = dict(model.named_parameters())
         curves[fused] = torch.tensor(losses, dtype=torch.float64)
 
@@ -711,7 +711,6 @@ def test_short_training_run_follows_the_reference_loss_curve():
     assert curves[False][-1] <= 0.5 * curves[False][0], "the run did not learn: the test would show nothing"
     assert accuracies[True] == accuracies[False], accuracies
     assert accuracies[False] >= 0.9, accuracies
-    null_gradient = re.compile(r"^(conv_stem\.1|layers\.\d+\.0\.(fn\.)?[037])\.bias$")
     for name, p_ref in trained[False].items():
-        if not null_gradient.match(name):
-            assert_close_normwise(trained[True][name], p_ref, 1e-4, name=f"trained {name}")
+        assert_close_normwise(trained[True][name], p_ref, 1e-4, name=f"trained {name}")
+    assert_close_normwise(eval_logits[True], eval_logits[False], 1e-4, name="eval logits after training")

@@ -263,7 +263,7 @@ def masked_reference(x, registers, attn, pattern, keep, keep_scale):
 def test_dropout_gradients_use_the_same_mask(monkeypatch, pattern):
     cfg = DROP_CFG
     p, seed = 0.3, int(torch.randint(0, 2**31 - 1, ()).item())
-    monkeypatch.setattr(wa_op, "_draw_seed", lambda: seed)
+    monkeypatch.setattr(wa_op, "_draw_seed", lambda device: seed)
     dim = cfg["dim_head"] * cfg["heads"]
     attn = make_attention(dim, cfg["dim_head"], cfg["window"], cfg["r"], dropout=p).train()
     attn.to_out[1].p = 0.0  # output dropout is torch's own; this test is about the in-kernel one
@@ -288,7 +288,7 @@ def test_dropout_gradients_use_the_same_mask(monkeypatch, pattern):
     # same seed, same output; a fresh seed, a different one
     again, _ = run(x, registers, attn, pattern, True, need_regs)
     assert torch.equal(again, out_f)
-    monkeypatch.setattr(wa_op, "_draw_seed", lambda: seed + 1)
+    monkeypatch.setattr(wa_op, "_draw_seed", lambda device: seed + 1)
     other, _ = run(x, registers, attn, pattern, True, need_regs)
     assert not torch.equal(other, out_f)
 
@@ -413,6 +413,8 @@ def kernel_signature(kernel, elem, constexprs):
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name == "seed_ptr":
+            sig[name] = "*i64"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32" if name in _FP32_POINTERS else f"*{elem}"
         else:

@@ -2,7 +2,7 @@
 
 Fused path: ``maxvit_fast.kernels.feedforward`` (LayerNorm -> Linear -> GELU -> Dropout ->
 Linear -> Dropout -> + x in one kernel, or two for wide layers), with dropout drawn inside the
-kernels from a philox seed that is itself drawn from torch's default generator, so
+kernels from a philox seed that is itself drawn from torch's generator for the device, so
 ``torch.manual_seed`` makes a training step reproducible.
 
 Backward (documented split): the forward saves only its inputs and the seed. The backward
@@ -15,8 +15,9 @@ and backward (it is recomputed, as activation checkpointing would).
 torch.compile: the forward kernels and the mask kernel are ``torch.library`` custom ops
 (``maxvit_fast::feedforward_residual``, ``maxvit_fast::feedforward_dropout_keep_mask``) with
 fake implementations; the backward is plain torch ops (traced into the backward graph). The
-dropout seed is a 1-element int64 CPU tensor drawn with ``torch.randint`` (no ``.item()`` in
-the traced code); the ops read it on the host, which is not a device synchronisation.
+dropout seed is a 1-element int64 tensor drawn with ``torch.randint`` on the inputs' device and
+read by the kernels there (never on the host: no ``.item()``, no synchronisation, and a captured
+CUDA graph draws a fresh seed on every replay).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dispatch import use_kernels
-from .library import custom_op, draw_seed, seed_tensor, seed_value
+from .library import custom_op, draw_seed, seed_tensor
 
 
 def _unsupported_reason(x: torch.Tensor, ff: nn.Sequential) -> str | None:
@@ -70,7 +71,7 @@ def feedforward_residual_op(
 ) -> torch.Tensor:
     from ..kernels import feedforward as kernels
 
-    return kernels.feedforward_residual(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, p_hidden, p_out, seed_value(seed))
+    return kernels.feedforward_residual(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, p_hidden, p_out, seed)
 
 
 @feedforward_residual_op.register_fake
@@ -84,7 +85,7 @@ def dropout_keep_mask_op(x: torch.Tensor, width: int, p: float, seed: torch.Tens
     from ..kernels import feedforward as kernels
 
     C = x.shape[-1]
-    mask = kernels.dropout_keep_mask(x.numel() // C, width, p, seed_value(seed), stream, x.device)
+    mask = kernels.dropout_keep_mask(x.numel() // C, width, p, seed, stream, x.device)
     return mask.view(*x.shape[:-1], width)
 
 
@@ -117,7 +118,7 @@ feedforward_residual_op.register_autograd(_ff_backward, setup_context=_ff_setup_
 def keep_masks(x: torch.Tensor, hidden: int, p_hidden: float, p_out: float, seed: int):
     """The fused forward's dropout keep masks for tokens ``x`` (..., C): (hidden mask
     (..., hidden) or None, output mask (..., C) or None)."""
-    return _keep_masks(x, hidden, p_hidden, p_out, seed_tensor(seed))
+    return _keep_masks(x, hidden, p_hidden, p_out, seed_tensor(seed, x.device))
 
 
 def _keep_masks(x: torch.Tensor, hidden: int, p_hidden: float, p_out: float, seed: torch.Tensor | None):
@@ -170,6 +171,6 @@ def feedforward_residual(
     seed_t = None
     if p_hidden > 0 or p_out > 0:
         # drawn from torch's default generator as a tensor (no .item(): no graph break under compile)
-        seed_t = draw_seed() if seed is None else seed_tensor(seed)
+        seed_t = draw_seed(x.device) if seed is None else seed_tensor(seed, x.device)
     return feedforward_residual_op(x, norm.weight, norm.bias, lin1.weight, lin1.bias, lin2.weight, lin2.bias,
                                    float(norm.eps), p_hidden, p_out, seed_t)

@@ -57,18 +57,15 @@ def see_inside(mode_class: type) -> type:
     return mode_class
 
 
-def seed_tensor(seed) -> torch.Tensor:
-    """A dropout seed (an int or a tensor) as the ops take it: a 1-element int64 CPU tensor."""
-    return torch.as_tensor(seed, dtype=torch.int64, device="cpu").reshape(1)
+def seed_tensor(seed, device) -> torch.Tensor:
+    """A dropout seed (an int or a tensor) as the ops take it: a 1-element int64 tensor on the
+    device of the op's inputs (the kernels read it there)."""
+    return torch.as_tensor(seed, dtype=torch.int64).reshape(1).to(device)
 
 
-def draw_seed() -> torch.Tensor:
-    """A dropout seed drawn from torch's default generator (``torch.manual_seed`` makes fused
-    dropout reproducible), as a tensor: no ``.item()`` in traced code, so no graph break."""
-    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
-
-
-def seed_value(seed: torch.Tensor | None) -> int:
-    """Inside an op: the seed as a Python int, 0 without dropout (a read of a CPU tensor, not a
-    device synchronisation)."""
-    return 0 if seed is None else int(seed.reshape(-1)[0])
+def draw_seed(device) -> torch.Tensor:
+    """A dropout seed drawn on ``device`` from torch's generator for that device
+    (``torch.manual_seed`` makes fused dropout reproducible). Never read on the host: no
+    ``.item()`` in traced code (no graph break, no device synchronisation), and inside a captured
+    CUDA graph the draw is part of the graph, so every replay draws a fresh seed."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..dispatch import kernels_unavailable_reason, use_kernels
 from ..reference import Attention
-from .library import custom_op, draw_seed, seed_tensor, seed_value
+from .library import custom_op, draw_seed, seed_tensor
 
 
 def window_partition(x: torch.Tensor, window: int, pattern: str) -> torch.Tensor:
@@ -108,7 +108,7 @@ def _fused_unsupported(x, registers, attn) -> str | None:
 
 # torch.library ops: the Triton attention core (forward and backward) as opaque ops with
 # shape-only fake implementations, so torch.compile traces the fused model without graph breaks.
-# The dropout seed is a 1-element int64 CPU tensor (None without dropout).
+# The dropout seed is a 1-element int64 tensor on the inputs' device (None without dropout).
 
 @custom_op("window_attention_core")
 def window_attention_core_op(
@@ -128,7 +128,7 @@ def window_attention_core_op(
     out, reg_out, lse = K.window_attention_forward(
         qkv, reg_qkv, table, window=window, num_registers=num_registers, heads=heads, head_dim=head_dim,
         grid_pattern=grid_pattern, register_queries=register_queries, scale=scale, dropout_p=dropout_p,
-        seed=seed_value(seed),
+        seed=seed,
     )
     if reg_out is None:
         reg_out = qkv.new_empty((0,))
@@ -162,7 +162,7 @@ def window_attention_core_backward_op(
     dqkv, d_reg, d_table = K.window_attention_backward(
         qkv, reg_qkv, table, lse, d_out, d_reg_out, rel_pos_indices, window=window, num_registers=num_registers,
         heads=heads, head_dim=head_dim, grid_pattern=grid_pattern, register_queries=register_queries, scale=scale,
-        dropout_p=dropout_p, seed=seed_value(seed),
+        dropout_p=dropout_p, seed=seed,
     )
     return dqkv, d_reg.to(reg_qkv.dtype).contiguous(), d_table.to(table.dtype).contiguous()
 
@@ -200,9 +200,9 @@ def _core_backward(ctx, d_out, d_reg_out, _d_lse):
 window_attention_core_op.register_autograd(_core_backward, setup_context=_core_setup_context)
 
 
-def _draw_seed() -> torch.Tensor:
+def _draw_seed(device) -> torch.Tensor:
     """The in-kernel dropout seed (tests replace this to fix it)."""
-    return draw_seed()
+    return draw_seed(device)
 
 
 def _project_residual(o, residual, weight, dropout_p, training):
@@ -236,7 +236,7 @@ def _fused(x, registers, attn: Attention, pattern: str, need_register_outputs: b
     attn_p = float(attn.attend[1].p) if training else 0.0
     seed = None
     if attn_p > 0.0:
-        seed = seed_tensor(_draw_seed())
+        seed = seed_tensor(_draw_seed(x.device), x.device)
     o, o_reg, _ = window_attention_core_op(
         qkv, reg_qkv, attn.rel_pos_bias.weight, attn.rel_pos_indices, w, r, attn.heads, attn.dim_head, pattern == "grid",
         register_queries, float(attn.scale), attn_p, seed,
