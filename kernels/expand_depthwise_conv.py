@@ -32,8 +32,9 @@ depthwise weight, accumulated in fp32. Then BN2's shift, GELU, the store and the
 Trade-off: recomputation instead of memory traffic
 - Every output pixel recomputes the expand conv for its 9 input taps. Stride 1: 9x the unfused
   expand FLOPs. Stride 2: 9 taps per output pixel against 4 input pixels per output pixel,
-  2.25x. (The ideal 1x, a halo of h1 computed once per 2-D tile and shifted, needs the h1 tile
-  in shared memory with per-tap row shifts, which Triton's tensor model does not express.)
+  2.25x. (The ideal 1x, h1 computed once per 2-D tile plus halo and read back shifted for
+  each tap, needs an on-chip h1 tile read at per-tap offsets: Triton exposes no shared memory
+  to do that with; not attempted.)
 - MaxViT-T stage 1, first block (C_in 64 -> hidden 256, 112x112 -> 56x56, stride 2), per image:
   expand 0.411 GFLOP unfused (112*112*64*256 MACs), 0.925 GFLOP fused (9*56*56*64*256):
   +0.514 GFLOP. Saved: h1 = 112*112*256 values = 6.1 MiB written and >= 6.1 MiB read back in
@@ -45,8 +46,8 @@ Trade-off: recomputation instead of memory traffic
   stride 1 (MaxViT-T stride-1 blocks: 256 at stage 1 to 2048 at stage 4; each of its 7
   stride-1 blocks adds 0.82 GFLOP per image, 5.8 GFLOP in all, to save 4.0 MiB of h1 writes;
   its 4 stride-2 blocks add 1.3 GFLOP to save 11.5 MiB). The ratio of peak tensor-core FLOP/s to
-  DRAM bandwidth of current data-centre GPUs (spec sheets, bf16 dense) is in the low hundreds,
-  so the trade is favourable at stride 2 in the early stages and questionable at stride 1;
+  DRAM bandwidth of current data-centre GPUs (spec sheets, bf16 dense) is in the low hundreds
+  of FLOP per byte, so on paper the trade favours the stride-2 blocks and not the stride-1 ones;
   the GELU (erf) is also evaluated 9 (stride 1) or 2.25 (stride 2) times as often, on the
   CUDA cores. Which blocks take this kernel is decided in maxvit_fast/ops/mbconv.py.
 - GPU speed of this kernel against the two-kernel path: not measured (no GPU in this session).
@@ -58,17 +59,27 @@ Numerics
   wrong there, triton issue 11584) and ``EMULATE_BF16_RTNE`` rounds bf16 to nearest even
   (the interpreter's cast truncates; see kernels/numerics.py). Both are off on a GPU.
 
-Blocks (``expand_depthwise_config``), from the compiled resource reports: see the table below.
-The tap loop is a runtime loop around the K loop (one copy of the dot code, not nine); the
-software pipeliner prefetches along the K loop only, so with C_in <= BLOCK_K (one chunk) the
-next tap's loads are not prefetched and latency is hidden by the other resident CTAs.
+Blocks (``expand_depthwise_config``), chosen from the compiled resource reports (sm_80 / sm_90
+registers, bf16, stride 2, channels-last x; GPU speed of each: not measured): 64x64x32 at
+8 warps, 119/121. Tried (3 stages): 64x64x64 w8 153/123, 64x64x64 w4 232/235, 64x128x64 w8
+224/229, 128x64x64 w8 220/220, 64x128x32 w8 198/211, 32x64x64 w4 166/136, 128x128x64 w8 255 +
+320 B stack (spills). Two [BLOCK_P, BLOCK_C] fp32 tiles are live (the tap's expand accumulator and
+the depthwise accumulator), so the tile is half the pointwise kernel's 128x128. 119 registers
+allow 2 CTAs (16 warps) per SM. fp32 (IEEE FMA dot): 64x64x16 at 8 warps, 128/128 (64x64x64 w8
+spilled on sm_80: 3.6 KB stack; 64x64x16 w4: 180). The tap loop is a runtime loop around the
+K loop (one copy of the dot code, not nine); the software pipeliner prefetches along the K loop
+only, so with C_in <= BLOCK_K the next tap's loads are not prefetched and their latency is
+hidden by the other resident warps.
 
 Resources: registers per thread, sm_80 / sm_90, from the ahead-of-time compile in
 tests/test_mbconv.py::test_aot_compile_maxvit_t_configurations (every configuration the default
 MaxViT-T uses; `pytest tests/test_mbconv.py -k aot -s` prints them). Triton 3.9 toolchain,
 divisibility-by-16 hints as the runtime specialises them. All LOCAL 0 and STACK 0 (no spills);
-"mma": tensor-core instructions present (HMMA on sm_80, HGMMA or HMMA on sm_90).
-    (filled in below from the AOT report)
+"mma": tensor-core instructions present (HMMA on sm_80, HGMMA on sm_90).
+    stride 1 and 2, channels-last x, 64x64x32 w8 s3: fp16 119/121 mma, bf16 119/121 mma
+    stride 2, NCHW x (first block), 64x64x32 w8 s3: fp16 174/165 mma, bf16 174/163 mma
+    stride 1 and 2, channels-last x, 64x64x16 w8 s2: fp32 128/128
+    stride 2, NCHW x (first block), 64x64x16 w8 s2: fp32 154/144
 GPU speed: not measured.
 """
 

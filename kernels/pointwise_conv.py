@@ -40,18 +40,16 @@ Decisions
   tensor cores): 64x64x16, 8 warps, 2 stages (64x64x32 at 4 warps: 200-255 registers). BLOCK_N
   shrinks to the next power of two >= 16 for narrow layers (dim_out = 64: 128x64 tiles).
 - The first block of the model reads the stem's NCHW output (k strided, A_K_CONTIGUOUS off):
-  per-element addresses, 246-254 registers on 16-bit, still no spill. A channels-last stem
+  per-element addresses, 244-254 registers on 16-bit, still no spill. A channels-last stem
   output would take the contiguous path (182/122).
 
 Resources: registers per thread, sm_80 / sm_90, from the ahead-of-time compile in
 tests/test_mbconv.py::test_aot_compile_maxvit_t_configurations (every configuration the default
 MaxViT-T uses, eval and train; `pytest tests/test_mbconv.py -k aot -s` prints them). Triton 3.9
 toolchain, divisibility-by-16 hints as the runtime specialises them. All LOCAL 0 and STACK 0
-(no spills); "mma": tensor-core instructions present (HMMA on sm_80, HGMMA on sm_90).
-    expand+gelu (NCHW A) 128x128x64 w8 s3: fp16 246/254 mma, bf16 246/254 mma
-    expand+gelu (NCHW A) 64x64x16 w8 s2: fp32 120/136
-    expand+gelu 128x128x64 w8 s3: fp16 182/122 mma, bf16 182/122 mma
-    expand+gelu 64x64x16 w8 s2: fp32 107/111
+(no spills); "mma": tensor-core instructions present (HMMA on sm_80, HGMMA on sm_90). The
+eval-mode expand conv runs inside kernels/expand_depthwise_conv.py, so the model uses this
+kernel for the expand conv in train mode only (the OUT_GELU expand is still tested directly).
     expand+stats (NCHW A) 128x128x64 w8 s3: fp16 244/254 mma, bf16 244/254 mma
     expand+stats (NCHW A) 64x64x16 w8 s2: fp32 120/80
     expand+stats 128x128x64 w8 s3: fp16 188/156 mma, bf16 188/156 mma

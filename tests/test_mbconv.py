@@ -512,6 +512,159 @@ def test_depthwise_kernel_tiles_and_sums(stride):
             assert_close_normwise(tile_m2[b * T + t], (block - block.mean(0)).square().sum(0), 1e-5, name="tile m2")
 
 
+# (stride, batch, height, width, C_in, hidden): C_in != hidden / 4; several pixel tiles (64
+# pixels each), channel tiles (64) and K steps (32 in fp16/bf16, 16 in fp32), partial last ones
+EXPAND_DW_CASES = {
+    "s1-b3-15x15-40to80": (1, 3, 15, 15, 40, 80),
+    "s2-b1-15x15-24to48": (2, 1, 15, 15, 24, 48),
+    "s2-b3-7x7-12to40": (2, 3, 7, 7, 12, 40),
+    "s1-b1-7x9-20to32": (1, 1, 7, 9, 20, 32),
+}
+EXPAND_DW_LOWP = [("s1-b3-15x15-40to80", torch.bfloat16), ("s2-b3-7x7-12to40", torch.bfloat16),
+                  ("s2-b1-15x15-24to48", torch.float16)]
+
+
+def expand_depthwise_reference(case, dtype):
+    """The unfused reference layers (expand conv, BN1, GELU, depthwise conv, BN2, GELU) in
+    ``dtype``, their fp64 copy, the folded kernel weights, and an input."""
+    from maxvit_fast.batchnorm import fold_batchnorm
+
+    stride, b, h, w, c_in, hidden = EXPAND_DW_CASES[case]
+    layers = randomize_batchnorm_(nn.Sequential(
+        nn.Conv2d(c_in, hidden, 1), nn.BatchNorm2d(hidden), nn.GELU(),
+        nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden), nn.BatchNorm2d(hidden), nn.GELU(),
+    )).eval().to(dtype)
+    conv1, bn1, _, dw, bn2, _ = layers
+    scale1, shift1 = fold_batchnorm(bn1, conv1.bias)
+    scale2, shift2 = fold_batchnorm(bn2, dw.bias)
+    weights = dict(
+        w1_t=conv1.weight.detach().reshape(hidden, c_in).t().contiguous(), scale1=scale1, shift1=shift1,
+        dw_w=(dw.weight.detach().reshape(hidden, 9).t().float() * scale2).contiguous(), dw_b=shift2,
+    )
+    return layers, copy.deepcopy(layers).double(), weights, stride, (b, c_in, h, w)
+
+
+def run_expand_depthwise(x, weights, stride):
+    """The kernel on NaN-poisoned outputs; returns (out as NCHW, tile sums as (B, T, hidden))."""
+    from maxvit_fast.kernels.expand_depthwise_conv import (expand_depthwise_conv3x3, expand_depthwise_output_size,
+                                                           expand_depthwise_tiles_per_image)
+
+    B, _, H, W = x.shape
+    hidden = weights["w1_t"].shape[1]
+    Ho, Wo = expand_depthwise_output_size(H, stride), expand_depthwise_output_size(W, stride)
+    T = expand_depthwise_tiles_per_image(Ho, Wo)
+    out, tile_sum = expand_depthwise_conv3x3(
+        x.permute(0, 2, 3, 1), stride=stride, out=poison_(torch.empty(B, Ho, Wo, hidden, dtype=x.dtype)),
+        tile_sum=poison_(torch.empty(B * T, hidden)), **weights,
+    )
+    return out.permute(0, 3, 1, 2), tile_sum.reshape(B, T, hidden)
+
+
+def tile_sums(y: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, C, Ho, Wo) -> (B, T, C): channel sums over consecutive BLOCK_P-pixel runs, fp64."""
+    from maxvit_fast.kernels.expand_depthwise_conv import BLOCK_P
+
+    B, C = y.shape[:2]
+    pixels = y.double().flatten(2).transpose(1, 2)
+    padded = torch.zeros(B, T * BLOCK_P, C, dtype=torch.float64)
+    padded[:, :pixels.shape[1]] = pixels
+    return padded.reshape(B, T, BLOCK_P, C).sum(2)
+
+
+@pytest.mark.parametrize("case", list(EXPAND_DW_CASES))
+def test_expand_depthwise_kernel_fp32(case):
+    """fp32: 1e-5 normwise against fp64 (summation order and the BN folding differ). The
+    stride-1 cases read a channels-last input, the others NCHW (strided along C_in)."""
+    layers, truth, weights, stride, shape = expand_depthwise_reference(case, torch.float32)
+    x = make_input(shape, "channels_last" if stride == 1 else "contiguous")
+    out, sums = run_expand_depthwise(x, weights, stride)
+    with torch.no_grad():
+        expected = truth(x.double())
+    assert_close_normwise(out, expected, FP32_RTOL, name="out")
+    assert_close_normwise(sums, tile_sums(expected, sums.shape[1]), FP32_RTOL, name="tile sums")
+
+
+@pytest.mark.parametrize("case,dtype", EXPAND_DW_LOWP, ids=[f"{c}-{TORCH_NAMES[d]}" for c, d in EXPAND_DW_LOWP])
+def test_expand_depthwise_kernel_low_precision(case, dtype):
+    """fp16/bf16: error against the fp64 layers at most 2x the error of the reference layers run
+    in ``dtype`` (+ a quarter ulp of the largest output); the fp32 tile sums likewise against the
+    sums of the reference's own output."""
+    layers, truth, weights, stride, shape = expand_depthwise_reference(case, dtype)
+    x = make_input(shape, dtype=dtype)
+    out, sums = run_expand_depthwise(x, weights, stride)
+    assert out.dtype == dtype
+    with torch.no_grad():
+        expected, ref_lowp = truth(x.double()), layers(x)
+    assert_within_reference_error(out, ref_lowp, expected, atol=quarter_ulp_atol(expected, dtype), name="out")
+    T = sums.shape[1]
+    expected_sums = tile_sums(expected, T)
+    assert_within_reference_error(sums, tile_sums(ref_lowp, T), expected_sums,
+                                  atol=quarter_ulp_atol(expected_sums, dtype), name="tile sums")
+
+
+def test_expand_depthwise_rounds_h1_like_the_unfused_kernels():
+    """The kernel computes the function of the two kernels it replaces (expand conv writing h1
+    in bf16, depthwise conv reading it): h1 is rounded to bf16 before the depthwise multiply.
+    Under the interpreter the results are identical; compiled, the dots' fp32 summation order
+    differs and may flip a rare h1 rounding, hence: at most 0.1% of the outputs differ by more
+    than an ulp (eps x |value|, floored at 1% of the largest output). Without the h1 rounding
+    about 5% do."""
+    from maxvit_fast.kernels.depthwise_conv import depthwise_conv3x3
+    from maxvit_fast.kernels.pointwise_conv import pointwise_conv
+
+    _, _, weights, stride, (b, c, h, w) = expand_depthwise_reference("s1-b3-15x15-40to80", torch.bfloat16)
+    x = make_input((b, c, h, w), "channels_last", dtype=torch.bfloat16)
+    out, _ = run_expand_depthwise(x, weights, stride)
+    hidden = weights["w1_t"].shape[1]
+    h1 = pointwise_conv(x.permute(0, 2, 3, 1).reshape(b, h * w, c), weights["w1_t"], weights["scale1"],
+                        weights["shift1"], out_gelu=True)
+    unfused, _, _ = depthwise_conv3x3(h1.view(b, h, w, hidden), weights["dw_w"], weights["dw_b"], stride, out_gelu=True)
+    unfused = unfused.permute(0, 3, 1, 2).float()
+    ulp = torch.finfo(torch.bfloat16).eps * torch.maximum(unfused.abs(), 1e-2 * unfused.abs().max())
+    beyond = ((out.float() - unfused).abs() > ulp).float().mean().item()
+    assert beyond <= 1e-3, f"{beyond:.2%} of the outputs differ from the unfused kernels' by more than an ulp"
+
+
+def test_expand_depthwise_padding_is_zero_after_gelu():
+    """A padded tap contributes 0, not gelu(BN1 shift): with a zero input every in-image tap is
+    gelu(shift1), so border outputs differ from interior ones exactly when padding is zeroed
+    after the GELU."""
+    layers, truth, weights, stride, (b, c, h, w) = expand_depthwise_reference("s1-b1-7x9-20to32", torch.float32)
+    x = torch.zeros(b, c, h, w)
+    out, _ = run_expand_depthwise(x, weights, stride)
+    with torch.no_grad():
+        expected = truth(x.double())
+    assert (expected[..., 0, 0] - expected[..., 3, 4]).abs().max() > 1e-3  # the test can tell
+    assert_close_normwise(out, expected, FP32_RTOL, name="out")
+
+
+def test_expand_depthwise_rejects_bad_arguments():
+    from maxvit_fast.kernels.expand_depthwise_conv import expand_depthwise_conv3x3
+
+    _, _, weights, _, (b, c, h, w) = expand_depthwise_reference("s2-b3-7x7-12to40", torch.float32)
+    x = torch.randn(b, h, w, c)
+    with pytest.raises(ValueError, match="stride"):
+        expand_depthwise_conv3x3(x, stride=3, **weights)
+    with pytest.raises(ValueError, match="input channels"):
+        expand_depthwise_conv3x3(x[..., 1:], stride=1, **weights)
+    with pytest.raises(TypeError, match="share"):
+        expand_depthwise_conv3x3(x.half(), stride=1, **weights)
+    with pytest.raises(ValueError, match="dw_w"):
+        expand_depthwise_conv3x3(x, stride=1, **dict(weights, dw_w=weights["dw_w"].t()))
+
+
+def test_eval_is_three_launches():
+    """Eval mode: expand + depthwise, SE gate, project; h1 is never allocated."""
+    from maxvit_fast.traffic import triton_launches
+
+    module, shape = build("down-8to16-e4-r.25-b3-15x15")
+    module.eval()
+    x = make_input(shape)
+    with torch.no_grad(), triton_launches() as tally:
+        fused(x, module)
+    assert dict(tally.counts) == {"expand_depthwise_conv3x3_kernel": 1, "se_gate_kernel": 1, "pointwise_conv_kernel": 1}
+
+
 @pytest.mark.parametrize("C,R", [(80, 20), (600, 150)])
 def test_se_gate_kernel(C, R):
     from maxvit_fast.kernels.squeeze_excitation import se_gate
@@ -565,6 +718,7 @@ def kernel_requests():
     eval and train mode, fp16/bf16/fp32, from the launchers' own config functions."""
     from maxvit_fast.kernels.batchnorm_gelu import batchnorm_gelu_config
     from maxvit_fast.kernels.depthwise_conv import depthwise_conv_config
+    from maxvit_fast.kernels.expand_depthwise_conv import expand_depthwise_config
     from maxvit_fast.kernels.pointwise_conv import pointwise_conv_config
     from maxvit_fast.kernels.squeeze_excitation import se_gate_config
 
@@ -586,6 +740,10 @@ def kernel_requests():
         dw_sig = dict(x_ptr=f"*{t}", w_ptr="*fp32", bias_ptr="*fp32", out_ptr=f"*{t}", tile_sum_ptr="*fp32",
                       tile_m2_ptr="*fp32", H="i32", W="i32", Ho="i32", Wo="i32", C="i32", tiles_per_image="i32",
                       inv_last_tile_pixels="fp32")
+        edw_sig = dict(x_ptr=f"*{t}", w1_ptr=f"*{t}", scale1_ptr="*fp32", shift1_ptr="*fp32", dw_w_ptr="*fp32",
+                       dw_b_ptr="*fp32", out_ptr=f"*{t}", tile_sum_ptr="*fp32", H="i32", W="i32", Ho="i32", Wo="i32",
+                       K="i32", N="i32", tiles_per_image="i32", stride_xb="i32", stride_xh="i32", stride_xw="i32",
+                       stride_xk="i32")
         bn_sig = dict(y_ptr=f"*{t}", scale_ptr="*fp32", shift_ptr="*fp32", out_ptr=f"*{t}", tile_sum_ptr="*fp32",
                       P="i32", C="i32", tiles_per_image="i32")
         common = dict(FP32_IEEE=not lowp, UPCAST_DOT=False, EMULATE_BF16_RTNE=False)
@@ -594,22 +752,29 @@ def kernel_requests():
             # channel counts and channels-last strides are multiples of 16 in MaxViT-T
             div_cl = {"N", "K", "stride_ab", "stride_ap", "stride_rb", "stride_rp"}
             div_expand = div_cl if blk["channels_last_input"] else {"N", "K", "stride_ab", "stride_ak", "stride_rb", "stride_rp"}
+            # eval: expand + depthwise fused (x as a (B, H, W, C) view: NCHW strides for the first
+            # block, channels-last after), then the SE gate and the project conv
+            div_x = {"K", "N", "stride_xb", "stride_xh", "stride_xw" if blk["channels_last_input"] else "stride_xk"}
+            add("expand_depthwise_conv", "expand_depthwise_conv3x3_kernel", edw_sig,
+                dict(common, STRIDE=blk["stride"], X_K_CONTIGUOUS=blk["channels_last_input"]),
+                expand_depthwise_config(blk["dim_in"], hidden, dtype), div_x, mma=lowp)
+            # train: expand (with statistics), BN1 + GELU, depthwise (with statistics), BN2 + GELU
+            add("pointwise_conv", "pointwise_conv_kernel", pw_sig,
+                dict(common, HAS_GATE=False, OUT_GELU=False, HAS_RESIDUAL=False, WRITE_STATS=True,
+                     A_K_CONTIGUOUS=blk["channels_last_input"], RES_N_CONTIGUOUS=True),
+                pointwise_conv_config(hidden, blk["dim_in"], dtype, False), div_expand, mma=lowp)
+            add("depthwise_conv", "depthwise_conv3x3_kernel", dw_sig,
+                dict(STRIDE=blk["stride"], OUT_GELU=False, WRITE_M2=True, EMULATE_BF16_RTNE=False),
+                depthwise_conv_config(hidden, dtype), {"C"})
+            for sums in (False, True):
+                add("batchnorm_gelu", "batchnorm_gelu_kernel", bn_sig,
+                    dict(WRITE_SUMS=sums, EMULATE_BF16_RTNE=False), batchnorm_gelu_config(hidden), {"C"})
+            # both modes: the project conv on the gated hidden tensor
             for train in (False, True):
-                add("pointwise_conv", "pointwise_conv_kernel", pw_sig,
-                    dict(common, HAS_GATE=False, OUT_GELU=not train, HAS_RESIDUAL=False, WRITE_STATS=train,
-                         A_K_CONTIGUOUS=blk["channels_last_input"], RES_N_CONTIGUOUS=True),
-                    pointwise_conv_config(hidden, blk["dim_in"], dtype, False), div_expand, mma=lowp)
                 add("pointwise_conv", "pointwise_conv_kernel", pw_sig,
                     dict(common, HAS_GATE=True, OUT_GELU=False, HAS_RESIDUAL=blk["residual"] and not train,
                          WRITE_STATS=train, A_K_CONTIGUOUS=True, RES_N_CONTIGUOUS=True),
                     pointwise_conv_config(blk["dim_out"], hidden, dtype, True), div_cl, mma=lowp)
-                add("depthwise_conv", "depthwise_conv3x3_kernel", dw_sig,
-                    dict(STRIDE=blk["stride"], OUT_GELU=not train, WRITE_M2=train, EMULATE_BF16_RTNE=False),
-                    depthwise_conv_config(hidden, dtype), {"C"})
-                if train:
-                    for sums in (False, True):
-                        add("batchnorm_gelu", "batchnorm_gelu_kernel", bn_sig,
-                            dict(WRITE_SUMS=sums, EMULATE_BF16_RTNE=False), batchnorm_gelu_config(hidden), {"C"})
     se_sig = dict(tile_sum_ptr="*fp32", w_reduce_ptr="*fp32", w_expand_ptr="*fp32", gate_ptr="*fp32",
                   T="i32", C="i32", R="i32", inv_num_pixels="fp32")
     for blk in maxvit_t_blocks():  # fp32 weights and sums for every activation dtype
