@@ -55,24 +55,45 @@ def autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled()
 
 
-def kernels_unavailable_reason(x: torch.Tensor) -> str | None:
-    """Why the Triton kernels cannot run on ``x``, or None when they can."""
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype of the active ``torch.autocast`` region for ``device_type``, or None."""
+    if not autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def kernels_autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """For the fused model: the dtype to run the kernels in when autocast is on for ``x``'s
+    device and the kernels can run on ``x`` (None otherwise: no autocast, or the reference path
+    under autocast)."""
+    dtype = autocast_dtype(x.device.type)
+    if dtype is None or _platform_reason(x) is not None:
+        return None
+    return dtype
+
+
+def _platform_reason(x: torch.Tensor) -> str | None:
     try:
         import triton  # noqa: F401
     except ImportError:
         return "Triton is not installed"
-    if autocast_enabled(x.device.type):
-        # The kernels compute in their input dtype; under autocast every op falls back alike,
-        # so the model computes exactly the reference's autocast function.
-        return "autocast is enabled (the fused kernels run in the input dtype: cast the model with .to(dtype) instead)"
-    if x.is_cuda:
-        return None
-    if triton_interpreting():
+    if x.is_cuda or triton_interpreting():
         return None
     return (
         f"input is on {x.device.type}; the kernels need a CUDA device "
         "(or TRITON_INTERPRET=1 set before maxvit_fast.kernels is imported)"
     )
+
+
+def kernels_unavailable_reason(x: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot run on ``x``, or None when they can."""
+    reason = _platform_reason(x)
+    if reason is None and autocast_enabled(x.device.type):
+        # A fused op called on its own inside an autocast region: the kernels compute in their
+        # input dtype, and autocast would cast the reference's ops one by one, so the op uses the
+        # reference. (The fused model runs its kernels in the autocast dtype: MaxViT.forward.)
+        return "autocast is enabled around a single fused op (MaxViT(fused=True) handles autocast itself)"
+    return reason
 
 
 def use_kernels(x: torch.Tensor, fused: bool, unsupported: str | None = None) -> bool:

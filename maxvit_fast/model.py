@@ -7,8 +7,10 @@ import math
 import torch
 from einops.layers.torch import Reduce
 from torch import nn
+from torch.func import functional_call
 
 from . import ops
+from .dispatch import kernels_autocast_dtype
 from .reference import Attention, FeedForward, MBConv
 
 
@@ -153,6 +155,10 @@ class MaxViT(nn.Module):
             return head(x.new_zeros((0, head.in_features)))
         fused = self.fused
         if fused:
+            dtype = kernels_autocast_dtype(x)
+            if dtype is not None:
+                return self._forward_in_autocast_dtype(x, dtype)
+        if fused:
             # Channels-last from the start: the stem's convolutions keep the memory format, so
             # every later op reads each pixel's channels contiguously (a copy of the 3-channel
             # image, no more).
@@ -171,3 +177,15 @@ class MaxViT(nn.Module):
             t = ops.feedforward_residual(t, grid_ff, fused)
             x = t.permute(0, 3, 1, 2)
         return self.mlp_head(x)
+
+    def _forward_in_autocast_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The fused forward under ``torch.autocast``: the kernels compute in one dtype per op,
+        so instead of autocast's op-by-op casts the whole forward runs in the autocast dtype,
+        with autocast off: the input and every parameter cast to ``dtype`` (autocast casts the
+        weights of every convolution and linear layer the same way; the casts are differentiable,
+        so gradients reach the fp32 parameters in fp32), the buffers (BatchNorm running
+        statistics) the module's own, updated in place in training. LayerNorm and softmax
+        statistics are fp32 inside the kernels, as autocast computes those ops in fp32."""
+        params = {name: p.to(dtype) for name, p in self.named_parameters()}
+        with torch.autocast(x.device.type, enabled=False):
+            return functional_call(self, params, (x.to(dtype),), strict=False)

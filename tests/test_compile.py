@@ -308,3 +308,30 @@ def test_cuda_graph_capture_of_fused_eval_forward():
         torch.cuda.synchronize()
         expected = model(fresh)
     assert_close_normwise(static_out, expected, FP32_RTOL, name="replayed CUDA graph vs eager")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_draw_fresh_dropout_masks():
+    """A captured training forward + backward with dropout: every replay draws new seeds on the
+    device (the kernels read them there), so two replays on the same input give different
+    outputs, and a replay matches an eager step run from the same generator state."""
+    model = small_model(dropout=0.3).to(DEVICE).train()
+    static_x = image().to(DEVICE)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (Triton compiles)
+        for _ in range(2):
+            model(static_x).sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=False)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = model(static_x)
+        static_out.sum().backward()
+    graph.replay()
+    first = static_out.clone()
+    graph.replay()
+    second = static_out.clone()
+    torch.cuda.synchronize()
+    assert torch.isfinite(first).all() and torch.isfinite(second).all()
+    assert not torch.equal(first, second), "two replays reused the same dropout masks"
