@@ -30,6 +30,7 @@ import pytest
 import torch
 from torch import nn
 
+import maxvit_fast.kernels.expand_depthwise_conv as expand_dw  # created now, in the session's interpreter mode
 from maxvit_fast.aot import compile_kernels
 from maxvit_fast.dispatch import FusedFallbackWarning, reset_fallback_warnings
 from maxvit_fast.ops import mbconv
@@ -546,14 +547,11 @@ def expand_depthwise_reference(case, dtype):
 
 def run_expand_depthwise(x, weights, stride):
     """The kernel on NaN-poisoned outputs; returns (out as NCHW, tile sums as (B, T, hidden))."""
-    from maxvit_fast.kernels.expand_depthwise_conv import (expand_depthwise_conv3x3, expand_depthwise_output_size,
-                                                           expand_depthwise_tiles_per_image)
-
     B, _, H, W = x.shape
     hidden = weights["w1_t"].shape[1]
-    Ho, Wo = expand_depthwise_output_size(H, stride), expand_depthwise_output_size(W, stride)
-    T = expand_depthwise_tiles_per_image(Ho, Wo)
-    out, tile_sum = expand_depthwise_conv3x3(
+    Ho, Wo = expand_dw.expand_depthwise_output_size(H, stride), expand_dw.expand_depthwise_output_size(W, stride)
+    T = expand_dw.expand_depthwise_tiles_per_image(Ho, Wo)
+    out, tile_sum = expand_dw.expand_depthwise_conv3x3(
         x.permute(0, 2, 3, 1), stride=stride, out=poison_(torch.empty(B, Ho, Wo, hidden, dtype=x.dtype)),
         tile_sum=poison_(torch.empty(B * T, hidden)), **weights,
     )
@@ -562,8 +560,7 @@ def run_expand_depthwise(x, weights, stride):
 
 def tile_sums(y: torch.Tensor, T: int) -> torch.Tensor:
     """(B, C, Ho, Wo) -> (B, T, C): channel sums over consecutive BLOCK_P-pixel runs, fp64."""
-    from maxvit_fast.kernels.expand_depthwise_conv import BLOCK_P
-
+    BLOCK_P = expand_dw.BLOCK_P
     B, C = y.shape[:2]
     pixels = y.double().flatten(2).transpose(1, 2)
     padded = torch.zeros(B, T * BLOCK_P, C, dtype=torch.float64)
@@ -639,8 +636,7 @@ def test_expand_depthwise_padding_is_zero_after_gelu():
 
 
 def test_expand_depthwise_rejects_bad_arguments():
-    from maxvit_fast.kernels.expand_depthwise_conv import expand_depthwise_conv3x3
-
+    expand_depthwise_conv3x3 = expand_dw.expand_depthwise_conv3x3
     _, _, weights, _, (b, c, h, w) = expand_depthwise_reference("s2-b3-7x7-12to40", torch.float32)
     x = torch.randn(b, h, w, c)
     with pytest.raises(ValueError, match="stride"):
@@ -718,7 +714,6 @@ def kernel_requests():
     eval and train mode, fp16/bf16/fp32, from the launchers' own config functions."""
     from maxvit_fast.kernels.batchnorm_gelu import batchnorm_gelu_config
     from maxvit_fast.kernels.depthwise_conv import depthwise_conv_config
-    from maxvit_fast.kernels.expand_depthwise_conv import expand_depthwise_config
     from maxvit_fast.kernels.pointwise_conv import pointwise_conv_config
     from maxvit_fast.kernels.squeeze_excitation import se_gate_config
 
@@ -757,7 +752,7 @@ def kernel_requests():
             div_x = {"K", "N", "stride_xb", "stride_xh", "stride_xw" if blk["channels_last_input"] else "stride_xk"}
             add("expand_depthwise_conv", "expand_depthwise_conv3x3_kernel", edw_sig,
                 dict(common, STRIDE=blk["stride"], X_K_CONTIGUOUS=blk["channels_last_input"]),
-                expand_depthwise_config(blk["dim_in"], hidden, dtype), div_x, mma=lowp)
+                expand_dw.expand_depthwise_config(blk["dim_in"], hidden, dtype), div_x, mma=lowp)
             # train: expand (with statistics), BN1 + GELU, depthwise (with statistics), BN2 + GELU
             add("pointwise_conv", "pointwise_conv_kernel", pw_sig,
                 dict(common, HAS_GATE=False, OUT_GELU=False, HAS_RESIDUAL=False, WRITE_STATS=True,
