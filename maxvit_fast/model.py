@@ -10,8 +10,14 @@ from torch import nn
 from torch.func import functional_call
 
 from . import ops
+from .batchnorm import FoldCache
 from .dispatch import kernels_autocast_dtype
 from .reference import Attention, FeedForward, MBConv
+
+
+# Parameters cast to the autocast dtype, per model and dtype, for inference under autocast (see
+# MaxViT._parameters_in); FoldCache recomputes them whenever a parameter or buffer changes.
+_cast_parameters = {dtype: FoldCache() for dtype in (torch.float16, torch.bfloat16, torch.float32)}
 
 
 def _stage_sizes(size: int, num_stages: int) -> list[int]:
@@ -186,6 +192,20 @@ class MaxViT(nn.Module):
         so gradients reach the fp32 parameters in fp32), the buffers (BatchNorm running
         statistics) the module's own, updated in place in training. LayerNorm and softmax
         statistics are fp32 inside the kernels, as autocast computes those ops in fp32."""
-        params = {name: p.to(dtype) for name, p in self.named_parameters()}
+        params = self._parameters_in(dtype)
         with torch.autocast(x.device.type, enabled=False):
             return functional_call(self, params, (x.to(dtype),), strict=False)
+
+    def _parameters_in(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Every parameter cast to ``dtype``. With autograd recording, cast anew at each call (the
+        casts are part of the graph, as autocast's are); for inference, cast once and reused
+        until a parameter or buffer changes, so the casts, and the folded BatchNorm weights
+        derived from them, are not recomputed at every forward."""
+
+        def cast():
+            return {name: p.to(dtype) for name, p in self.named_parameters()}
+
+        cache = _cast_parameters.get(dtype)
+        if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return cast()
+        return cache.get(self, cast)

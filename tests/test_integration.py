@@ -219,6 +219,31 @@ def test_autocast_running_statistics_follow_the_reference():
             assert_close_normwise(b, a, 1e-2, name=name)
 
 
+def test_autocast_inference_never_serves_stale_cast_parameters():
+    """Inference under autocast reuses the parameters cast to the autocast dtype (and the folded
+    BatchNorm weights made from them) between forwards; an in-place parameter update, a buffer
+    write or load_state_dict must be picked up: compare with a fresh copy of the model."""
+    model = tiny_model().eval()
+    model.fused = True
+    x = torch.randn(2, 3, SIZE, SIZE)
+
+    def run(m):
+        with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+            return m(x)
+
+    first = run(model)
+    assert torch.equal(run(model), first)
+    other = tiny_model().state_dict()
+    for change in (lambda: model.layers[0][1][0].to_qkv.weight.mul_(1.5),
+                   lambda: next(p for p in model.parameters()).add_(0.25),
+                   lambda: model.layers[0][0][1].running_var.mul_(2.0),
+                   lambda: model.load_state_dict(other)):
+        with torch.no_grad():
+            change()
+        expected = run(copy.deepcopy(model))
+        assert torch.equal(run(model), expected)
+
+
 def test_single_fused_op_under_autocast_falls_back_and_says_so(monkeypatch):
     """A fused op called on its own inside an autocast region (not through MaxViT) uses the
     reference, under the autocast the user asked for, with one warning; the model itself runs
