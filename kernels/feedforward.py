@@ -134,6 +134,53 @@ def _token_offsets(rows, D1, stride0, stride1):
     return (rows // D1).to(tl.int64) * stride0 + (rows % D1).to(tl.int64) * stride1
 
 
+@triton.jit
+def layernorm_matmul(x_rows, row_ok, stride_xc, ln_w_ptr, ln_b_ptr, eps, w_rows, col_ok,
+                     C: tl.constexpr, BLOCK_K: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
+                     FP32_DOT: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """LayerNorm(x) @ W^T for a (rows, cols) tile, fp32 accumulator: LayerNorm as the prologue of
+    the matmul (shared by ff_up_kernel and kernels/layernorm_linear.py).
+
+    ``x_rows``: pointer to channel 0 of each row (channels ``stride_xc`` apart); ``w_rows``:
+    pointer to each output column's weight row (C contiguous weights, nn.Linear layout). Padded
+    rows and columns are masked by ``row_ok`` / ``col_ok``. The normalised chunk is rounded to
+    the weight dtype as the dot operand (as the reference's LayerNorm output is)."""
+    # Row statistics, one pass over C in BLOCK_K chunks: each chunk's exact mean and sum of
+    # squared deviations, merged into the running ones (Chan et al.), so no E[x^2] - mean^2
+    # cancellation. Every chunk but the last is full, so the count before chunk k0 is k0.
+    mean = tl.zeros(x_rows.shape, dtype=tl.float32)
+    m2 = tl.zeros(x_rows.shape, dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        ok = row_ok[:, None] & (ks < C)[None, :]
+        xk = tl.load(x_rows[:, None] + ks[None, :] * stride_xc, mask=ok, other=0.0).to(tl.float32)
+        n_chunk = tl.minimum(C - k0, BLOCK_K).to(tl.float32)
+        chunk_mean = tl.sum(xk, axis=1) / n_chunk
+        d = tl.where(ok, xk - chunk_mean[:, None], 0.0)
+        n_total = k0 + n_chunk
+        delta = chunk_mean - mean
+        mean += delta * (n_chunk / n_total)
+        m2 += tl.sum(d * d, axis=1) + delta * delta * (k0 * n_chunk / n_total)
+    rstd = 1.0 / tl.sqrt(m2 / C + eps)
+
+    # The matmul re-reads each x chunk (an L1/L2 hit) and normalises it as it is loaded.
+    acc = tl.zeros((x_rows.shape[0], w_rows.shape[0]), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < C
+        xk = tl.load(x_rows[:, None] + ks[None, :] * stride_xc, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        xn = (xk.to(tl.float32) - mean[:, None]) * rstd[:, None]
+        if HAS_LN_WEIGHT:
+            xn = xn * tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_LN_BIAS:
+            xn = xn + tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        # W^T chunk (BLOCK_K, cols): element (k, n) = W[n, k]; zero on padded channels, so the
+        # normalised values there (nonzero without an affine weight) do not contribute
+        w = tl.load(w_rows[None, :] + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _mma(to_storage(xn, w_rows.dtype.element_ty, ROUND_BF16), w, acc, FP32_DOT)
+    return acc
+
+
 # --------------------------------------------------------------------------------------------
 # kernel A: the whole MLP in one pass, 4C hidden kept on chip
 # --------------------------------------------------------------------------------------------
@@ -231,35 +278,8 @@ def ff_up_kernel(
         seed = tl.load(seed_ptr)
     col_ok = cols < HIDDEN
     x_rows = x_ptr + _token_offsets(rows, D1, stride_x0, stride_x1)
-
-    # Token statistics, one pass over C in BLOCK_K chunks: each chunk's exact mean and sum of
-    # squared deviations, merged into the running ones (Chan et al.), so no E[x^2] - mean^2
-    # cancellation. Every chunk but the last is full, so the count before chunk k0 is k0.
-    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        ok = row_ok[:, None] & (ks < C)[None, :]
-        xk = tl.load(x_rows[:, None] + ks[None, :] * stride_xc, mask=ok, other=0.0).to(tl.float32)
-        n_chunk = tl.minimum(C - k0, BLOCK_K).to(tl.float32)
-        chunk_mean = tl.sum(xk, axis=1) / n_chunk
-        d = tl.where(ok, xk - chunk_mean[:, None], 0.0)
-        n_total = k0 + n_chunk
-        delta = chunk_mean - mean
-        mean += delta * (n_chunk / n_total)
-        m2 += tl.sum(d * d, axis=1) + delta * delta * (k0 * n_chunk / n_total)
-    rstd = 1.0 / tl.sqrt(m2 / C + eps)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < C
-        xk = tl.load(x_rows[:, None] + ks[None, :] * stride_xc, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        gamma = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        beta = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        xn = (xk.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
-        w1 = tl.load(w1_ptr + cols[None, :] * C + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _mma(to_storage(xn, w1_ptr.dtype.element_ty, ROUND_BF16), w1, acc, FP32_DOT)
+    acc = layernorm_matmul(x_rows, row_ok, stride_xc, ln_w_ptr, ln_b_ptr, eps, w1_ptr + cols * C, col_ok,
+                           C, BLOCK_K, True, True, FP32_DOT, ROUND_BF16)
 
     b1 = tl.load(b1_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     act = gelu(acc + b1[None, :])
