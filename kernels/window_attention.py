@@ -8,18 +8,24 @@ P @ V, and write each head's output straight to its pixel. The backward recomput
 q, k and the saved row logsumexp. Nothing per window is materialised in memory: no partition
 copies, no (heads, n, n) bias, no probabilities.
 
-Fusion decision (what is fused here, what stays in cuBLAS, and why):
-- LayerNorm and the qkv projection are per token, so the caller runs them once on the whole
-  (B, H, W, C) map (one cuBLAS GEMM) and once per block (block step: r register rows, q/k/v) or
-  once per image (grid step: r rows per image, k/v only). Fusing the projection into this kernel
-  would recompute the register rows' projection in every window and would need a C x 3C weight
-  tile per program (C up to 512 at MaxViT-T: 1.5 MiB in bf16, far over shared memory), i.e. a
-  K-loop GEMM inside the attention kernel for no saving over cuBLAS reading qkv once.
+Fusion decision (what is fused here, what runs before and after, and why):
+- LayerNorm and the qkv projection run before this kernel, in ONE Triton launch for the tokens
+  and the register rows together (kernels/layernorm_linear.py: LayerNorm as the prologue of the
+  matmul, the normalised rows never written): the whole (B, H, W, C) map -> (B, H, W, 3C), and
+  the register rows once per block (block step: the r shared rows, q/k/v) or once per image
+  (grid step: r rows per image, k/v only) -> (1 or B, r, 3C or 2C), read here through
+  reg_q_off / reg_k_off / reg_v_off. Not inside this kernel: every window would project the same
+  register rows again (once per window instead of once per block or image), and each program
+  would need the C x 3C weight (C = 512 at MaxViT-T: 1.5 MiB in bf16, far over shared memory),
+  i.e. a K-loop GEMM per window tile re-reading the weight for 53 rows, for no saving over one
+  GEMM that writes qkv once (3C per token) and this kernel reading it once.
 - Fused here: window partition + register prepend + bias gather + masked softmax + dropout +
   P @ V + scatter back to pixels (forward); recompute + dropout mask + dV, dP, dS, dQ, dK +
   register-row and bias-table partial sums (backward).
 - The output projection and the residual add are one cuBLAS call in the caller (addmm with the
-  residual as input, beta = 1); the output dropout, when training, is torch's.
+  residual as input, beta = 1), and for the block step's register rows one baddbmm (the shared
+  (1, r, C) rows as the broadcast input, the weight expanded over the windows); the output
+  dropout, when training, is torch's.
 
 Tiles: the whole sequence n = r + w*w sits in one key tile BLOCK_N = next_pow2(n) (16..128), so the
 softmax is a plain max-subtracted softmax (no online rescaling); queries are split into BLOCK_M <= 64

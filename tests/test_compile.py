@@ -34,6 +34,7 @@ from maxvit_fast import MaxViT
 ff_op = importlib.import_module("maxvit_fast.ops.feedforward")
 mbconv_op = importlib.import_module("maxvit_fast.ops.mbconv")  # (the package exports a function of that name)
 wa_op = importlib.import_module("maxvit_fast.ops.window_attention")
+ln_op = importlib.import_module("maxvit_fast.ops.layernorm_linear")
 from maxvit_fast.ops.library import custom_op, registry, see_inside
 from maxvit_fast.reference import Attention, MBConv
 
@@ -119,8 +120,20 @@ def mbconv_cases():
         yield mbconv_op.mbconv_train_op, (x, params, eps, stride, add_residual)
 
 
+def layernorm_linear_cases():
+    C, r = 16, 3
+    x_strided = torch.randn(2, C, 3, 5).permute(0, 2, 3, 1).requires_grad_()  # the NCHW map's view
+    x = torch.randn(2, 3, 5, C, requires_grad=True)
+    ln_w, ln_b = (torch.randn(C) * 0.2 + 1).requires_grad_(), (torch.randn(C) * 0.2).requires_grad_()
+    w, b = (torch.randn(3 * C, C) / C**0.5).requires_grad_(), (torch.randn(3 * C) * 0.1).requires_grad_()
+    shared, per_image = torch.randn(1, r, C, requires_grad=True), torch.randn(2, r, C, requires_grad=True)
+    yield ln_op.layernorm_linear_op, (x_strided, shared, ln_w, ln_b, w, None, 1e-5, 0)  # block step
+    yield ln_op.layernorm_linear_op, (x, per_image, ln_w, ln_b, w, b, 1e-5, C)  # grid step: k/v columns
+    yield ln_op.layernorm_linear_op, (x, None, ln_w, None, w, None, 1e-5, 0)  # no extra rows
+
+
 CASE_GROUPS = {"feedforward": (feedforward_cases, 3), "window_attention": (window_attention_cases, 4),
-               "mbconv": (mbconv_cases, 4)}
+               "mbconv": (mbconv_cases, 4), "layernorm_linear": (layernorm_linear_cases, 3)}
 
 
 @functools.cache

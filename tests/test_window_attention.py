@@ -18,9 +18,11 @@ import torch
 
 import maxvit_fast.ops.window_attention as wa_op
 from maxvit_fast import FusedFallbackWarning, MaxViT, reset_fallback_warnings
+from maxvit_fast.kernels import layernorm_linear as LNL
 from maxvit_fast.kernels import window_attention as K
 from maxvit_fast.ops.window_attention import _reference, window_attention_residual
 from maxvit_fast.reference import Attention
+from maxvit_fast.traffic import TrafficCounter, triton_launches
 
 from .helpers import assert_close_l2, assert_close_normwise, assert_within_reference_error, poison_
 
@@ -31,9 +33,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(autouse=True)
 def poison_kernel_outputs(monkeypatch):
-    """Every buffer the kernels must write completely starts as NaN (out, register outputs, lse,
-    dqkv, register-row gradients, dK/dV partials)."""
+    """Every buffer the kernels must write completely starts as NaN (qkv and register q/k/v from
+    the LayerNorm + projection kernel; out, register outputs, lse, dqkv, register-row gradients,
+    dK/dV partials)."""
     monkeypatch.setattr(K, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(LNL, "POISON_OUTPUTS", True)
 
 
 def make_attention(dim, dim_head, window, num_registers, dtype=torch.float32, dropout=0.0):
@@ -191,6 +195,76 @@ def test_preallocated_poisoned_outputs_are_fully_written():
                                out=out, reg_out=reg_out, lse=lse)
     for name, t in (("out", out), ("reg_out", reg_out), ("lse", lse)):
         assert torch.isfinite(t).all(), f"{name} has unwritten (NaN) entries"
+
+
+# ---------------------------------------------------------------------------------------------
+# the steps around the attention core: LayerNorm + qkv projection, output projection
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", ["block", "grid"])
+def test_eval_step_is_four_or_three_launches_and_matches(pattern):
+    """Eval mode without autograd: one LayerNorm + qkv launch for tokens and registers, the
+    attention kernel, addmm (tokens) and, in the block step, one baddbmm for the register rows of
+    every window (no per-window copy of the shared rows: no clone). fp32 at 1e-5."""
+    batch, nx, ny, window, r, dim_head, heads = 3, 2, 2, 3, 4, 16, 2
+    dim = dim_head * heads
+    attn = make_attention(dim, dim_head, window, r).eval()
+    # a channels-last map, as in the model (the token residual's rows are then a view; from an
+    # NCHW-stored map addmm's input would first be copied)
+    x = make_inputs(batch, nx, ny, window, dim, pattern).contiguous()
+    registers = make_registers(batch, r, dim, per_image=pattern == "grid")
+    need_regs = pattern == "block"
+    with torch.no_grad():
+        with TrafficCounter() as counter:
+            out_f, regs_f = run(x, registers, attn, pattern, True, need_regs)
+        out_r, regs_r = run(x, registers, attn, pattern, False, need_regs)
+    # (aten::full: this file's NaN poisoning of the kernels' outputs, not part of the step)
+    ops = [o for o in counter.report().ops if o.launches and o.op != "aten::full"]
+    expected = ["aten::addmm", "triton:layernorm_linear_kernel", "triton:window_attention_fwd_kernel"]
+    assert sorted(o.op for o in ops) == sorted(expected + (["aten::baddbmm"] if need_regs else []))
+    assert all(o.launches == 1 for o in ops)
+    assert_close_normwise(out_f, out_r, 1e-5, name="tokens")
+    if need_regs:
+        assert_close_normwise(regs_f, regs_r, 1e-5, name="register rows")
+
+
+def test_eval_per_image_registers_with_register_outputs():
+    """(B, r, C) register rows with register outputs (not a model configuration): the register
+    projection takes the addmm over an expanded residual; fp32 at 1e-5."""
+    batch, nx, ny, window, r, dim_head, heads = 3, 2, 1, 3, 2, 16, 2
+    dim = dim_head * heads
+    attn = make_attention(dim, dim_head, window, r).eval()
+    x = make_inputs(batch, nx, ny, window, dim, "grid")
+    registers = make_registers(batch, r, dim, per_image=True)
+    with torch.no_grad():
+        out_f, regs_f = run(x, registers, attn, "grid", True, True)
+        out_r, regs_r = run(x, registers, attn, "grid", False, True)
+    assert_close_normwise(out_f, out_r, 1e-5, name="tokens")
+    assert_close_normwise(regs_f, regs_r, 1e-5, name="register rows")
+
+
+@pytest.mark.parametrize("case", [FP32_CASES[0], FP32_CASES[1]], ids=lambda c: "-".join(map(str, c)))
+def test_layernorm_cublas_path_where_the_projection_kernel_does_not_apply(monkeypatch, case):
+    """Where kernels/layernorm_linear.py cannot run, LayerNorm + cuBLAS per row set (no launch of
+    that kernel); forward and gradients still meet fp32 1e-5."""
+    monkeypatch.setattr(wa_op, "layernorm_linear_unsupported", lambda x, extra: "test: projection kernel off")
+    pattern, batch, nx, ny, window, r, dim_head, heads, need_regs = case
+    dim = dim_head * heads
+    attn = make_attention(dim, dim_head, window, r)
+    x = make_inputs(batch, nx, ny, window, dim, pattern).requires_grad_()
+    registers = make_registers(batch, r, dim, per_image=pattern == "grid").requires_grad_()
+    with triton_launches() as tally:
+        out_f, regs_f = run(x, registers, attn, pattern, True, need_regs)
+    assert "layernorm_linear_kernel" not in tally.counts and tally.counts["window_attention_fwd_kernel"] == 1
+    out_r, regs_r = run(x, registers, attn, pattern, False, need_regs)
+    assert_close_normwise(out_f, out_r, 1e-5, name="tokens")
+    cot = [torch.randn_like(out_r), torch.randn_like(regs_r) if need_regs else None]
+    params = dict(x=x, registers=registers, **dict(attn.named_parameters()))
+    g_f = grads_of([out_f, regs_f], cot, list(params.values()))
+    g_r = grads_of([out_r, regs_r], cot, list(params.values()))
+    for name, a, b in zip(params, g_f, g_r):
+        assert_close_l2(a, b, 1e-5, name=f"grad {name}")
 
 
 # ---------------------------------------------------------------------------------------------

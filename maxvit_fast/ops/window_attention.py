@@ -11,11 +11,22 @@ Each window's sequence is [r register rows, w*w tokens]. ``registers`` is (r, C)
 by every window of every image (block step) or (B, r, C) for rows shared by the windows of one
 image (grid step).
 
-Fused path (``fused=True`` where the kernels can run; see ``kernels/window_attention.py``):
-LayerNorm + qkv projection as one cuBLAS GEMM over the whole map (and once for the register rows:
-per block when they are shared, per image in the grid step; k/v only when their outputs are not
-needed), the Triton attention core (a torch.library custom op with a Triton backward), then output
-projection + residual as one ``addmm`` (output dropout in between when training).
+Fused path (``fused=True`` where the kernels can run; see ``kernels/window_attention.py``), per
+step, in eval mode 4 launches (block step) or 3 (grid step):
+
+1. LayerNorm + qkv projection of the tokens AND the register rows in one Triton launch
+   (``maxvit_fast::layernorm_linear``, ``kernels/layernorm_linear.py``): the tokens' q/k/v over the
+   whole map, the register rows' once per block when they are shared (q/k/v) or once per image in
+   the grid step (k/v only: their outputs are dropped). Its backward recomputes LayerNorm + Linear
+   with torch ops (exact gradients). Where that kernel cannot run (more rows than its int32
+   indexing allows) LayerNorm + cuBLAS per row set, as before.
+2. The Triton attention core (``maxvit_fast::window_attention_core``, Triton backward).
+3. Output projection + residual as one ``addmm`` for the tokens; for the register rows of every
+   window (block step) one ``baddbmm`` with the shared rows as the broadcast residual (no
+   per-window copy of them). When autograd records (training), the register rows keep an
+   ``addmm`` over an expanded copy of their residual (the baddbmm's weight gradient would be a
+   (windows, C, C) batch summed afterwards), and with output dropout the projection, torch's
+   dropout and the residual add are separate ops, as before.
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ import torch.nn.functional as F
 
 from ..dispatch import kernels_unavailable_reason, use_kernels
 from ..reference import Attention
+from .layernorm_linear import layernorm_linear
+from .layernorm_linear import unsupported_reason as layernorm_linear_unsupported
 from .library import custom_op, draw_seed, seed_tensor
 
 
@@ -96,9 +109,8 @@ def _fused_unsupported(x, registers, attn) -> str | None:
     reason = K.unsupported_reason(attn.window_size, attn.num_registers, attn.dim_head, x.dtype, attn_p)
     if reason is not None:
         return reason
-    tensors = [registers, attn.norm.weight, attn.to_qkv.weight, attn.to_out[0].weight, attn.rel_pos_bias.weight]
-    if attn.norm.bias is not None:
-        tensors.append(attn.norm.bias)
+    tensors = [t for t in (registers, attn.norm.weight, attn.norm.bias, attn.to_qkv.weight, attn.to_qkv.bias,
+                           attn.to_out[0].weight, attn.rel_pos_bias.weight) if t is not None]
     if any(t.dtype != x.dtype for t in tensors):
         return "window attention kernels need x, registers and the attention weights in one dtype"
     if any(t.device != x.device for t in tensors):
@@ -218,19 +230,43 @@ def _project_residual(o, residual, weight, dropout_p, training):
     return flat.view(o.shape)
 
 
+def _project_register_rows(o_reg, regs, weight, dropout_p, training):
+    """``regs + dropout(o_reg @ weight^T)`` for the register rows of every window (B, nX, nY, r, C).
+
+    Shared register rows (block step, regs (1, r, C)), no output dropout and no autograd graph:
+    one ``baddbmm`` over the windows with the (1, r, C) rows as the broadcast input and the weight
+    expanded over the window batch (batch stride 0), so the residual rows are never copied per
+    window. On CUDA, torch's baddbmm passes the expanded weight to cuBLAS strided-batched GEMM as
+    batch stride 0 without a copy (read from aten/native/cuda/Blas.cpp; not verified on a GPU in
+    this session); on the CPU torch 2.13 does not copy it for fp32/fp16 but makes a contiguous copy
+    for bf16 (CPU runs are tests, not a target). With autograd the expanded weight's gradient
+    would be a (windows, C, C) batch summed afterwards, so training keeps the addmm over an
+    expanded copy of the (windows * r, C) residual rows, as with output dropout."""
+    windows, r, c = o_reg.numel() // (regs.shape[-2] * regs.shape[-1]), regs.shape[-2], regs.shape[-1]
+    needs_graph = torch.is_grad_enabled() and (o_reg.requires_grad or regs.requires_grad or weight.requires_grad)
+    if regs.shape[0] == 1 and not (training and dropout_p > 0.0) and not needs_graph:
+        out = torch.baddbmm(regs, o_reg.view(windows, r, c), weight.t().expand(windows, c, c))
+        return out.view(o_reg.shape)
+    b, nx, ny = o_reg.shape[:3]
+    return _project_residual(o_reg, regs[:, None, None].expand(b, nx, ny, r, c), weight, dropout_p, training)
+
+
 def _fused(x, registers, attn: Attention, pattern: str, need_register_outputs: bool):
-    b, h, w_, c = x.shape
+    c = x.shape[-1]
     w, r = attn.window_size, attn.num_registers
-    nx, ny = h // w, w_ // w
     norm, qkv_weight = attn.norm, attn.to_qkv.weight
     register_queries = bool(need_register_outputs)
 
-    qkv = F.linear(F.layer_norm(x, (c,), norm.weight, norm.bias, norm.eps), qkv_weight)
+    # LayerNorm + q/k/v projection of the tokens and the register rows: one Triton launch
+    # (kernels/layernorm_linear.py); the register rows only need k and v without register queries
+    # (grid step), so their output columns start at C. Where that kernel cannot run (rows beyond
+    # its int32 indexing), LayerNorm + cuBLAS per row set.
+    regs = registers if registers.ndim == 3 else registers.unsqueeze(0)  # (1 or B, r, C)
+    qkv, reg_qkv = layernorm_linear(
+        x, regs, norm.weight, norm.bias, qkv_weight, attn.to_qkv.bias, norm.eps,
+        extra_first_col=0 if register_queries else c, use_kernel=layernorm_linear_unsupported(x, regs) is None)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    regs = registers if registers.ndim == 3 else registers.unsqueeze(0)  # (1 or B, r, C)
-    reg_weight = qkv_weight if register_queries else qkv_weight[c:]  # grid step: k, v only
-    reg_qkv = F.linear(F.layer_norm(regs, (c,), norm.weight, norm.bias, norm.eps), reg_weight)
 
     training = attn.training
     attn_p = float(attn.attend[1].p) if training else 0.0
@@ -246,8 +282,7 @@ def _fused(x, registers, attn: Attention, pattern: str, need_register_outputs: b
     out = _project_residual(o, x, out_weight, out_p, training)
     reg_out = None
     if register_queries:
-        reg_residual = regs[:, None, None].expand(b, nx, ny, r, c)
-        reg_out = _project_residual(o_reg, reg_residual, out_weight, out_p, training)
+        reg_out = _project_register_rows(o_reg, regs, out_weight, out_p, training)
     return out, reg_out
 
 
