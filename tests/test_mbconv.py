@@ -649,16 +649,34 @@ def test_expand_depthwise_rejects_bad_arguments():
         expand_depthwise_conv3x3(x, stride=1, **dict(weights, dw_w=weights["dw_w"].t()))
 
 
-def test_eval_is_three_launches():
-    """Eval mode: expand + depthwise, SE gate, project; h1 is never allocated."""
+@pytest.mark.parametrize("fuse_expand", [True, False], ids=["expand-in-depthwise", "expand-then-depthwise"])
+@pytest.mark.parametrize("case", ["down-8to16-e4-r.25-b3-15x15", "res-12-e4-r.25-b3-8x8"])
+def test_eval_paths_launches_and_results(monkeypatch, case, fuse_expand):
+    """Eval mode takes one of two kernel sequences, chosen by the recompute-cost rule
+    (fuses_expand_into_depthwise): expand + depthwise in one kernel (h1 never allocated), SE gate,
+    project; or expand, depthwise, SE gate, project. Both against the reference (fp32, 1e-5)."""
     from maxvit_fast.traffic import triton_launches
 
-    module, shape = build("down-8to16-e4-r.25-b3-15x15")
+    monkeypatch.setattr(mbconv_op, "MAX_RECOMPUTE_FLOP_PER_BYTE", float("inf") if fuse_expand else 0.0)
+    module, shape = build(case)
     module.eval()
     x = make_input(shape)
     with torch.no_grad(), triton_launches() as tally:
-        fused(x, module)
-    assert dict(tally.counts) == {"expand_depthwise_conv3x3_kernel": 1, "se_gate_kernel": 1, "pointwise_conv_kernel": 1}
+        out = fused(x, module)
+    expected = {"se_gate_kernel": 1, "pointwise_conv_kernel": 1}
+    expected.update({"expand_depthwise_conv3x3_kernel": 1} if fuse_expand
+                    else {"pointwise_conv_kernel": 2, "depthwise_conv3x3_kernel": 1})
+    assert dict(tally.counts) == expected
+    with torch.no_grad():
+        assert_close_normwise(out, module(x), FP32_RTOL, name="output")
+
+
+def test_recompute_rule_fuses_the_downsampling_blocks_of_maxvit_t():
+    """The rule's outcome for MaxViT-T (dims 64-512) in bf16: every stride-2 block, no stride-1 one."""
+    for dim_in in (64, 128, 256):
+        assert mbconv_op.fuses_expand_into_depthwise(dim_in, 2, torch.bfloat16)
+    for dim_in in (64, 128, 256, 512):
+        assert not mbconv_op.fuses_expand_into_depthwise(dim_in, 1, torch.bfloat16)
 
 
 @pytest.mark.parametrize("C,R", [(80, 20), (600, 150)])
@@ -747,20 +765,24 @@ def kernel_requests():
             # channel counts and channels-last strides are multiples of 16 in MaxViT-T
             div_cl = {"N", "K", "stride_ab", "stride_ap", "stride_rb", "stride_rp"}
             div_expand = div_cl if blk["channels_last_input"] else {"N", "K", "stride_ab", "stride_ak", "stride_rb", "stride_rp"}
-            # eval: expand + depthwise fused (x as a (B, H, W, C) view: NCHW strides for the first
-            # block, channels-last after), then the SE gate and the project conv
-            div_x = {"K", "N", "stride_xb", "stride_xh", "stride_xw" if blk["channels_last_input"] else "stride_xk"}
-            add("expand_depthwise_conv", "expand_depthwise_conv3x3_kernel", edw_sig,
-                dict(common, STRIDE=blk["stride"], X_K_CONTIGUOUS=blk["channels_last_input"]),
-                expand_dw.expand_depthwise_config(blk["dim_in"], hidden, dtype), div_x, mma=lowp)
-            # train: expand (with statistics), BN1 + GELU, depthwise (with statistics), BN2 + GELU
-            add("pointwise_conv", "pointwise_conv_kernel", pw_sig,
-                dict(common, HAS_GATE=False, OUT_GELU=False, HAS_RESIDUAL=False, WRITE_STATS=True,
-                     A_K_CONTIGUOUS=blk["channels_last_input"], RES_N_CONTIGUOUS=True),
-                pointwise_conv_config(hidden, blk["dim_in"], dtype, False), div_expand, mma=lowp)
-            add("depthwise_conv", "depthwise_conv3x3_kernel", dw_sig,
-                dict(STRIDE=blk["stride"], OUT_GELU=False, WRITE_M2=True, EMULATE_BF16_RTNE=False),
-                depthwise_conv_config(hidden, dtype), {"C"})
+            # eval, where the recompute rule fuses: expand + depthwise in one kernel (x as a
+            # (B, H, W, C) view: NCHW strides for the first block, channels-last after)
+            eval_fused = mbconv_op.fuses_expand_into_depthwise(blk["dim_in"], blk["stride"], dtype)
+            if eval_fused:
+                div_x = {"K", "N", "stride_xb", "stride_xh", "stride_xw" if blk["channels_last_input"] else "stride_xk"}
+                add("expand_depthwise_conv", "expand_depthwise_conv3x3_kernel", edw_sig,
+                    dict(common, STRIDE=blk["stride"], X_K_CONTIGUOUS=blk["channels_last_input"]),
+                    expand_dw.expand_depthwise_config(blk["dim_in"], hidden, dtype), div_x, mma=lowp)
+            # train (and eval where not fused): expand, then depthwise; train writes statistics
+            # and normalises in a BN1/BN2 + GELU pass, eval applies the folded BN + GELU in place
+            for train in (True,) if eval_fused else (False, True):
+                add("pointwise_conv", "pointwise_conv_kernel", pw_sig,
+                    dict(common, HAS_GATE=False, OUT_GELU=not train, HAS_RESIDUAL=False, WRITE_STATS=train,
+                         A_K_CONTIGUOUS=blk["channels_last_input"], RES_N_CONTIGUOUS=True),
+                    pointwise_conv_config(hidden, blk["dim_in"], dtype, False), div_expand, mma=lowp)
+                add("depthwise_conv", "depthwise_conv3x3_kernel", dw_sig,
+                    dict(STRIDE=blk["stride"], OUT_GELU=not train, WRITE_M2=train, EMULATE_BF16_RTNE=False),
+                    depthwise_conv_config(hidden, dtype), {"C"})
             for sums in (False, True):
                 add("batchnorm_gelu", "batchnorm_gelu_kernel", bn_sig,
                     dict(WRITE_SUMS=sums, EMULATE_BF16_RTNE=False), batchnorm_gelu_config(hidden), {"C"})

@@ -3,23 +3,20 @@
 ``mbconv(x, module, fused)`` computes ``module(x)`` for the reference MBConv (an nn.Sequential,
 or an MBConvResidual wrapping one; see maxvit_fast/reference.py).
 
-Fused path, eval mode (BatchNorm folded; 3 kernel launches; the 4x-wide expand output h1 is
-never written, the hidden tensor h2 is written once and read once):
+Fused path, eval mode (BatchNorm folded). Where recomputing the expand conv is cheaper than
+moving h1 (see MAX_RECOMPUTE_FLOP_PER_BYTE below: every stride-2 block of MaxViT-T, no
+stride-1 block), 3 kernel launches, the 4x-wide expand output h1 never written:
   1. kernels/expand_depthwise_conv.py  expand 1x1 conv + BN1 + GELU, recomputed in registers for
                                  each of the 9 taps of the 3x3 depthwise conv + BN2 + GELU, and
                                  the per-tile channel sums for the SE mean -> h2 (B, Ho, Wo, hidden)
   2. kernels/squeeze_excitation.py  mean -> Linear -> SiLU -> Linear -> sigmoid, per image -> gate
   3. kernels/pointwise_conv.py   project 1x1 conv on gate * h2 (gate applied to the A tile in
                                  registers) + BN3 (+ residual x)        -> out (B, Ho, Wo, dim_out)
-  Every block, stride 1 and 2, takes this path: no configuration spills (AOT report in the
-  kernel's header), so none needs the unfused pair (expand kernel writing h1, depthwise kernel
-  reading it; train mode still runs that order). The price is recomputation: the expand conv
-  runs 9x (stride 1) or 2.25x (stride 2) as often. For MaxViT-T per image: the 4 stride-2 blocks
-  add 1.3 GFLOP and save 11.5 MiB of h1 writes (bf16); the 7 stride-1 blocks add 5.8 GFLOP and
-  save 4.0 MiB and 7 launches. On paper (FLOP per byte saved, see the kernel's header) the
-  stride-1 blocks may be faster unfused; GPU speed: not measured. Revisit with measurements:
-  the unfused pair is pointwise_conv(out_gelu=True) + depthwise_conv3x3(out_gelu=True), both
-  still supported and tested by those kernels.
+Otherwise 4 launches: kernels/pointwise_conv.py (expand + BN1 + GELU -> h1), then
+kernels/depthwise_conv.py (3x3 depthwise + BN2 + GELU with the SE sums -> h2), then 2 and 3.
+For MaxViT-T per image the fusion adds 1.3 GFLOP over the 4 stride-2 blocks and saves 11.5 MiB
+of h1 writes (bf16); the 7 stride-1 blocks would add 5.8 GFLOP to save 4.0 MiB. No configuration
+of either path spills (AOT reports in the kernels' headers). GPU speed: not measured.
 
 Fused path, train mode (BatchNorm with batch statistics: a BN cannot normalise before the
 statistics of its whole input exist, so each BN input is written once by the kernel that
@@ -240,23 +237,50 @@ def _pixels_view(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(B, H * W, C)
 
 
+# Fusing the expand conv into the depthwise conv recomputes it for every tap (9x at stride 1,
+# 2.25x at stride 2) to avoid writing and reading h1. Per byte of h1 traffic saved that costs
+# about 4 * C_in FLOP at stride 1 and 0.625 * C_in at stride 2 (bf16; half that for fp32, whose
+# bytes are twice as many). An H100 does ~990 dense bf16 TFLOP/s against 3.35 TB/s of HBM, about
+# 300 FLOP per byte at peak; with the recompute at roughly half of peak, about 150. So the
+# fusion is used up to 160 FLOP per byte saved: every stride-2 block of MaxViT-T (C_in <= 256:
+# 40-160) and no stride-1 block (C_in >= 64: 256-2048, which would add 5.8 GFLOP per image to
+# save 4 MiB). A decision on paper: GPU speed not measured.
+MAX_RECOMPUTE_FLOP_PER_BYTE = 160.0
+
+
+def fuses_expand_into_depthwise(dim_in: int, stride: int, dtype: torch.dtype) -> bool:
+    """Whether eval mode computes the expand conv inside the depthwise kernel (see above)."""
+    per_byte = (0.625 if stride == 2 else 4.0) * dim_in * 2 / dtype.itemsize
+    return per_byte <= MAX_RECOMPUTE_FLOP_PER_BYTE
+
+
 def _forward_eval(x: torch.Tensor, w: _Weights, stride: int, add_residual: bool) -> torch.Tensor:
+    from ..kernels.depthwise_conv import depthwise_conv3x3, depthwise_output_size, depthwise_tiles_per_image
     from ..kernels.expand_depthwise_conv import (expand_depthwise_conv3x3, expand_depthwise_output_size,
                                                  expand_depthwise_tiles_per_image)
     from ..kernels.pointwise_conv import pointwise_conv
     from ..kernels.squeeze_excitation import se_gate
 
-    B, _, H, W = x.shape
+    B, dim_in, H, W = x.shape
     hidden, dim_out = w.w1_t.shape[1], w.w3_t.shape[1]
     dev, dt = x.device, x.dtype
-    Ho, Wo = expand_depthwise_output_size(H, stride), expand_depthwise_output_size(W, stride)
-    T = expand_depthwise_tiles_per_image(Ho, Wo)
-
-    # (B, H, W, C) view of x: read in place whatever its strides
-    h2, tile_sum = expand_depthwise_conv3x3(
-        x.permute(0, 2, 3, 1), w.w1_t, w.scale1, w.shift1, w.dw_w, w.dw_b, stride,
-        out=_empty((B, Ho, Wo, hidden), dt, dev), tile_sum=_empty((B * T, hidden), torch.float32, dev),
-    )
+    if fuses_expand_into_depthwise(dim_in, stride, dt):
+        Ho, Wo = expand_depthwise_output_size(H, stride), expand_depthwise_output_size(W, stride)
+        T = expand_depthwise_tiles_per_image(Ho, Wo)
+        # (B, H, W, C) view of x: read in place whatever its strides
+        h2, tile_sum = expand_depthwise_conv3x3(
+            x.permute(0, 2, 3, 1), w.w1_t, w.scale1, w.shift1, w.dw_w, w.dw_b, stride,
+            out=_empty((B, Ho, Wo, hidden), dt, dev), tile_sum=_empty((B * T, hidden), torch.float32, dev),
+        )
+    else:
+        Ho, Wo = depthwise_output_size(H, stride), depthwise_output_size(W, stride)
+        T = depthwise_tiles_per_image(Ho, Wo)
+        h1 = pointwise_conv(_pixels_view(x), w.w1_t, w.scale1, w.shift1, out_gelu=True,
+                            out=_empty((B, H * W, hidden), dt, dev))
+        h2, tile_sum, _ = depthwise_conv3x3(
+            h1.view(B, H, W, hidden), w.dw_w, w.dw_b, stride, out_gelu=True,
+            out=_empty((B, Ho, Wo, hidden), dt, dev), tile_sum=_empty((B * T, hidden), torch.float32, dev),
+        )
     gate = se_gate(tile_sum, B, Ho * Wo, w.se_reduce, w.se_expand, out=_empty((B, hidden), torch.float32, dev))
     out = pointwise_conv(
         h2.view(B, Ho * Wo, hidden), w.w3_t, w.scale3, w.shift3, gate=gate,
