@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 # a test has TRITON_INTERPRET switched off, would be created compiled for the whole session.
 import maxvit_fast.kernels.batchnorm_gelu  # noqa: E402,F401
 import maxvit_fast.kernels.depthwise_conv  # noqa: E402,F401
+import maxvit_fast.kernels.expand_depthwise_conv  # noqa: E402,F401
 import maxvit_fast.kernels.feedforward  # noqa: E402,F401
 import maxvit_fast.kernels.pointwise_conv  # noqa: E402,F401
 import maxvit_fast.kernels.squeeze_excitation  # noqa: E402,F401

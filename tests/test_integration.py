@@ -119,6 +119,7 @@ class KernelDtypeRecorder:
         "feedforward": ("maxvit_fast.kernels.feedforward", "feedforward_residual"),
         "pointwise_conv": ("maxvit_fast.kernels.pointwise_conv", "pointwise_conv"),
         "depthwise_conv": ("maxvit_fast.kernels.depthwise_conv", "depthwise_conv3x3"),
+        "expand_depthwise_conv": ("maxvit_fast.kernels.expand_depthwise_conv", "expand_depthwise_conv3x3"),
     }
 
     def __init__(self, monkeypatch):
@@ -181,7 +182,7 @@ def test_autocast_matches_reference_under_autocast(train, dtype, monkeypatch):
     fallbacks = sorted({str(w.message) for w in caught if issubclass(w.category, FusedFallbackWarning)})
     assert not fallbacks, fallbacks
     launched = {op for op, _ in recorder.calls}
-    assert {"window_attention", "feedforward", "pointwise_conv"} <= launched, launched
+    assert {"window_attention", "feedforward", "pointwise_conv", "expand_depthwise_conv"} <= launched, launched
     for op, dtypes in recorder.calls:
         # activations and matmul weights in the autocast dtype; fp32 only for the fp32-by-design
         # folded BatchNorm scale/shift of the conv kernels
