@@ -67,10 +67,19 @@ divisibility-by-16 hints a runtime launch gets for aligned pointers and multiple
 
 So: one pass for C <= 256 (MaxViT-T stages 1-3, 9 of its 11 blocks' feed-forwards), two
 kernels for C >= 512 (stage 4, 2 blocks, 7x7 maps, where the 4C buffer is small). Larger tiles
-(BLOCK_M 128 at C >= 64, or 4 warps at C >= 128) spill in the same survey. fp32 (exact "ieee"
-dots run on FMA units with both operands in registers) always takes the two-kernel path with
-small tiles (up 64x64x16, down 64x32x32, 4 warps: 128 and 80 registers on sm_80, no spills);
-the one-pass kernel in fp32 spills at every useful size (C=64, BLOCK_M 64: 10488 B stack).
+(BLOCK_M 128 at C >= 64, or 4 warps at C >= 128) spill in the same survey.
+
+fp32 (exact "ieee" dots run on FMA units with both operands in registers):
+  one pass, C=64: BLOCK_M 64, BLOCK_H 16, 8 warps: 128 / 104 eval, 128 / 98 train, no spills
+  (BLOCK_H 32 at 64 rows: 10488 B stack). C=128 and 256 spill at 32-64 rows (e.g. C=128 64x16
+  w8: sm_90 train 40 B; C=256 32x16 w8: sm_90 train 48 B) and fit only at 16 rows (C=128 16x32
+  w4: 96 / 96; C=256 16x16 w4: 168 / 168), where every program streams both weight matrices
+  (C=256: 2 MiB) from L2 for 16 tokens: 128 KB of L2 reads per token against the 8 KB per token
+  of HBM traffic the two-kernel path's hidden buffer costs. fp32 is bound by FMA throughput
+  anyway (16 C^2 FLOP per token), so C >= 128 takes the two-kernel path with small tiles (up
+  64x64x16, down 64x32x32, 4 warps: 128 and 80 registers on sm_80, no spills). (Survey:
+  maxvit_fast.aot.compile_kernels over BLOCK_M 16-64, BLOCK_H 16-32, 4 or 8 warps; the AOT
+  test compiles every configuration in use.)
 The one-pass kernel's second read of x uses a different eviction policy on purpose: otherwise
 the compiler merges it with the first load and keeps the x tile live across the hidden loop
 (C=64, 4 warps: 187 registers with 192 B stack instead of 128).
@@ -380,11 +389,19 @@ UP_TILES_FP32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages
 DOWN_TILES_FP32 = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2)
 
 
+# fp32 (exact "ieee" dots on the FMA units, operands in registers): one pass only up to C = 64,
+# with 16-wide hidden chunks (header: the survey behind it).
+FUSED_MLP_TILES_FP32 = {
+    16: dict(BLOCK_M=64, BLOCK_H=16, num_warps=8, num_stages=2),
+    32: dict(BLOCK_M=64, BLOCK_H=16, num_warps=8, num_stages=2),
+    64: dict(BLOCK_M=64, BLOCK_H=16, num_warps=8, num_stages=2),
+}
+
+
 def fused_mlp_config(C: int, dtype: torch.dtype) -> dict | None:
     """Tiles of the one-pass kernel for width C, or None where the two-kernel path is used."""
-    if dtype == torch.float32:
-        return None
-    return FUSED_MLP_TILES.get(triton.next_power_of_2(C))
+    tiles = FUSED_MLP_TILES_FP32 if dtype == torch.float32 else FUSED_MLP_TILES
+    return tiles.get(triton.next_power_of_2(C))
 
 
 def _default_fused_config(C: int) -> dict:

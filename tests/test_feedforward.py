@@ -96,7 +96,10 @@ def test_default_path_choice():
     for C in (16, 24, 48, 64, 96, 128, 256):
         assert K.fused_mlp_config(C, torch.float16) is not None
     assert K.fused_mlp_config(512, torch.bfloat16) is None
-    assert K.fused_mlp_config(64, torch.float32) is None
+    for C in (16, 48, 64):
+        assert K.fused_mlp_config(C, torch.float32) is not None
+    for C in (96, 128, 256, 512):
+        assert K.fused_mlp_config(C, torch.float32) is None
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -368,13 +371,13 @@ def _signature(kernel, dtype_name):
 def maxvit_t_requests(dtypes=(torch.float16, torch.bfloat16), widths=(64, 128, 256, 512)):
     """The launches the default MaxViT-T makes, eval (no dropout) and train (dropout 0.1), from
     the launcher's own config functions."""
-    names = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
     requests = []
     for dtype in dtypes:
         for C in widths:
             hidden = 4 * C
             cfg = K.fused_mlp_config(C, dtype)
-            common = dict(C=C, HIDDEN=hidden, stride_xc=1, FP32_DOT=False, ROUND_BF16=False)
+            common = dict(C=C, HIDDEN=hidden, stride_xc=1, FP32_DOT=dtype == torch.float32, ROUND_BF16=False)
             if cfg is not None:
                 launches = [(K.ff_fused_mlp_kernel, dict(cfg, BLOCK_C=triton.next_power_of_2(C), stride_oc=1),
                              ("DROPOUT_HIDDEN", "DROPOUT_OUT"))]
@@ -398,7 +401,9 @@ def maxvit_t_requests(dtypes=(torch.float16, torch.bfloat16), widths=(64, 128, 2
 
 
 def test_aot_compile_maxvit_t_configurations():
-    requests = [dict(r, arch=arch) for r in maxvit_t_requests() for arch in (80, 90)]
+    """fp16/bf16 and fp32 launches of the default model: no spills; tensor cores in fp16/bf16."""
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    requests = [dict(r, arch=arch) for r in maxvit_t_requests(dtypes) for arch in (80, 90)]
     failures, table = [], []
     for k in compile_kernels(requests):
         req, c = k.request, k.request["constexprs"]
@@ -408,7 +413,7 @@ def test_aot_compile_maxvit_t_configurations():
         table.append(line)
         if k.spills:
             failures.append("spills: " + line)
-        if not (k.uses("HMMA") or (k.arch == 90 and k.uses("HGMMA"))):
+        if dtype != "*fp32" and not (k.uses("HMMA") or (k.arch == 90 and k.uses("HGMMA"))):
             failures.append("no tensor-core instructions: " + line)
     print("\n".join(table))
     assert not failures, "\n".join(failures)
