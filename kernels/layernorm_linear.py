@@ -251,7 +251,10 @@ def layernorm_linear(
     extra_programs = triton.cdiv(M_e, cfg["BLOCK_M"]) * triton.cdiv(N - extra_first_col, cfg["BLOCK_N"])
     if x_programs + extra_programs == 0:
         return out, extra_out
+    # the kernel indexes the weight as (N, C) row-major and the vectors with stride 1 (no-ops for
+    # module parameters)
     weight = weight.contiguous()
+    ln_weight, ln_bias, bias = (None if t is None else t.contiguous() for t in (ln_weight, ln_bias, bias))
     layernorm_linear_kernel[(x_programs + extra_programs,)](
         kx, ke, out, extra_out_arg,
         ln_weight, ln_bias, weight, bias,

@@ -242,7 +242,8 @@ def _project_register_rows(o_reg, regs, weight, dropout_p, training):
     for bf16 (CPU runs are tests, not a target). With autograd the expanded weight's gradient
     would be a (windows, C, C) batch summed afterwards, so training keeps the addmm over an
     expanded copy of the (windows * r, C) residual rows, as with output dropout."""
-    windows, r, c = o_reg.numel() // (regs.shape[-2] * regs.shape[-1]), regs.shape[-2], regs.shape[-1]
+    r, c = regs.shape[-2], regs.shape[-1]
+    windows = o_reg.numel() // (r * c)
     needs_graph = torch.is_grad_enabled() and (o_reg.requires_grad or regs.requires_grad or weight.requires_grad)
     if regs.shape[0] == 1 and not (training and dropout_p > 0.0) and not needs_graph:
         out = torch.baddbmm(regs, o_reg.view(windows, r, c), weight.t().expand(windows, c, c))
