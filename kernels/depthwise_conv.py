@@ -56,6 +56,15 @@ from .numerics import gelu, to_storage
 
 
 @triton.jit
+def output_tile(tile, pid_c, num_pixels, Wo, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A tile of BLOCK_P consecutive output pixels (row-major, one image) x BLOCK_C channels:
+    pixel and channel offsets, their masks, and each pixel's output row and column."""
+    offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return offs_p, offs_c, offs_p < num_pixels, offs_c < C, offs_p // Wo, offs_p % Wo
+
+
+@triton.jit
 def depthwise_conv3x3_kernel(
     x_ptr, w_ptr, bias_ptr,
     out_ptr, tile_sum_ptr, tile_m2_ptr,
@@ -70,12 +79,7 @@ def depthwise_conv3x3_kernel(
     tile = pid_tile % tiles_per_image
 
     num_pixels = Ho * Wo
-    offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_p = offs_p < num_pixels
-    mask_c = offs_c < C
-    ho = offs_p // Wo
-    wo = offs_p % Wo
+    offs_p, offs_c, mask_p, mask_c, ho, wo = output_tile(tile, pid_c, num_pixels, Wo, C, BLOCK_P, BLOCK_C)
 
     x_image = x_ptr + image.to(tl.int64) * H * W * C
     # 1 / pixels in this tile without a division (the host passes it for the partial last tile)

@@ -90,7 +90,8 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .numerics import gelu, to_storage
+from .depthwise_conv import output_tile
+from .numerics import dot_accumulate, gelu, to_storage
 
 
 @triton.jit
@@ -112,12 +113,7 @@ def expand_depthwise_conv3x3_kernel(
     tile = pid_tile % tiles_per_image
 
     num_pixels = Ho * Wo
-    offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_p = offs_p < num_pixels
-    mask_c = offs_c < N
-    ho = offs_p // Wo
-    wo = offs_p % Wo
+    offs_p, offs_c, mask_p, mask_c, ho, wo = output_tile(tile, pid_c, num_pixels, Wo, N, BLOCK_P, BLOCK_C)
 
     x_image = x_ptr + image.to(tl.int64) * stride_xb
     scale1 = tl.load(scale1_ptr + offs_c, mask=mask_c, other=0.0)
@@ -145,12 +141,7 @@ def expand_depthwise_conv3x3_kernel(
                 x_cols = offs_k * stride_xk
             a = tl.load(x_image + x_rows[:, None] + x_cols[None, :], mask=tap_ok[:, None] & mask_k[None, :], other=0.0)
             w1 = tl.load(w1_ptr + offs_k[:, None] * N + offs_c[None, :], mask=mask_k[:, None] & mask_c[None, :], other=0.0)
-            if UPCAST_DOT:
-                y1 += tl.dot(a.to(tl.float32), w1.to(tl.float32))
-            elif FP32_IEEE:
-                y1 = tl.dot(a, w1, y1, input_precision="ieee")
-            else:
-                y1 = tl.dot(a, w1, y1)
+            y1 = dot_accumulate(a, w1, y1, UPCAST_DOT, FP32_IEEE)
 
         h1 = gelu(y1 * scale1[None, :] + shift1[None, :])
         # the unfused path stores h1 in the storage dtype: round the same way

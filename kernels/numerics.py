@@ -33,3 +33,16 @@ def to_storage(x, dtype: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr):
     if EMULATE_BF16_RTNE:
         x = round_fp32_to_bf16_nearest_even(x)
     return x.to(dtype)
+
+
+@triton.jit
+def dot_accumulate(a, b, acc, UPCAST_DOT: tl.constexpr, FP32_IEEE: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. UPCAST_DOT (set only under the interpreter): operands
+    upcast to fp32 first (the interpreter's bf16 tl.dot is wrong, triton issue 11584).
+    FP32_IEEE (fp32 inputs): exact fp32 products, no TF32."""
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif FP32_IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)

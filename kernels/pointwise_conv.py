@@ -73,7 +73,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .numerics import gelu, to_storage
+from .numerics import dot_accumulate, gelu, to_storage
 
 
 @triton.jit
@@ -119,12 +119,7 @@ def pointwise_conv_kernel(
             gate = tl.load(gate_ptr + image[:, None] * K + offs_k[None, :], mask=mask_a, other=0.0)
             a = to_storage(a.to(tl.float32) * gate, a_ptr.dtype.element_ty, EMULATE_BF16_RTNE)
         w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST_DOT:
-            acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
-        elif FP32_IEEE:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
+        acc = dot_accumulate(a, w, acc, UPCAST_DOT, FP32_IEEE)
 
     out_scale = tl.load(out_scale_ptr + offs_n, mask=mask_n, other=0.0)
     out_shift = tl.load(out_shift_ptr + offs_n, mask=mask_n, other=0.0)
