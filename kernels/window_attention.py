@@ -126,6 +126,15 @@ LOG2E = 1.4426950408889634
 POISON_OUTPUTS = False
 
 MAX_SEQ_TILE = 128
+# Longest sequence r + w*w of the key-loop kernels (n > MAX_SEQ_TILE); see "Long sequences" in the header.
+MAX_LONG_SEQ = 1024
+# Tiles of the key-loop kernels, fp16/bf16 (False) and fp32 (True); from the resource report in the header.
+LONG_TILES = {
+    False: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, fwd_stages=2, bwd_stages=2),
+    True: dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, fwd_stages=2, bwd_stages=2),
+}
+# Bytes the long path's bias-gradient partial sums may take (fewer slots for long sequences).
+DBIAS_LONG_BUDGET = 32 * 2**20
 # Partial sums of the bias gradient that the backward's atomic adds are spread over (window % slots).
 DBIAS_SLOTS = 32
 
@@ -190,16 +199,18 @@ def _dot_operand(x, ELEM: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
-def _keep_mask(seed_ptr, win, head, heads, seq_q, dropout_threshold, SEQ: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Dropout keep mask of query rows seq_q and keys 0..BLOCK_N-1 of one window and head; the
-    seed is read from device memory (a 1-element int64 tensor) so that a captured CUDA graph
-    replays with the seed its replay draws, not the one drawn at capture.
+def _keep_mask(seed_ptr, win, head, heads, seq_q, key_start, dropout_threshold, SEQ: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Dropout keep mask of query rows seq_q and keys key_start .. key_start + BLOCK_N - 1 (key_start
+    a multiple of 8) of one window and head; the seed is read from device memory (a 1-element int64
+    tensor) so that a captured CUDA graph replays with the seed its replay draws, not the one drawn
+    at capture.
 
     16 random bits per element (kept when >= dropout_threshold = round(p * 2^16)), eight elements
     per Philox call: counter (i * ceil(n / 8) + j // 8, window * heads + head (64 bits), 0), output
     (j % 8) // 2, half j % 2. The mask depends on the seed and the element only, not on tiles."""
     CALLS: tl.constexpr = (SEQ + 7) // 8
-    counter = seq_q[:, None] * CALLS + tl.arange(0, BLOCK_N // 8)[None, :]
+    counter = seq_q[:, None] * CALLS + (key_start // 8 + tl.arange(0, BLOCK_N // 8))[None, :]
     stream = win * heads + head
     zero = counter * 0
     seed = tl.load(seed_ptr)
@@ -305,7 +316,7 @@ def window_attention_fwd_kernel(
         p = p * (1.0 / row_sum)[:, None]
         lse = row_max + tl.math.log2(row_sum)
         if DROPOUT:
-            keep = _keep_mask(seed_ptr, win, head, heads, seq_q, dropout_threshold, SEQ, BLOCK_N)
+            keep = _keep_mask(seed_ptr, win, head, heads, seq_q, 0, dropout_threshold, SEQ, BLOCK_N)
             p = tl.where(keep, p * keep_scale, 0.0)
         o = tl.dot(_dot_operand(p, ELEM, UPCAST_DOT), _dot_operand(v, ELEM, UPCAST_DOT),
                    input_precision=DOT_PRECISION)
@@ -375,7 +386,7 @@ def window_attention_bwd_kernel(
     dp = tl.dot(_dot_operand(do, ELEM, UPCAST_DOT), tl.trans(_dot_operand(v, ELEM, UPCAST_DOT)),
                 input_precision=DOT_PRECISION)
     if DROPOUT:
-        keep = _keep_mask(seed_ptr, win, head, heads, seq_q, dropout_threshold, SEQ, BLOCK_N)
+        keep = _keep_mask(seed_ptr, win, head, heads, seq_q, 0, dropout_threshold, SEQ, BLOCK_N)
         p_dropped = tl.where(keep, p * keep_scale, 0.0)
         dp = tl.where(keep, dp * keep_scale, 0.0)
     else:
@@ -419,6 +430,260 @@ def window_attention_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# long sequences (n = r + w*w > 128): key-tile loop, online softmax (see "Long sequences" above)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _seq_rows(map_img, reg_rows, stride_map_h, stride_map_w, stride_reg_r, seq, X, Y, nX, nY,
+              WINDOW: tl.constexpr, NUM_REG: tl.constexpr, GRID_PATTERN: tl.constexpr):
+    """Row pointers of sequence rows ``seq`` of window (X, Y): register rows at reg_rows + seq *
+    stride_reg_r, token rows at their pixel of the (H, W, ...) map starting at map_img (both
+    already offset to the wanted channel block)."""
+    row, col = _token_pixel(tl.maximum(seq - NUM_REG, 0), X, Y, nX, nY, WINDOW, GRID_PATTERN)
+    return tl.where(seq < NUM_REG, reg_rows + seq * stride_reg_r, map_img + row * stride_map_h + col * stride_map_w)
+
+
+@triton.jit
+def window_attention_long_fwd_kernel(
+    qkv_ptr, stride_qkv_b, stride_qkv_h, stride_qkv_w,  # (B, H, W, 3C): q | k | v channels
+    reg_ptr, stride_reg_b, stride_reg_r, reg_q_off, reg_k_off, reg_v_off,  # register rows (Breg, r, Creg)
+    table_ptr, stride_table_t, stride_table_h,  # ((2w-1)^2 + 1, heads)
+    out_ptr, stride_out_b, stride_out_h, stride_out_w,  # (B, H, W, C) per-head outputs
+    reg_out_ptr, stride_reg_out_win, stride_reg_out_r,  # (windows, r, C) register-row outputs
+    lse_ptr, stride_lse_win, stride_lse_h,  # (windows, heads, n - Q_START) fp32, base 2
+    C, heads, nX, nY,
+    qk_scale_log2, seed_ptr, dropout_threshold, keep_scale,
+    WINDOW: tl.constexpr, NUM_REG: tl.constexpr, HEAD_DIM: tl.constexpr, Q_START: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRID_PATTERN: tl.constexpr, DROPOUT: tl.constexpr,
+    ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # One program per (window, head, query tile); a loop over key tiles with the running row max
+    # m and running sum l of exp2(s - m) (flash attention's online softmax, base 2).
+    SEQ: tl.constexpr = NUM_REG + WINDOW * WINDOW
+    ELEM: tl.constexpr = qkv_ptr.dtype.element_ty
+    win, img, X, Y = _window_coords(tl.program_id(0), nX, nY)
+    head = tl.program_id(1)
+    q_tile = tl.program_id(2)
+
+    seq_q = Q_START + q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_valid = seq_q < SEQ
+    ch = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
+    qkv_img = qkv_ptr + img * stride_qkv_b
+    reg_img = reg_ptr + img * stride_reg_b
+    q_rows = _seq_rows(qkv_img, reg_img + reg_q_off, stride_qkv_h, stride_qkv_w, stride_reg_r, seq_q, X, Y, nX, nY,
+                       WINDOW, NUM_REG, GRID_PATTERN)
+    q = tl.load(_tile_ptrs(q_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0)
+    q_op = _dot_operand(q, ELEM, UPCAST_DOT)
+
+    row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    # Every key tile holds at least one real key (key_start < SEQ), so the running max is finite
+    # after the first tile and padded keys (-inf) contribute exp2(-inf) = 0.
+    for key_start in range(0, SEQ, BLOCK_N):
+        seq_k = key_start + tl.arange(0, BLOCK_N)
+        k_valid = seq_k < SEQ
+        k_rows = _seq_rows(qkv_img + C, reg_img + reg_k_off, stride_qkv_h, stride_qkv_w, stride_reg_r, seq_k,
+                           X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+        v_rows = _seq_rows(qkv_img + 2 * C, reg_img + reg_v_off, stride_qkv_h, stride_qkv_w, stride_reg_r, seq_k,
+                           X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+        k = tl.load(_tile_ptrs(k_rows, ch, ALIGN, HEAD_DIM), mask=k_valid[:, None], other=0.0)
+        v = tl.load(_tile_ptrs(v_rows, ch, ALIGN, HEAD_DIM), mask=k_valid[:, None], other=0.0)
+        bias = _bias_tile(table_ptr, stride_table_t, stride_table_h, head, seq_q, seq_k, SEQ, NUM_REG, WINDOW)
+
+        s = tl.dot(q_op, tl.trans(_dot_operand(k, ELEM, UPCAST_DOT)), input_precision=DOT_PRECISION)
+        s = s * qk_scale_log2 + bias.to(tl.float32) * 1.4426950408889634
+        new_max = tl.maximum(row_max, tl.max(s, 1))
+        rescale = tl.math.exp2(row_max - new_max)  # 0 on the first tile (row_max = -inf)
+        p = tl.math.exp2(s - new_max[:, None])
+        row_sum = row_sum * rescale + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _keep_mask(seed_ptr, win, head, heads, seq_q, key_start, dropout_threshold, SEQ, BLOCK_N)
+            p = tl.where(keep, p * keep_scale, 0.0)
+        acc = tl.dot(_dot_operand(p, ELEM, UPCAST_DOT), _dot_operand(v, ELEM, UPCAST_DOT), acc * rescale[:, None],
+                     input_precision=DOT_PRECISION)
+        row_max = new_max
+
+    o = acc * (1.0 / row_sum)[:, None]
+    lse = row_max + tl.math.log2(row_sum)
+    o_rows = _seq_rows(out_ptr + img * stride_out_b, reg_out_ptr + win * stride_reg_out_win, stride_out_h,
+                       stride_out_w, stride_reg_out_r, seq_q, X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+    tl.store(_tile_ptrs(o_rows, ch, ALIGN, HEAD_DIM), _round(o, out_ptr.dtype.element_ty, UPCAST_DOT),
+             mask=q_valid[:, None])
+    tl.store(lse_ptr + win * stride_lse_win + head * stride_lse_h + (seq_q - Q_START), lse, mask=q_valid)
+
+
+@triton.jit
+def window_attention_long_bwd_dq_kernel(
+    qkv_ptr, stride_qkv_b, stride_qkv_h, stride_qkv_w,
+    reg_ptr, stride_reg_b, stride_reg_r, reg_q_off, reg_k_off, reg_v_off,
+    table_ptr, stride_table_t, stride_table_h,
+    out_ptr, stride_out_b, stride_out_h, stride_out_w,  # the forward's O (for delta)
+    reg_out_ptr, stride_reg_out_win, stride_reg_out_r,
+    dout_ptr, stride_dout_b, stride_dout_h, stride_dout_w,  # dO
+    dreg_out_ptr, stride_dreg_out_win, stride_dreg_out_r,
+    lse_ptr, stride_lse_win, stride_lse_h,
+    delta_ptr, stride_delta_win, stride_delta_h,  # out: fp32 rowsum(dO * O), read by the dK/dV kernel
+    dq_ptr, stride_dq_b, stride_dq_h, stride_dq_w,  # token dQ: channels [0, C) of this map
+    dreg_ptr, stride_dreg_win, stride_dreg_r,  # fp32 register-row dq|dk|dv per window (q part here)
+    dbias_ptr, stride_dbias_slot, stride_dbias_h, stride_dbias_q, dbias_slots,  # fp32 (slots, heads, n - Q_START, n)
+    C, heads, nX, nY,
+    qk_scale_log2, sm_scale, seed_ptr, dropout_threshold, keep_scale,
+    WINDOW: tl.constexpr, NUM_REG: tl.constexpr, HEAD_DIM: tl.constexpr, Q_START: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRID_PATTERN: tl.constexpr, DROPOUT: tl.constexpr,
+    ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # One program per (window, head, query tile): delta, dQ over a loop of key tiles, bias gradient.
+    SEQ: tl.constexpr = NUM_REG + WINDOW * WINDOW
+    ELEM: tl.constexpr = qkv_ptr.dtype.element_ty
+    win, img, X, Y = _window_coords(tl.program_id(0), nX, nY)
+    head = tl.program_id(1)
+    q_tile = tl.program_id(2)
+
+    seq_q = Q_START + q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_valid = seq_q < SEQ
+    q_is_reg = seq_q < NUM_REG
+    ch = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
+    qkv_img = qkv_ptr + img * stride_qkv_b
+    reg_img = reg_ptr + img * stride_reg_b
+    q_rows = _seq_rows(qkv_img, reg_img + reg_q_off, stride_qkv_h, stride_qkv_w, stride_reg_r, seq_q, X, Y, nX, nY,
+                       WINDOW, NUM_REG, GRID_PATTERN)
+    o_rows = _seq_rows(out_ptr + img * stride_out_b, reg_out_ptr + win * stride_reg_out_win, stride_out_h,
+                       stride_out_w, stride_reg_out_r, seq_q, X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+    do_rows = _seq_rows(dout_ptr + img * stride_dout_b, dreg_out_ptr + win * stride_dreg_out_win, stride_dout_h,
+                        stride_dout_w, stride_dreg_out_r, seq_q, X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+    q = tl.load(_tile_ptrs(q_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0)
+    do = tl.load(_tile_ptrs(do_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0)
+    o = tl.load(_tile_ptrs(o_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0)
+    lse = tl.load(lse_ptr + win * stride_lse_win + head * stride_lse_h + (seq_q - Q_START), mask=q_valid,
+                  other=float("inf"))  # padded query rows: P = 0 exactly
+    # delta_i = sum_j P_ij dP_ij = dO_i . O_i (with dropout too: O = P_drop V), in fp32 from the
+    # stored (rounded) O, as flash attention does: the row spans several key tiles.
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(delta_ptr + win * stride_delta_win + head * stride_delta_h + (seq_q - Q_START), delta, mask=q_valid)
+    q_op = _dot_operand(q, ELEM, UPCAST_DOT)
+    do_op = _dot_operand(do, ELEM, UPCAST_DOT)
+    dbias_rows = dbias_ptr + (win % dbias_slots) * stride_dbias_slot + head * stride_dbias_h \
+        + (seq_q - Q_START)[:, None] * stride_dbias_q
+
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    for key_start in range(0, SEQ, BLOCK_N):
+        seq_k = key_start + tl.arange(0, BLOCK_N)
+        k_valid = seq_k < SEQ
+        k_rows = _seq_rows(qkv_img + C, reg_img + reg_k_off, stride_qkv_h, stride_qkv_w, stride_reg_r, seq_k,
+                           X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+        v_rows = _seq_rows(qkv_img + 2 * C, reg_img + reg_v_off, stride_qkv_h, stride_qkv_w, stride_reg_r, seq_k,
+                           X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+        k = tl.load(_tile_ptrs(k_rows, ch, ALIGN, HEAD_DIM), mask=k_valid[:, None], other=0.0)
+        v = tl.load(_tile_ptrs(v_rows, ch, ALIGN, HEAD_DIM), mask=k_valid[:, None], other=0.0)
+        bias = _bias_tile(table_ptr, stride_table_t, stride_table_h, head, seq_q, seq_k, SEQ, NUM_REG, WINDOW)
+        k_op = _dot_operand(k, ELEM, UPCAST_DOT)
+
+        s = tl.dot(q_op, tl.trans(k_op), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(s * qk_scale_log2 + bias.to(tl.float32) * 1.4426950408889634 - lse[:, None])
+        dp = tl.dot(do_op, tl.trans(_dot_operand(v, ELEM, UPCAST_DOT)), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = _keep_mask(seed_ptr, win, head, heads, seq_q, key_start, dropout_threshold, SEQ, BLOCK_N)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        # bias gradient: fp32 atomic adds into slot window % dbias_slots, as in the one-tile kernel
+        tl.atomic_add(dbias_rows + seq_k[None, :], ds, mask=q_valid[:, None] & k_valid[None, :], sem="relaxed")
+        dq = tl.dot(_dot_operand(ds * sm_scale, ELEM, UPCAST_DOT), k_op, dq, input_precision=DOT_PRECISION)
+
+    q_row, q_col = _token_pixel(tl.maximum(seq_q - NUM_REG, 0), X, Y, nX, nY, WINDOW, GRID_PATTERN)
+    dq_rows = dq_ptr + img * stride_dq_b + q_row * stride_dq_h + q_col * stride_dq_w
+    tl.store(_tile_ptrs(dq_rows, ch, ALIGN, HEAD_DIM), _round(dq, dq_ptr.dtype.element_ty, UPCAST_DOT),
+             mask=(q_valid & ~q_is_reg)[:, None])
+    dreg_rows = dreg_ptr + win * stride_dreg_win + reg_q_off + seq_q * stride_dreg_r
+    tl.store(_tile_ptrs(dreg_rows, ch, 16, HEAD_DIM), dq, mask=q_is_reg[:, None])
+
+
+@triton.jit
+def window_attention_long_bwd_dkv_kernel(
+    qkv_ptr, stride_qkv_b, stride_qkv_h, stride_qkv_w,
+    reg_ptr, stride_reg_b, stride_reg_r, reg_q_off, reg_k_off, reg_v_off,
+    table_ptr, stride_table_t, stride_table_h,
+    dout_ptr, stride_dout_b, stride_dout_h, stride_dout_w,  # dO
+    dreg_out_ptr, stride_dreg_out_win, stride_dreg_out_r,
+    lse_ptr, stride_lse_win, stride_lse_h,
+    delta_ptr, stride_delta_win, stride_delta_h,  # written by the dQ kernel
+    dkv_ptr, stride_dkv_b, stride_dkv_h, stride_dkv_w,  # token dK, dV: channels [C, 3C) of dqkv
+    dreg_ptr, stride_dreg_win, stride_dreg_r,  # fp32 register-row dq|dk|dv per window (k, v parts here)
+    C, heads, nX, nY,
+    qk_scale_log2, sm_scale, seed_ptr, dropout_threshold, keep_scale,
+    WINDOW: tl.constexpr, NUM_REG: tl.constexpr, HEAD_DIM: tl.constexpr, Q_START: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRID_PATTERN: tl.constexpr, DROPOUT: tl.constexpr,
+    ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # One program per (window, head, key tile): dK and dV over a loop of query tiles (no partial
+    # sums: each key row's gradient is complete in one program).
+    SEQ: tl.constexpr = NUM_REG + WINDOW * WINDOW
+    ELEM: tl.constexpr = qkv_ptr.dtype.element_ty
+    win, img, X, Y = _window_coords(tl.program_id(0), nX, nY)
+    head = tl.program_id(1)
+    key_start = tl.program_id(2) * BLOCK_N
+
+    seq_k = key_start + tl.arange(0, BLOCK_N)
+    k_valid = seq_k < SEQ
+    k_is_reg = seq_k < NUM_REG
+    ch = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
+    qkv_img = qkv_ptr + img * stride_qkv_b
+    reg_img = reg_ptr + img * stride_reg_b
+    k_rows = _seq_rows(qkv_img + C, reg_img + reg_k_off, stride_qkv_h, stride_qkv_w, stride_reg_r, seq_k,
+                       X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+    v_rows = _seq_rows(qkv_img + 2 * C, reg_img + reg_v_off, stride_qkv_h, stride_qkv_w, stride_reg_r, seq_k,
+                       X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+    k_op = _dot_operand(tl.load(_tile_ptrs(k_rows, ch, ALIGN, HEAD_DIM), mask=k_valid[:, None], other=0.0),
+                        ELEM, UPCAST_DOT)
+    v_op = _dot_operand(tl.load(_tile_ptrs(v_rows, ch, ALIGN, HEAD_DIM), mask=k_valid[:, None], other=0.0),
+                        ELEM, UPCAST_DOT)
+
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    for query_start in range(Q_START, SEQ, BLOCK_M):
+        seq_q = query_start + tl.arange(0, BLOCK_M)
+        q_valid = seq_q < SEQ
+        q_rows = _seq_rows(qkv_img, reg_img + reg_q_off, stride_qkv_h, stride_qkv_w, stride_reg_r, seq_q,
+                           X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+        do_rows = _seq_rows(dout_ptr + img * stride_dout_b, dreg_out_ptr + win * stride_dreg_out_win, stride_dout_h,
+                            stride_dout_w, stride_dreg_out_r, seq_q, X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+        q_op = _dot_operand(tl.load(_tile_ptrs(q_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0),
+                            ELEM, UPCAST_DOT)
+        do_op = _dot_operand(tl.load(_tile_ptrs(do_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0),
+                             ELEM, UPCAST_DOT)
+        row_offsets = win * stride_lse_win + head * stride_lse_h + (seq_q - Q_START)
+        lse = tl.load(lse_ptr + row_offsets, mask=q_valid, other=float("inf"))  # padded query rows: P = 0
+        delta = tl.load(delta_ptr + win * stride_delta_win + head * stride_delta_h + (seq_q - Q_START),
+                        mask=q_valid, other=0.0)
+        bias = _bias_tile(table_ptr, stride_table_t, stride_table_h, head, seq_q, seq_k, SEQ, NUM_REG, WINDOW)
+
+        s = tl.dot(q_op, tl.trans(k_op), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(s * qk_scale_log2 + bias.to(tl.float32) * 1.4426950408889634 - lse[:, None])
+        dp = tl.dot(do_op, tl.trans(v_op), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = _keep_mask(seed_ptr, win, head, heads, seq_q, key_start, dropout_threshold, SEQ, BLOCK_N)
+            p_dropped = tl.where(keep, p * keep_scale, 0.0)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        else:
+            p_dropped = p
+        ds = p * (dp - delta[:, None])
+        dv = tl.dot(tl.trans(_dot_operand(p_dropped, ELEM, UPCAST_DOT)), do_op, dv, input_precision=DOT_PRECISION)
+        dk = tl.dot(tl.trans(_dot_operand(ds * sm_scale, ELEM, UPCAST_DOT)), q_op, dk, input_precision=DOT_PRECISION)
+
+    k_row, k_col = _token_pixel(tl.maximum(seq_k - NUM_REG, 0), X, Y, nX, nY, WINDOW, GRID_PATTERN)
+    dkv_rows = dkv_ptr + img * stride_dkv_b + k_row * stride_dkv_h + k_col * stride_dkv_w
+    k_tok_mask = (k_valid & ~k_is_reg)[:, None]
+    tl.store(_tile_ptrs(dkv_rows + C, ch, ALIGN, HEAD_DIM), _round(dk, dkv_ptr.dtype.element_ty, UPCAST_DOT),
+             mask=k_tok_mask)
+    tl.store(_tile_ptrs(dkv_rows + 2 * C, ch, ALIGN, HEAD_DIM), _round(dv, dkv_ptr.dtype.element_ty, UPCAST_DOT),
+             mask=k_tok_mask)
+    dreg_win = dreg_ptr + win * stride_dreg_win
+    tl.store(_tile_ptrs(dreg_win + reg_k_off + seq_k * stride_dreg_r, ch, 16, HEAD_DIM), dk, mask=k_is_reg[:, None])
+    tl.store(_tile_ptrs(dreg_win + reg_v_off + seq_k * stride_dreg_r, ch, 16, HEAD_DIM), dv, mask=k_is_reg[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
 
@@ -427,14 +692,27 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def is_long_sequence(window: int, num_registers: int) -> bool:
+    """Whether r + w*w needs more than one key tile (the key-loop kernels, whose backward also
+    reads the forward's output O)."""
+    return _next_pow2(num_registers + window * window) > MAX_SEQ_TILE
+
+
 def tile_config(window: int, num_registers: int, register_queries: bool, dtype: torch.dtype = torch.float16) -> dict:
     """Tile sizes, warps and pipeline stages for one window sequence (chosen from the compiled
-    code's resource report, see the header); raises ValueError when it does not fit one key tile."""
+    code's resource report, see the header). ``long`` selects the key-loop kernels (n > 128);
+    raises ValueError beyond MAX_LONG_SEQ."""
     seq = num_registers + window * window
     q_start = 0 if register_queries else num_registers
+    if is_long_sequence(window, num_registers):
+        if seq > MAX_LONG_SEQ:
+            raise ValueError(f"sequence r + w*w = {seq} is longer than {MAX_LONG_SEQ}")
+        tiles = LONG_TILES[dtype == torch.float32]
+        block_m, block_n = tiles["BLOCK_M"], tiles["BLOCK_N"]
+        return dict(seq=seq, q_start=q_start, long=True, BLOCK_M=block_m, BLOCK_N=block_n,
+                    q_tiles=triton.cdiv(seq - q_start, block_m), k_tiles=triton.cdiv(seq, block_n),
+                    num_warps=tiles["num_warps"], fwd_stages=tiles["fwd_stages"], bwd_stages=tiles["bwd_stages"])
     block_n = max(16, _next_pow2(seq))
-    if block_n > MAX_SEQ_TILE:
-        raise ValueError(f"sequence r + w*w = {seq} needs a key tile of {block_n} > {MAX_SEQ_TILE}")
     block_m = max(16, min(64, _next_pow2(seq - q_start)))
     q_tiles = triton.cdiv(seq - q_start, block_m)
     # fp16/bf16: 4 warps for a 64-key tile (the chained dots put all warps along the 64 query rows;
@@ -442,8 +720,8 @@ def tile_config(window: int, num_registers: int, register_queries: bool, dtype: 
     num_warps = 4 if block_n <= 64 and dtype != torch.float32 else 8
     # the forward's window loop prefetches the next window's q/k/v with 2 stages; the backward has
     # no loop
-    return dict(seq=seq, q_start=q_start, BLOCK_M=block_m, BLOCK_N=block_n, q_tiles=q_tiles, num_warps=num_warps,
-                fwd_stages=2, bwd_stages=1)
+    return dict(seq=seq, q_start=q_start, long=False, BLOCK_M=block_m, BLOCK_N=block_n, q_tiles=q_tiles,
+                k_tiles=1, num_warps=num_warps, fwd_stages=2, bwd_stages=1)
 
 
 DROPOUT_BITS = 16
@@ -471,8 +749,8 @@ def unsupported_reason(window: int, num_registers: int, head_dim: int, dtype: to
     if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1):
         return f"window attention kernels need dim_head a power of two in [16, 128], got {head_dim}"
     seq = num_registers + window * window
-    if _next_pow2(seq) > MAX_SEQ_TILE:
-        return (f"window attention kernels need r + w*w <= {MAX_SEQ_TILE}, got {num_registers} + "
+    if seq > MAX_LONG_SEQ:
+        return (f"window attention kernels need r + w*w <= {MAX_LONG_SEQ}, got {num_registers} + "
                 f"{window}*{window} = {seq}")
     return None
 
@@ -587,32 +865,41 @@ def window_attention_forward(
     _check_int32_image(qkv, out)
     threshold, keep_scale = dropout_threshold(dropout_p)
     align = _alignment([qkv, reg_qkv, out, reg_out], [C, k_off, v_off], qkv.element_size())
-    wpp = _windows_per_program(num_windows, heads * cfg["q_tiles"], target_programs=4096, minimum=1)
-    grid = (triton.cdiv(num_windows, wpp), heads, cfg["q_tiles"])
     reg_batch_stride = reg_qkv.stride(0) if reg_qkv.shape[0] > 1 else 0
-    window_attention_fwd_kernel[grid](
+    args = (
         qkv, qkv.stride(0), qkv.stride(1), qkv.stride(2),
         reg_qkv, reg_batch_stride, reg_qkv.stride(1), q_off, k_off, v_off,
         table, table.stride(0), table.stride(1),
         out, out.stride(0), out.stride(1), out.stride(2),
         reg_out_arg, *((reg_out_view.stride(0), reg_out_view.stride(1)) if register_queries else (0, 0)),
         lse, lse.stride(0), lse.stride(1),
-        C, heads, nX, nY, num_windows, wpp,
-        float(scale) * LOG2E, seed_pointer(seed, threshold > 0, table), threshold, keep_scale,
+    )
+    scalars = (float(scale) * LOG2E, seed_pointer(seed, threshold > 0, table), threshold, keep_scale)
+    constexprs = dict(
         WINDOW=window, NUM_REG=num_registers, HEAD_DIM=head_dim, Q_START=cfg["q_start"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GRID_PATTERN=bool(grid_pattern),
         DROPOUT=threshold > 0, ALIGN=align, UPCAST_DOT=INTERPRET, DOT_PRECISION=_dot_precision(dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["fwd_stages"],
     )
+    if cfg["long"]:  # one window per program, a loop over key tiles
+        window_attention_long_fwd_kernel[(num_windows, heads, cfg["q_tiles"])](
+            *args, C, heads, nX, nY, *scalars, **constexprs)
+        return out, reg_out, lse
+    wpp = _windows_per_program(num_windows, heads * cfg["q_tiles"], target_programs=4096, minimum=1)
+    grid = (triton.cdiv(num_windows, wpp), heads, cfg["q_tiles"])
+    window_attention_fwd_kernel[grid](*args, C, heads, nX, nY, num_windows, wpp, *scalars, **constexprs)
     return out, reg_out, lse
 
 
 def window_attention_backward(
     qkv, reg_qkv, table, lse, d_out, d_reg_out, rel_pos_indices, *, window, num_registers,
     heads, head_dim, grid_pattern, register_queries, scale, dropout_p=0.0, seed=None, dqkv=None,
+    out=None, reg_out=None,
 ):
     """Gradients of :func:`window_attention_forward` (same arguments; its output lse; d_out
     (B, H, W, C) and d_reg_out (B, nX, nY, r, C), or None without register queries).
+    Long sequences (``is_long_sequence``) also need the forward's outputs ``out`` and, with
+    register queries, ``reg_out`` (delta = rowsum(dO * O)); the one-tile kernel ignores them.
 
     Returns (dqkv (B, H, W, 3C) in qkv's dtype, d_reg (reg_qkv's shape, fp32: summed over the
     windows sharing each row), d_table (table's shape, fp32)). ``rel_pos_indices`` is the
@@ -638,6 +925,12 @@ def window_attention_backward(
         d_reg_out_strides = (d_reg_out_v.stride(0), d_reg_out_v.stride(1))
     else:  # no register query rows: never read
         d_reg_out_v, d_reg_out_strides = d_out, (0, 0)
+    if cfg["long"]:
+        return _long_backward(
+            qkv, reg_qkv, table, lse, d_out, d_reg_out_v, d_reg_out_strides, rel_pos_indices, out, reg_out, dqkv,
+            (B, H, W, C, nX, nY, num_windows), cfg, (q_off, k_off, v_off), window=window, num_registers=num_registers,
+            heads=heads, head_dim=head_dim, grid_pattern=grid_pattern, register_queries=register_queries, scale=scale,
+            dropout_p=dropout_p, seed=seed)
 
     # Token dK/dV: straight into dqkv with one query tile, else per-tile fp32 partials.
     if q_tiles == 1:
@@ -691,6 +984,95 @@ def window_attention_backward(
     # Bias table: dS summed over windows -> (heads, queries, keys) -> table entries.
     scores = dbias.sum(0)  # (heads, queries, keys)
     d_table = bias_table_gradient(scores, rel_pos_indices[q_start:, :], num_registers - q_start, num_registers, table.shape[0])
+    return dqkv, d_reg, d_table
+
+
+def long_dbias_slots(num_windows: int, heads: int, seq: int, q_start: int) -> int:
+    """Partial sums of the bias gradient for the key-loop kernels: up to DBIAS_SLOTS, fewer where
+    DBIAS_SLOTS (heads, n - q0, n) fp32 sums would pass DBIAS_LONG_BUDGET bytes (at least one)."""
+    per_slot = heads * (seq - q_start) * seq * 4
+    return max(1, min(num_windows, DBIAS_SLOTS, DBIAS_LONG_BUDGET // per_slot))
+
+
+def _long_backward(qkv, reg_qkv, table, lse, d_out, d_reg_out_v, d_reg_out_strides, rel_pos_indices, out, reg_out,
+                   dqkv, geometry, cfg, offsets, *, window, num_registers, heads, head_dim, grid_pattern,
+                   register_queries, scale, dropout_p, seed):
+    """Backward of the key-loop forward: the dQ kernel (delta, dQ, bias gradient) then the dK/dV
+    kernel (which reads the dQ kernel's delta)."""
+    B, H, W, C, nX, nY, num_windows = geometry
+    q_off, k_off, v_off = offsets
+    dev, dtype = qkv.device, qkv.dtype
+    seq, q_start = cfg["seq"], cfg["q_start"]
+    if out is None or out.shape != (B, H, W, C) or out.stride(-1) != 1:
+        raise ValueError(f"sequences longer than {MAX_SEQ_TILE} need the forward's output (B, H, W, C) with "
+                         f"contiguous channels (out=), got {None if out is None else tuple(out.shape)}")
+    if register_queries:
+        if reg_out is None or reg_out.shape != (B, nX, nY, num_registers, C):
+            raise ValueError(f"sequences longer than {MAX_SEQ_TILE} with register queries need the forward's "
+                             "register outputs (reg_out=)")
+        reg_out_v = reg_out.reshape(num_windows, num_registers, C)
+        if reg_out_v.stride(-1) != 1:
+            reg_out_v = reg_out_v.contiguous()
+        reg_out_strides = (reg_out_v.stride(0), reg_out_v.stride(1))
+    else:  # no register query rows: never read
+        reg_out_v, reg_out_strides = out, (0, 0)
+
+    c_reg = reg_qkv.shape[-1]
+    dreg = _alloc((num_windows, num_registers, c_reg), torch.float32, dev)  # q part: dQ kernel; k, v: dK/dV kernel
+    delta = _alloc((num_windows, heads, seq - q_start), torch.float32, dev)
+    slots = long_dbias_slots(num_windows, heads, seq, q_start)
+    dbias = torch.zeros((slots, heads, seq - q_start, seq), dtype=torch.float32, device=dev)
+
+    _check_int32_image(qkv, d_out, dqkv, out)
+    threshold, keep_scale = dropout_threshold(dropout_p)
+    align = _alignment([qkv, reg_qkv, d_out, out, d_reg_out_v if register_queries else None,
+                        reg_out_v if register_queries else None, dqkv], [C, k_off, v_off], qkv.element_size())
+    reg_batch_stride = reg_qkv.stride(0) if reg_qkv.shape[0] > 1 else 0
+    inputs = (
+        qkv, qkv.stride(0), qkv.stride(1), qkv.stride(2),
+        reg_qkv, reg_batch_stride, reg_qkv.stride(1), q_off, k_off, v_off,
+        table, table.stride(0), table.stride(1),
+    )
+    grads_in = (
+        d_out, d_out.stride(0), d_out.stride(1), d_out.stride(2),
+        d_reg_out_v, *d_reg_out_strides,
+        lse, lse.stride(0), lse.stride(1),
+        delta, delta.stride(0), delta.stride(1),
+    )
+    scalars = (C, heads, nX, nY, float(scale) * LOG2E, float(scale), seed_pointer(seed, threshold > 0, table),
+               threshold, keep_scale)
+    constexprs = dict(
+        WINDOW=window, NUM_REG=num_registers, HEAD_DIM=head_dim, Q_START=q_start,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GRID_PATTERN=bool(grid_pattern),
+        DROPOUT=threshold > 0, ALIGN=align, UPCAST_DOT=INTERPRET, DOT_PRECISION=_dot_precision(dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["bwd_stages"],
+    )
+    window_attention_long_bwd_dq_kernel[(num_windows, heads, cfg["q_tiles"])](
+        *inputs,
+        out, out.stride(0), out.stride(1), out.stride(2),
+        reg_out_v, *reg_out_strides,
+        *grads_in,
+        dqkv, dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
+        dreg, dreg.stride(0), dreg.stride(1),
+        dbias, dbias.stride(0), dbias.stride(1), dbias.stride(2), slots,
+        *scalars, **constexprs,
+    )
+    window_attention_long_bwd_dkv_kernel[(num_windows, heads, cfg["k_tiles"])](
+        *inputs,
+        *grads_in,
+        dqkv, dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
+        dreg, dreg.stride(0), dreg.stride(1),
+        *scalars, **constexprs,
+    )
+
+    # Register rows: sum over the windows that share them (all windows, or those of one image).
+    if reg_qkv.shape[0] == 1:
+        d_reg = dreg.sum(0).unsqueeze(0)
+    else:
+        d_reg = dreg.view(B, nX * nY, num_registers, c_reg).sum(1)
+    scores = dbias.sum(0)  # (heads, queries, keys)
+    d_table = bias_table_gradient(scores, rel_pos_indices[q_start:, :], num_registers - q_start, num_registers,
+                                  table.shape[0])
     return dqkv, d_reg, d_table
 
 

@@ -166,22 +166,25 @@ def window_attention_core_backward_op(
     qkv: torch.Tensor, reg_qkv: torch.Tensor, table: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor,
     d_reg_out: Optional[torch.Tensor], rel_pos_indices: torch.Tensor, window: int, num_registers: int, heads: int,
     head_dim: int, grid_pattern: bool, register_queries: bool, scale: float, dropout_p: float,
-    seed: Optional[torch.Tensor],
+    seed: Optional[torch.Tensor], out: Optional[torch.Tensor] = None, reg_out: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d qkv, d reg_qkv, d table) in the dtypes of qkv, reg_qkv and table (Triton backward)."""
+    """(d qkv, d reg_qkv, d table) in the dtypes of qkv, reg_qkv and table (Triton backward).
+
+    ``out`` / ``reg_out``: the forward's outputs, needed (and read) only for sequences longer than
+    one key tile (r + w*w > 128: delta = rowsum(dO * O)); ``reg_out`` only with register queries."""
     from ..kernels import window_attention as K
 
     dqkv, d_reg, d_table = K.window_attention_backward(
         qkv, reg_qkv, table, lse, d_out, d_reg_out, rel_pos_indices, window=window, num_registers=num_registers,
         heads=heads, head_dim=head_dim, grid_pattern=grid_pattern, register_queries=register_queries, scale=scale,
-        dropout_p=dropout_p, seed=seed,
+        dropout_p=dropout_p, seed=seed, out=out, reg_out=reg_out,
     )
     return dqkv, d_reg.to(reg_qkv.dtype).contiguous(), d_table.to(table.dtype).contiguous()
 
 
 @window_attention_core_backward_op.register_fake
 def _(qkv, reg_qkv, table, lse, d_out, d_reg_out, rel_pos_indices, window, num_registers, heads, head_dim,
-      grid_pattern, register_queries, scale, dropout_p, seed):
+      grid_pattern, register_queries, scale, dropout_p, seed, out=None, reg_out=None):
     return (torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device),
             torch.empty(reg_qkv.shape, dtype=reg_qkv.dtype, device=reg_qkv.device),
             torch.empty(table.shape, dtype=table.dtype, device=table.device))
@@ -191,20 +194,36 @@ _CORE_CONFIG = ("window", "num_registers", "heads", "head_dim", "grid_pattern", 
                 "dropout_p", "seed")
 
 
+def _is_long_sequence(window: int, num_registers: int) -> bool:
+    """Sequences over one key tile (r + w*w > 128): their backward also needs the outputs O."""
+    from ..kernels import window_attention as K
+
+    return K.is_long_sequence(window, num_registers)
+
+
 def _core_setup_context(ctx, inputs, output):
     qkv, reg_qkv, table, rel_pos_indices, *config = inputs
     ctx.cfg = dict(zip(_CORE_CONFIG, config))
-    ctx.save_for_backward(qkv, reg_qkv, table, rel_pos_indices, output[2])  # O is not needed, the lse is
+    saved = [qkv, reg_qkv, table, rel_pos_indices, output[2]]
+    # The one-tile backward forms delta = rowsum(P * dP) inside its tile and needs only the lse;
+    # the key-loop backward takes delta = rowsum(dO * O), so it keeps O (the output projection's
+    # backward keeps the same tensors for its weight gradient: no extra memory).
+    if _is_long_sequence(ctx.cfg["window"], ctx.cfg["num_registers"]):
+        saved += [output[0], output[1]]
+    ctx.save_for_backward(*saved)
 
 
 def _core_backward(ctx, d_out, d_reg_out, _d_lse):
-    qkv, reg_qkv, table, rel_pos_indices, lse = ctx.saved_tensors
+    qkv, reg_qkv, table, rel_pos_indices, lse, *outputs = ctx.saved_tensors
     cfg = ctx.cfg
     if d_out.stride(-1) != 1:
         d_out = d_out.contiguous()
     d_reg_out = d_reg_out if cfg["register_queries"] else None
+    out, reg_out = outputs if outputs else (None, None)
+    if not cfg["register_queries"]:
+        reg_out = None
     dqkv, d_reg, d_table = window_attention_core_backward_op(
-        qkv, reg_qkv, table, lse, d_out, d_reg_out, rel_pos_indices, *cfg.values()
+        qkv, reg_qkv, table, lse, d_out, d_reg_out, rel_pos_indices, *cfg.values(), out, reg_out
     )
     return dqkv, d_reg, d_table, None, *(None for _ in _CORE_CONFIG)
 
