@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PATH", help="PNG of images/s against batch size per path (needs matplotlib)")
     p.add_argument("--traffic", action="store_true",
                    help="report activation bytes written and kernel launches per image/forward "
-                   "(reference vs fused) instead of timing")
+                   "(reference vs fused) instead of timing; with --train, per training step "
+                   "(forward + backward)")
     p.add_argument("--interpret", action="store_true",
                    help="CPU: also run the fused path through the Triton interpreter on a tiny input "
                    "and compare it to the reference (correctness only, never a speed)")
@@ -741,9 +742,20 @@ def run_traffic(args, base, model_kwargs, device, doc, notes) -> dict:
 
     batch = args.batch_sizes[0]
     x, _ = _make_input(args, batch, device, model_kwargs)
+    target = torch.randint(0, model_kwargs.get("num_classes", 1000), (batch,), device=device)
     dry_run = device.type != "cuda"
-    section = {"batch_size": batch, "image_size": args.image_size, "dtype": args.dtype,
+    mode = "train" if args.train else "eval"
+    section = {"batch_size": batch, "image_size": args.image_size, "dtype": args.dtype, "mode": mode,
                "triton_dry_run": dry_run, "target_ratio": TRAFFIC_TARGET, "paths": {}}
+
+    def step(model, counter=None):
+        # eval: one forward; train: forward + backward of the cross-entropy (no optimizer step:
+        # it is the same for both paths); the backward's ops are one section of their own
+        if not args.train:
+            return model(x)
+        loss = torch.nn.functional.cross_entropy(model(x).float(), target)
+        with counter.section("backward") if counter is not None else contextlib.nullcontext():
+            loss.backward()
     if dry_run:
         section["note"] = ("CPU: Triton launches were recorded but not executed (dry run): the counts "
                            "are those of the GPU code path; no outputs were computed.")
@@ -751,15 +763,15 @@ def run_traffic(args, base, model_kwargs, device, doc, notes) -> dict:
             section["note"] += (" The kernels were imported without TRITON_INTERPRET=1, so the fused "
                                 "path falls back to the reference here; run maxvit-bench as its own process.")
     for name, fused in (("reference", False), ("fused", True)):
-        model = _place_model(base, args, device, fused=fused).eval()
+        model = _place_model(base, args, device, fused=fused).train(args.train)
         reset_fallback_warnings()
-        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        with warnings.catch_warnings(record=True) as caught, torch.set_grad_enabled(args.train):
             warnings.simplefilter("always", FusedFallbackWarning)
             with _precision_context(args, device)():
                 with TrafficCounter(execute_triton=not dry_run):  # warm-up: caches, first-call work
-                    model(x)
+                    step(model)
                 with TrafficCounter(execute_triton=not dry_run) as counter, _sections(counter):
-                    model(x)
+                    step(model, counter)
         report = counter.report()
         entry = report.to_dict(per=batch)
         entry["bytes_per_image"] = entry.pop("bytes")
@@ -782,7 +794,8 @@ def format_traffic(section: dict, top: int = 12) -> str:
     ref, fus = section["paths"]["reference"], section["paths"]["fused"]
     lines = [
         f"Memory-traffic model: batch {section['batch_size']}, image {section['image_size']}, "
-        f"{section['dtype']}; bytes of activations written per image, kernel launches per forward",
+        f"{section['dtype']}; bytes of activations written per image, kernel launches per "
+        + ("training step (forward + backward)" if section.get("mode") == "train" else "forward"),
     ]
     if section.get("note"):
         lines.append(section["note"])
@@ -806,6 +819,8 @@ def format_traffic(section: dict, top: int = 12) -> str:
         v = r[key]
         if v is None:
             return "n/a"
+        if section.get("mode") == "train":  # the target is set for inference
+            return f"{v:.1%}"
         return f"{v:.1%} ({'meets' if v <= TRAFFIC_TARGET else 'misses'} the {TRAFFIC_TARGET:.0%} target)"
 
     lines.append("")

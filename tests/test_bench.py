@@ -211,6 +211,21 @@ def test_cli_traffic(tmp_path, capsys):
     assert t["target_met"]["bytes"] == (t["ratio"]["bytes"] <= 0.25)
 
 
+def test_cli_traffic_training_step(tmp_path, capsys):
+    """--traffic --train counts a forward + backward per path, the backward as its own section."""
+    out = tmp_path / "traffic-train.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert bench.main([*SMALL, "--traffic", "--train", "--batch-sizes", "2", "--json", str(out)]) == 0
+    assert "training step (forward + backward)" in capsys.readouterr().out
+    t = json.loads(out.read_text())["traffic"]
+    assert t["mode"] == "train"
+    for entry in t["paths"].values():
+        assert entry["by_section"]["backward"]["launches"] > 0 and entry["by_section"]["backward"]["bytes"] > 0
+        assert sum(s["bytes"] for s in entry["by_section"].values()) == pytest.approx(entry["bytes_per_image"])
+    assert any(o["op"].startswith("triton:window_attention_bwd") for o in t["paths"]["fused"]["by_op"])
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="--interpret is the CPU correctness check")
 def test_cli_interpret_check(tmp_path, capsys):
     out = tmp_path / "interp.json"
