@@ -130,8 +130,8 @@ MAX_SEQ_TILE = 128
 MAX_LONG_SEQ = 1024
 # Tiles of the key-loop kernels, fp16/bf16 (False) and fp32 (True); from the resource report in the header.
 LONG_TILES = {
-    False: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, fwd_stages=2, bwd_stages=2),
-    True: dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, fwd_stages=2, bwd_stages=2),
+    False: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, fwd_stages=2, bwd_stages=2),
+    True: dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, fwd_stages=2, bwd_stages=1),
 }
 # Bytes the long path's bias-gradient partial sums may take (fewer slots for long sequences).
 DBIAS_LONG_BUDGET = 32 * 2**20
@@ -435,12 +435,10 @@ def window_attention_bwd_kernel(
 
 
 @triton.jit
-def _seq_rows(map_img, reg_rows, stride_map_h, stride_map_w, stride_reg_r, seq, X, Y, nX, nY,
-              WINDOW: tl.constexpr, NUM_REG: tl.constexpr, GRID_PATTERN: tl.constexpr):
-    """Row pointers of sequence rows ``seq`` of window (X, Y): register rows at reg_rows + seq *
-    stride_reg_r, token rows at their pixel of the (H, W, ...) map starting at map_img (both
-    already offset to the wanted channel block)."""
-    row, col = _token_pixel(tl.maximum(seq - NUM_REG, 0), X, Y, nX, nY, WINDOW, GRID_PATTERN)
+def _seq_rows(map_img, reg_rows, stride_map_h, stride_map_w, stride_reg_r, seq, row, col, NUM_REG: tl.constexpr):
+    """Row pointers of sequence rows ``seq`` (token pixels (row, col) from _token_pixel): register
+    rows at reg_rows + seq * stride_reg_r, token rows at their pixel of the (H, W, ...) map starting
+    at map_img (both already offset to the wanted channel block)."""
     return tl.where(seq < NUM_REG, reg_rows + seq * stride_reg_r, map_img + row * stride_map_h + col * stride_map_w)
 
 
@@ -471,8 +469,9 @@ def window_attention_long_fwd_kernel(
     ch = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
     qkv_img = qkv_ptr + img * stride_qkv_b
     reg_img = reg_ptr + img * stride_reg_b
-    q_rows = _seq_rows(qkv_img, reg_img + reg_q_off, stride_qkv_h, stride_qkv_w, stride_reg_r, seq_q, X, Y, nX, nY,
-                       WINDOW, NUM_REG, GRID_PATTERN)
+    q_row, q_col = _token_pixel(tl.maximum(seq_q - NUM_REG, 0), X, Y, nX, nY, WINDOW, GRID_PATTERN)
+    q_rows = _seq_rows(qkv_img, reg_img + reg_q_off, stride_qkv_h, stride_qkv_w, stride_reg_r, seq_q, q_row, q_col,
+                       NUM_REG)
     q = tl.load(_tile_ptrs(q_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0)
     q_op = _dot_operand(q, ELEM, UPCAST_DOT)
 
@@ -484,10 +483,11 @@ def window_attention_long_fwd_kernel(
     for key_start in range(0, SEQ, BLOCK_N):
         seq_k = key_start + tl.arange(0, BLOCK_N)
         k_valid = seq_k < SEQ
+        k_row, k_col = _token_pixel(tl.maximum(seq_k - NUM_REG, 0), X, Y, nX, nY, WINDOW, GRID_PATTERN)
         k_rows = _seq_rows(qkv_img + C, reg_img + reg_k_off, stride_qkv_h, stride_qkv_w, stride_reg_r, seq_k,
-                           X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+                           k_row, k_col, NUM_REG)
         v_rows = _seq_rows(qkv_img + 2 * C, reg_img + reg_v_off, stride_qkv_h, stride_qkv_w, stride_reg_r, seq_k,
-                           X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+                           k_row, k_col, NUM_REG)
         k = tl.load(_tile_ptrs(k_rows, ch, ALIGN, HEAD_DIM), mask=k_valid[:, None], other=0.0)
         v = tl.load(_tile_ptrs(v_rows, ch, ALIGN, HEAD_DIM), mask=k_valid[:, None], other=0.0)
         bias = _bias_tile(table_ptr, stride_table_t, stride_table_h, head, seq_q, seq_k, SEQ, NUM_REG, WINDOW)
@@ -508,7 +508,7 @@ def window_attention_long_fwd_kernel(
     o = acc * (1.0 / row_sum)[:, None]
     lse = row_max + tl.math.log2(row_sum)
     o_rows = _seq_rows(out_ptr + img * stride_out_b, reg_out_ptr + win * stride_reg_out_win, stride_out_h,
-                       stride_out_w, stride_reg_out_r, seq_q, X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+                       stride_out_w, stride_reg_out_r, seq_q, q_row, q_col, NUM_REG)
     tl.store(_tile_ptrs(o_rows, ch, ALIGN, HEAD_DIM), _round(o, out_ptr.dtype.element_ty, UPCAST_DOT),
              mask=q_valid[:, None])
     tl.store(lse_ptr + win * stride_lse_win + head * stride_lse_h + (seq_q - Q_START), lse, mask=q_valid)
@@ -547,12 +547,13 @@ def window_attention_long_bwd_dq_kernel(
     ch = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
     qkv_img = qkv_ptr + img * stride_qkv_b
     reg_img = reg_ptr + img * stride_reg_b
-    q_rows = _seq_rows(qkv_img, reg_img + reg_q_off, stride_qkv_h, stride_qkv_w, stride_reg_r, seq_q, X, Y, nX, nY,
-                       WINDOW, NUM_REG, GRID_PATTERN)
+    q_row, q_col = _token_pixel(tl.maximum(seq_q - NUM_REG, 0), X, Y, nX, nY, WINDOW, GRID_PATTERN)
+    q_rows = _seq_rows(qkv_img, reg_img + reg_q_off, stride_qkv_h, stride_qkv_w, stride_reg_r, seq_q, q_row, q_col,
+                       NUM_REG)
     o_rows = _seq_rows(out_ptr + img * stride_out_b, reg_out_ptr + win * stride_reg_out_win, stride_out_h,
-                       stride_out_w, stride_reg_out_r, seq_q, X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+                       stride_out_w, stride_reg_out_r, seq_q, q_row, q_col, NUM_REG)
     do_rows = _seq_rows(dout_ptr + img * stride_dout_b, dreg_out_ptr + win * stride_dreg_out_win, stride_dout_h,
-                        stride_dout_w, stride_dreg_out_r, seq_q, X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+                        stride_dout_w, stride_dreg_out_r, seq_q, q_row, q_col, NUM_REG)
     q = tl.load(_tile_ptrs(q_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0)
     do = tl.load(_tile_ptrs(do_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0)
     o = tl.load(_tile_ptrs(o_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0)
@@ -564,17 +565,17 @@ def window_attention_long_bwd_dq_kernel(
     tl.store(delta_ptr + win * stride_delta_win + head * stride_delta_h + (seq_q - Q_START), delta, mask=q_valid)
     q_op = _dot_operand(q, ELEM, UPCAST_DOT)
     do_op = _dot_operand(do, ELEM, UPCAST_DOT)
-    dbias_rows = dbias_ptr + (win % dbias_slots) * stride_dbias_slot + head * stride_dbias_h \
-        + (seq_q - Q_START)[:, None] * stride_dbias_q
+    dbias_head = dbias_ptr + (win % dbias_slots) * stride_dbias_slot + head * stride_dbias_h
 
     dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     for key_start in range(0, SEQ, BLOCK_N):
         seq_k = key_start + tl.arange(0, BLOCK_N)
         k_valid = seq_k < SEQ
+        k_row, k_col = _token_pixel(tl.maximum(seq_k - NUM_REG, 0), X, Y, nX, nY, WINDOW, GRID_PATTERN)
         k_rows = _seq_rows(qkv_img + C, reg_img + reg_k_off, stride_qkv_h, stride_qkv_w, stride_reg_r, seq_k,
-                           X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+                           k_row, k_col, NUM_REG)
         v_rows = _seq_rows(qkv_img + 2 * C, reg_img + reg_v_off, stride_qkv_h, stride_qkv_w, stride_reg_r, seq_k,
-                           X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+                           k_row, k_col, NUM_REG)
         k = tl.load(_tile_ptrs(k_rows, ch, ALIGN, HEAD_DIM), mask=k_valid[:, None], other=0.0)
         v = tl.load(_tile_ptrs(v_rows, ch, ALIGN, HEAD_DIM), mask=k_valid[:, None], other=0.0)
         bias = _bias_tile(table_ptr, stride_table_t, stride_table_h, head, seq_q, seq_k, SEQ, NUM_REG, WINDOW)
@@ -588,10 +589,10 @@ def window_attention_long_bwd_dq_kernel(
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         # bias gradient: fp32 atomic adds into slot window % dbias_slots, as in the one-tile kernel
-        tl.atomic_add(dbias_rows + seq_k[None, :], ds, mask=q_valid[:, None] & k_valid[None, :], sem="relaxed")
+        dbias_offsets = (seq_q - Q_START)[:, None] * stride_dbias_q + seq_k[None, :]
+        tl.atomic_add(dbias_head + dbias_offsets, ds, mask=q_valid[:, None] & k_valid[None, :], sem="relaxed")
         dq = tl.dot(_dot_operand(ds * sm_scale, ELEM, UPCAST_DOT), k_op, dq, input_precision=DOT_PRECISION)
 
-    q_row, q_col = _token_pixel(tl.maximum(seq_q - NUM_REG, 0), X, Y, nX, nY, WINDOW, GRID_PATTERN)
     dq_rows = dq_ptr + img * stride_dq_b + q_row * stride_dq_h + q_col * stride_dq_w
     tl.store(_tile_ptrs(dq_rows, ch, ALIGN, HEAD_DIM), _round(dq, dq_ptr.dtype.element_ty, UPCAST_DOT),
              mask=(q_valid & ~q_is_reg)[:, None])
@@ -630,10 +631,11 @@ def window_attention_long_bwd_dkv_kernel(
     ch = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
     qkv_img = qkv_ptr + img * stride_qkv_b
     reg_img = reg_ptr + img * stride_reg_b
+    k_row, k_col = _token_pixel(tl.maximum(seq_k - NUM_REG, 0), X, Y, nX, nY, WINDOW, GRID_PATTERN)
     k_rows = _seq_rows(qkv_img + C, reg_img + reg_k_off, stride_qkv_h, stride_qkv_w, stride_reg_r, seq_k,
-                       X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+                       k_row, k_col, NUM_REG)
     v_rows = _seq_rows(qkv_img + 2 * C, reg_img + reg_v_off, stride_qkv_h, stride_qkv_w, stride_reg_r, seq_k,
-                       X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+                       k_row, k_col, NUM_REG)
     k_op = _dot_operand(tl.load(_tile_ptrs(k_rows, ch, ALIGN, HEAD_DIM), mask=k_valid[:, None], other=0.0),
                         ELEM, UPCAST_DOT)
     v_op = _dot_operand(tl.load(_tile_ptrs(v_rows, ch, ALIGN, HEAD_DIM), mask=k_valid[:, None], other=0.0),
@@ -644,10 +646,11 @@ def window_attention_long_bwd_dkv_kernel(
     for query_start in range(Q_START, SEQ, BLOCK_M):
         seq_q = query_start + tl.arange(0, BLOCK_M)
         q_valid = seq_q < SEQ
+        q_row, q_col = _token_pixel(tl.maximum(seq_q - NUM_REG, 0), X, Y, nX, nY, WINDOW, GRID_PATTERN)
         q_rows = _seq_rows(qkv_img, reg_img + reg_q_off, stride_qkv_h, stride_qkv_w, stride_reg_r, seq_q,
-                           X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+                           q_row, q_col, NUM_REG)
         do_rows = _seq_rows(dout_ptr + img * stride_dout_b, dreg_out_ptr + win * stride_dreg_out_win, stride_dout_h,
-                            stride_dout_w, stride_dreg_out_r, seq_q, X, Y, nX, nY, WINDOW, NUM_REG, GRID_PATTERN)
+                            stride_dout_w, stride_dreg_out_r, seq_q, q_row, q_col, NUM_REG)
         q_op = _dot_operand(tl.load(_tile_ptrs(q_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0),
                             ELEM, UPCAST_DOT)
         do_op = _dot_operand(tl.load(_tile_ptrs(do_rows, ch, ALIGN, HEAD_DIM), mask=q_valid[:, None], other=0.0),
@@ -671,7 +674,6 @@ def window_attention_long_bwd_dkv_kernel(
         dv = tl.dot(tl.trans(_dot_operand(p_dropped, ELEM, UPCAST_DOT)), do_op, dv, input_precision=DOT_PRECISION)
         dk = tl.dot(tl.trans(_dot_operand(ds * sm_scale, ELEM, UPCAST_DOT)), q_op, dk, input_precision=DOT_PRECISION)
 
-    k_row, k_col = _token_pixel(tl.maximum(seq_k - NUM_REG, 0), X, Y, nX, nY, WINDOW, GRID_PATTERN)
     dkv_rows = dkv_ptr + img * stride_dkv_b + k_row * stride_dkv_h + k_col * stride_dkv_w
     k_tok_mask = (k_valid & ~k_is_reg)[:, None]
     tl.store(_tile_ptrs(dkv_rows + C, ch, ALIGN, HEAD_DIM), _round(dk, dkv_ptr.dtype.element_ty, UPCAST_DOT),
