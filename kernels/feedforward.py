@@ -197,20 +197,23 @@ def layernorm_matmul(x_rows, row_ok, stride_xc, ln_w_ptr, ln_b_ptr, eps, w_rows,
 
 @triton.jit
 def ff_fused_mlp_kernel(
-    x_ptr, out_ptr, ln_w_ptr, ln_b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    x_ptr, out_ptr, ln_w_ptr, ln_b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, stats_ptr,
     M, D1,
     stride_x0, stride_x1, stride_xc, stride_o0, stride_o1, stride_oc,
     eps, seed_ptr, p_hidden, p_out, scale_hidden, scale_out,
     C: tl.constexpr, HIDDEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
-    DROPOUT_HIDDEN: tl.constexpr, DROPOUT_OUT: tl.constexpr, FP32_DOT: tl.constexpr, ROUND_BF16: tl.constexpr,
+    DROPOUT_HIDDEN: tl.constexpr, DROPOUT_OUT: tl.constexpr, WRITE_STATS: tl.constexpr,
+    FP32_DOT: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     """One program: BLOCK_M tokens, all C channels (BLOCK_C >= C, masked). The normalised
     tile is the A operand of every hidden chunk; each (BLOCK_M, BLOCK_H) chunk of the hidden
     activation goes from the first dot through bias, GELU and dropout straight into the
     second dot, so the 4C-wide hidden never leaves the SM.
 
-    W1 is (HIDDEN, C) and W2 is (C, HIDDEN), both contiguous (nn.Linear layout)."""
+    W1 is (HIDDEN, C) and W2 is (C, HIDDEN), both contiguous (nn.Linear layout). WRITE_STATS
+    (training): the LayerNorm statistics go to stats (fp32, (2, M): mean, then rstd) for the
+    backward kernel."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     chans = tl.arange(0, BLOCK_C)
@@ -227,6 +230,9 @@ def ff_fused_mlp_kernel(
     mean = tl.sum(x, axis=1) / C
     xc = tl.where(tile_ok, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+    if WRITE_STATS:
+        tl.store(stats_ptr + rows, mean, mask=row_ok)
+        tl.store(stats_ptr + M + rows, rstd, mask=row_ok)
     gamma = tl.load(ln_w_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
     beta = tl.load(ln_b_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
     # padded channels: gamma = beta = 0, so they are 0 in the A operand
@@ -257,6 +263,116 @@ def ff_fused_mlp_kernel(
     y += tl.load(x_tile_ptrs, mask=tile_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
     out_ptrs = out_ptr + _token_offsets(rows, D1, stride_o0, stride_o1)[:, None] + chans[None, :] * stride_oc
     tl.store(out_ptrs, to_storage(y, out_ptr.dtype.element_ty, ROUND_BF16), mask=tile_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# backward of kernel A: one pass over the hidden dimension per row tile
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def ff_fused_mlp_backward_kernel(
+    x_ptr, grad_ptr, dx_ptr, stats_ptr, ln_w_ptr, ln_b_ptr, w1_ptr, b1_ptr, w2_ptr,
+    xn_ptr, dy_ptr, act_ptr, dh_ptr, partial_ptr,
+    M, D1,
+    stride_x0, stride_x1, stride_xc, stride_g0, stride_g1, stride_gc, stride_d0, stride_d1, stride_dc,
+    seed_ptr, p_hidden, p_out, scale_hidden, scale_out,
+    C: tl.constexpr, HIDDEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+    DROPOUT_HIDDEN: tl.constexpr, DROPOUT_OUT: tl.constexpr, FP32_DOT: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    """Gradients of out = Dropout(GELU(LayerNorm(x) W1^T + b1) dropped W2^T + b2) + x for one
+    tile of BLOCK_M tokens and all C channels, given grad = d out and the forward's LayerNorm
+    statistics. Writes:
+
+    * dx (strided like x): LayerNorm backward of dxn plus the residual's grad;
+    * xn (M, C): the normalised input as the forward's dot operand (dW1 = dh^T xn);
+    * dy (M, C) (DROPOUT_OUT only; otherwise dy = grad): grad through the output dropout;
+    * act (M, HIDDEN): the dropped GELU output, as the forward's second dot operand (dW2 = dy^T act);
+    * dh (M, HIDDEN): d of the first Linear's output (dW1 = dh^T xn);
+    * partial (tiles, HIDDEN + 3C) fp32: this tile's column sums of [dh | dy | dxn * xhat | dxn],
+      i.e. of the b1, b2, LayerNorm weight and LayerNorm bias gradients.
+
+    The hidden activation is recomputed chunk by chunk from xn (as in the forward), and
+    dxn = dh W1 accumulates in fp32 across the chunks, so the LayerNorm backward (a reduction
+    over the whole row) runs once after the loop."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    chans = tl.arange(0, BLOCK_C)
+    row_ok = rows < M
+    chan_ok = chans < C
+    tile_ok = row_ok[:, None] & chan_ok[None, :]
+    if DROPOUT_HIDDEN or DROPOUT_OUT:
+        seed = tl.load(seed_ptr)
+    x_offsets = _token_offsets(rows, D1, stride_x0, stride_x1)[:, None] + chans[None, :] * stride_xc
+    g_offsets = _token_offsets(rows, D1, stride_g0, stride_g1)[:, None] + chans[None, :] * stride_gc
+    dense_offsets = rows.to(tl.int64)[:, None] * C + chans[None, :]
+    partial_row = partial_ptr + pid.to(tl.int64) * (HIDDEN + 3 * C)
+
+    # xn exactly as the forward formed it (same statistics, same expression, same rounding)
+    mean = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(stats_ptr + M + rows, mask=row_ok, other=0.0)
+    x = tl.load(x_ptr + x_offsets, mask=tile_ok, other=0.0).to(tl.float32)
+    xhat = tl.where(tile_ok, x - mean[:, None], 0.0) * rstd[:, None]
+    gamma = tl.load(ln_w_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
+    beta = tl.load(ln_b_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
+    xn = to_storage(xhat * gamma[None, :] + beta[None, :], xn_ptr.dtype.element_ty, ROUND_BF16)
+    tl.store(xn_ptr + dense_offsets, xn, mask=tile_ok)
+
+    # padded rows load grad 0, so every gradient below is 0 there
+    dy = tl.load(grad_ptr + g_offsets, mask=tile_ok, other=0.0).to(tl.float32)
+    if DROPOUT_OUT:
+        dy = tl.where(_keep(seed, rows, chans, _STREAM_OUT, p_out), dy * scale_out, 0.0)
+    dy_op = to_storage(dy, w2_ptr.dtype.element_ty, ROUND_BF16)
+    if DROPOUT_OUT:
+        tl.store(dy_ptr + dense_offsets, dy_op, mask=tile_ok)
+    tl.store(partial_row + HIDDEN + chans, tl.sum(dy, axis=0), mask=chan_ok)
+
+    dxn = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for h0 in range(0, HIDDEN, BLOCK_H):
+        hid = h0 + tl.arange(0, BLOCK_H)
+        hid_ok = hid < HIDDEN
+        chunk_ok = row_ok[:, None] & hid_ok[None, :]
+        # W1^T chunk (BLOCK_C, BLOCK_H): element (k, n) = W1[n, k]; padded hidden columns get
+        # pre = 0 and da = 0, so dh = 0 there
+        w1t = tl.load(w1_ptr + hid[None, :] * C + chans[:, None], mask=chan_ok[:, None] & hid_ok[None, :], other=0.0)
+        b1 = tl.load(b1_ptr + hid, mask=hid_ok, other=0.0).to(tl.float32)
+        pre = _mma(xn, w1t, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), FP32_DOT) + b1[None, :]
+        # W2 chunk (BLOCK_C, BLOCK_H): element (c, n) = W2[c, n]
+        w2 = tl.load(w2_ptr + chans[:, None] * HIDDEN + hid[None, :], mask=chan_ok[:, None] & hid_ok[None, :], other=0.0)
+        d_act = _mma(dy_op, w2, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), FP32_DOT)
+        # exact GELU and its derivative Phi(pre) + pre * phi(pre)
+        act = gelu(pre)  # the forward's expression, so act is its second dot operand exactly
+        cdf = 0.5 * (1.0 + tl.erf(pre * 0.7071067811865476))
+        d_gelu = cdf + pre * (0.3989422804014327 * tl.exp(-0.5 * pre * pre))
+        if DROPOUT_HIDDEN:
+            keep = _keep(seed, rows, hid, _STREAM_HIDDEN, p_hidden)
+            act = tl.where(keep, act * scale_hidden, 0.0)
+            d_act = tl.where(keep, d_act * scale_hidden, 0.0)
+        hidden_offsets = rows.to(tl.int64)[:, None] * HIDDEN + hid[None, :]
+        tl.store(act_ptr + hidden_offsets, to_storage(act, act_ptr.dtype.element_ty, ROUND_BF16), mask=chunk_ok)
+        dh = d_act * d_gelu
+        dh_op = to_storage(dh, dh_ptr.dtype.element_ty, ROUND_BF16)
+        tl.store(dh_ptr + hidden_offsets, dh_op, mask=chunk_ok)
+        tl.store(partial_row + hid, tl.sum(dh, axis=0), mask=hid_ok)
+        # W1 chunk (BLOCK_H, BLOCK_C): element (n, k) = W1[n, k]
+        w1 = tl.load(w1_ptr + hid[:, None] * C + chans[None, :], mask=hid_ok[:, None] & chan_ok[None, :], other=0.0)
+        dxn = _mma(dh_op, w1, dxn, FP32_DOT)
+
+    # LayerNorm backward over the whole row, + the residual's grad. x and grad are re-read
+    # (L2 hits) rather than kept live across the loop.
+    x = tl.load(x_ptr + x_offsets, mask=tile_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    xhat = tl.where(tile_ok, x - mean[:, None], 0.0) * rstd[:, None]
+    gamma = tl.load(ln_w_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
+    dxhat = dxn * gamma[None, :]  # 0 on padded channels (gamma 0) and rows (dxn 0)
+    mean_dxhat = tl.sum(dxhat, axis=1) / C
+    mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / C
+    dx = rstd[:, None] * (dxhat - mean_dxhat[:, None] - xhat * mean_dxhat_xhat[:, None])
+    dx += tl.load(grad_ptr + g_offsets, mask=tile_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    dx_ptrs = dx_ptr + _token_offsets(rows, D1, stride_d0, stride_d1)[:, None] + chans[None, :] * stride_dc
+    tl.store(dx_ptrs, to_storage(dx, dx_ptr.dtype.element_ty, ROUND_BF16), mask=tile_ok)
+    tl.store(partial_row + HIDDEN + C + chans, tl.sum(dxn * xhat, axis=0), mask=chan_ok)
+    tl.store(partial_row + HIDDEN + 2 * C + chans, tl.sum(dxn, axis=0), mask=chan_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,6 +514,29 @@ FUSED_MLP_TILES_FP32 = {
 }
 
 
+# Backward kernel tiles by BLOCK_C (header, "Backward": the resource report behind them). The
+# backward exists for the widths whose forward is one pass.
+BACKWARD_TILES = {
+    16: dict(BLOCK_M=64, BLOCK_H=32, num_warps=4, num_stages=2),
+    32: dict(BLOCK_M=64, BLOCK_H=32, num_warps=4, num_stages=2),
+    64: dict(BLOCK_M=64, BLOCK_H=32, num_warps=4, num_stages=2),
+    128: dict(BLOCK_M=64, BLOCK_H=32, num_warps=8, num_stages=2),
+    256: dict(BLOCK_M=32, BLOCK_H=32, num_warps=8, num_stages=2),
+}
+BACKWARD_TILES_FP32 = {
+    16: dict(BLOCK_M=32, BLOCK_H=16, num_warps=4, num_stages=2),
+    32: dict(BLOCK_M=32, BLOCK_H=16, num_warps=4, num_stages=2),
+    64: dict(BLOCK_M=32, BLOCK_H=16, num_warps=4, num_stages=2),
+}
+
+
+def backward_config(C: int, dtype: torch.dtype) -> dict | None:
+    """Tiles of the backward kernel for width C, or None where the op layer's recompute
+    backward is used (the two-kernel widths)."""
+    tiles = BACKWARD_TILES_FP32 if dtype == torch.float32 else BACKWARD_TILES
+    return tiles.get(triton.next_power_of_2(C))
+
+
 def fused_mlp_config(C: int, dtype: torch.dtype) -> dict | None:
     """Tiles of the one-pass kernel for width C, or None where the two-kernel path is used."""
     tiles = FUSED_MLP_TILES_FP32 if dtype == torch.float32 else FUSED_MLP_TILES
@@ -443,7 +582,7 @@ def _two_leading(sizes, strides):
     return sizes[1], strides[0], strides[1]
 
 
-def _check_params(x, ln_weight, ln_bias, w1, b1, w2, b2):
+def _check_params(x, ln_weight, ln_bias, w1, b1, w2, b2=None):
     C = x.shape[-1]
     hidden = w1.shape[0]
     expected = {
@@ -451,6 +590,8 @@ def _check_params(x, ln_weight, ln_bias, w1, b1, w2, b2):
         "b1": (b1, (hidden,)), "w2": (w2, (C, hidden)), "b2": (b2, (C,)),
     }
     for name, (t, shape) in expected.items():
+        if t is None:  # b2: not an input of the backward
+            continue
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape} for width {C}, hidden {hidden}")
         if t.dtype != x.dtype or t.device != x.device:
@@ -464,7 +605,7 @@ def feedforward_residual(
     ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
     w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
     p_hidden: float = 0.0, p_out: float = 0.0, seed=None,
-    out: torch.Tensor | None = None, path: str | None = None,
+    out: torch.Tensor | None = None, path: str | None = None, stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Dropout_out(Linear2(Dropout_hidden(GELU(Linear1(LayerNorm(x)))))) + x`` per token.
 
@@ -472,7 +613,9 @@ def feedforward_residual(
     same shape. ``out`` may be ``x`` itself (in place): each output tile is written by the
     program that last reads the same x tile. Dropout keeps element (token, column) of each stream by philox(seed; column,
     token, stream); token is the row-major index over x's leading dims. ``path`` forces
-    "fused" (hidden on chip) or "two_pass"; None picks by width.
+    "fused" (hidden on chip) or "two_pass"; None picks by width. ``stats`` (one-pass kernel
+    only): a contiguous fp32 (2, M) tensor that receives the LayerNorm mean and rstd of every
+    token (M = tokens), for :func:`feedforward_residual_backward`.
     """
     _check_params(x, ln_weight, ln_bias, w1, b1, w2, b2)
     C = x.shape[-1]
@@ -486,8 +629,9 @@ def feedforward_residual(
         return out
     if M >= 2**31:
         raise ValueError(f"{M} tokens: at most 2**31 - 1 per call")
-    if not (0.0 <= p_hidden <= 1.0 and 0.0 <= p_out <= 1.0):
-        raise ValueError(f"dropout probabilities must be in [0, 1], got {p_hidden}, {p_out}")
+    dropout = _dropout_args(p_hidden, p_out, seed, w2)
+    if stats is not None:
+        _check_stats(stats, M, x.device)
 
     # Leading dims coalesced to at most two for x and out together; otherwise go through
     # contiguous copies (never the case for the model's channels-last views).
@@ -502,28 +646,26 @@ def feedforward_residual(
     stride_xc, stride_oc = kernel_x.stride(-1), kernel_out.stride(-1)
 
     ln_weight, ln_bias, w1, b1, w2, b2 = (t.contiguous() for t in (ln_weight, ln_bias, w1, b1, w2, b2))
-    dropout = dict(
-        seed=seed_pointer(seed, p_hidden > 0 or p_out > 0, w2),
-        p_hidden=float(p_hidden), scale_hidden=1.0 / (1.0 - p_hidden) if p_hidden < 1.0 else 0.0,
-        p_out=float(p_out), scale_out=1.0 / (1.0 - p_out) if p_out < 1.0 else 0.0,
-    )
     use_fp32_dot = fp32_dot(x.dtype)
     round_bf16 = INTERPRET and x.dtype == torch.bfloat16
 
     fused_cfg = fused_mlp_config(C, x.dtype)
     if path is None:
         path = "fused" if fused_cfg is not None else "two_pass"
+    if stats is not None and path != "fused":
+        raise ValueError("only the one-pass kernel writes the LayerNorm statistics (stats=)")
     if path == "fused":
         cfg = dict(fused_cfg or _default_fused_config(C))
         num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
         ff_fused_mlp_kernel[grid](
-            kernel_x, kernel_out, ln_weight, ln_bias, w1, b1, w2, b2,
+            kernel_x, kernel_out, ln_weight, ln_bias, w1, b1, w2, b2, x if stats is None else stats,
             M, D1, stride_x0, stride_x1, stride_xc, stride_o0, stride_o1, stride_oc,
             float(eps), dropout["seed"], dropout["p_hidden"], dropout["p_out"],
             dropout["scale_hidden"], dropout["scale_out"],
             C=C, HIDDEN=hidden, BLOCK_C=triton.next_power_of_2(C), **cfg,
-            DROPOUT_HIDDEN=p_hidden > 0, DROPOUT_OUT=p_out > 0, FP32_DOT=use_fp32_dot, ROUND_BF16=round_bf16,
+            DROPOUT_HIDDEN=p_hidden > 0, DROPOUT_OUT=p_out > 0, WRITE_STATS=stats is not None,
+            FP32_DOT=use_fp32_dot, ROUND_BF16=round_bf16,
             num_warps=num_warps, num_stages=num_stages,
         )
     elif path == "two_pass":
@@ -552,6 +694,91 @@ def feedforward_residual(
     if kernel_out is not out:
         out.copy_(kernel_out)
     return out
+
+
+def _check_stats(stats, M, device):
+    if stats.shape != (2, M) or stats.dtype != torch.float32 or not stats.is_contiguous() or stats.device != device:
+        raise ValueError(f"stats must be a contiguous float32 (2, {M}) tensor on {device}, got "
+                         f"{stats.dtype} {tuple(stats.shape)} on {stats.device}")
+
+
+def _dropout_args(p_hidden, p_out, seed, placeholder):
+    if not (0.0 <= p_hidden <= 1.0 and 0.0 <= p_out <= 1.0):
+        raise ValueError(f"dropout probabilities must be in [0, 1], got {p_hidden}, {p_out}")
+    return dict(
+        seed=seed_pointer(seed, p_hidden > 0 or p_out > 0, placeholder),
+        p_hidden=float(p_hidden), scale_hidden=1.0 / (1.0 - p_hidden) if p_hidden < 1.0 else 0.0,
+        p_out=float(p_out), scale_out=1.0 / (1.0 - p_out) if p_out < 1.0 else 0.0,
+    )
+
+
+def feedforward_residual_backward(
+    x: torch.Tensor, grad: torch.Tensor, stats: torch.Tensor,
+    ln_weight: torch.Tensor, ln_bias: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+    p_hidden: float = 0.0, p_out: float = 0.0, seed=None, dx: torch.Tensor | None = None,
+):
+    """The backward kernel of :func:`feedforward_residual` (one-pass widths): given x, the
+    gradient ``grad`` of the output and the forward's LayerNorm statistics (``stats``), returns
+
+    ``(dx, xn, dy, act, dh, partials)``: dx (x's shape and layout, or ``dx``) = d x including the
+    residual; xn (M, C), the normalised input (dot operand dtype); dy (M, C) = grad through the
+    output dropout (None without output dropout: then dy is grad); act (M, hidden), the dropped
+    GELU output; dh (M, hidden), d of the first Linear's output; partials (tiles, hidden + 3C)
+    fp32, per row tile the column sums of [dh | dy | dxn * xhat | dxn]: summed over tiles they
+    are the gradients of b1, b2, the LayerNorm weight and bias. The weight gradients are
+    dW1 = dh^T xn and dW2 = dy^T act (left to a matmul library).
+    """
+    _check_params(x, ln_weight, ln_bias, w1, b1, w2)
+    C, hidden = x.shape[-1], w1.shape[0]
+    if grad.shape != x.shape or grad.dtype != x.dtype or grad.device != x.device:
+        raise ValueError(f"grad is {tuple(grad.shape)} {grad.dtype} on {grad.device}; x is {tuple(x.shape)} {x.dtype} on {x.device}")
+    cfg = backward_config(C, x.dtype)
+    if cfg is None:
+        raise ValueError(f"no backward kernel for width {C} in {x.dtype} (the two-kernel widths)")
+    M = x.numel() // C if C else 0
+    _check_stats(stats, M, x.device)
+    if dx is None:
+        dx = torch.empty_like(x)
+    elif dx.shape != x.shape or dx.dtype != x.dtype or dx.device != x.device:
+        raise ValueError(f"dx is {tuple(dx.shape)} {dx.dtype} on {dx.device}; x is {tuple(x.shape)} {x.dtype} on {x.device}")
+    cfg = dict(cfg)
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    tiles = triton.cdiv(M, cfg["BLOCK_M"])
+    new = dict(dtype=x.dtype, device=x.device)
+    xn, act, dh = torch.empty((M, C), **new), torch.empty((M, hidden), **new), torch.empty((M, hidden), **new)
+    dy = torch.empty((M, C), **new) if p_out > 0 else None
+    partials = torch.empty((tiles, hidden + 3 * C), dtype=torch.float32, device=x.device)
+    if M == 0:
+        return dx, xn, dy, act, dh, partials
+
+    kernel_x, kernel_g, kernel_dx = x, grad, dx
+    strides = (x.stride()[:-1], grad.stride()[:-1], dx.stride()[:-1])
+    sizes, (sx, sg, sd) = _coalesce_leading(x.shape[:-1], *strides)
+    if len(sizes) > 2:
+        kernel_x, kernel_g = x.contiguous(), grad.contiguous()
+        kernel_dx = dx if dx.is_contiguous() else torch.empty_like(x, memory_format=torch.contiguous_format)
+        strides = (kernel_x.stride()[:-1], kernel_g.stride()[:-1], kernel_dx.stride()[:-1])
+        sizes, (sx, sg, sd) = _coalesce_leading(x.shape[:-1], *strides)
+    D1, stride_x0, stride_x1 = _two_leading(sizes, sx)
+    _, stride_g0, stride_g1 = _two_leading(sizes, sg)
+    _, stride_d0, stride_d1 = _two_leading(sizes, sd)
+
+    ln_weight, ln_bias, w1, b1, w2 = (t.contiguous() for t in (ln_weight, ln_bias, w1, b1, w2))
+    dropout = _dropout_args(p_hidden, p_out, seed, w2)
+    ff_fused_mlp_backward_kernel[(tiles,)](
+        kernel_x, kernel_g, kernel_dx, stats, ln_weight, ln_bias, w1, b1, w2,
+        xn, xn if dy is None else dy, act, dh, partials,
+        M, D1, stride_x0, stride_x1, kernel_x.stride(-1), stride_g0, stride_g1, kernel_g.stride(-1),
+        stride_d0, stride_d1, kernel_dx.stride(-1),
+        dropout["seed"], dropout["p_hidden"], dropout["p_out"], dropout["scale_hidden"], dropout["scale_out"],
+        C=C, HIDDEN=hidden, BLOCK_C=triton.next_power_of_2(C), **cfg,
+        DROPOUT_HIDDEN=p_hidden > 0, DROPOUT_OUT=p_out > 0,
+        FP32_DOT=fp32_dot(x.dtype), ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if kernel_dx is not dx:
+        dx.copy_(kernel_dx)
+    return dx, xn, dy, act, dh, partials
 
 
 def dropout_keep_mask(M: int, N: int, p: float, seed, stream: int, device) -> torch.Tensor:

@@ -5,12 +5,19 @@ Linear -> Dropout -> + x in one kernel, or two for wide layers), with dropout dr
 kernels from a philox seed that is itself drawn from torch's generator for the device, so
 ``torch.manual_seed`` makes a training step reproducible.
 
-Backward (documented split): the forward saves only its inputs and the seed. The backward
-regenerates both dropout keep masks with a Triton kernel (the same philox counters as the
-forward), recomputes the feed-forward with the reference torch ops under those masks and
-differentiates that with ``torch.func.vjp``. The gradients are therefore exactly the reference module's
-for the mask the forward used, and the 4C-wide hidden activation is never kept between forward
-and backward (it is recomputed, as activation checkpointing would).
+Backward. Widths with a one-pass forward kernel (``kernels.feedforward.backward_config``:
+fp16/bf16 C <= 256, fp32 C <= 64; every MaxViT-T feed-forward but stage 4's in fp16/bf16): the
+training forward also writes the per-token LayerNorm statistics (mean, rstd: fp32, 8 bytes per
+token) and saves only x, the parameters, those statistics and the dropout seed, no 4C-wide
+activation. The backward is one Triton kernel (``ff_fused_mlp_backward_kernel``: recomputes the
+hidden activation chunk by chunk, regenerates both dropout masks in registers, writes dx with the
+LayerNorm backward and the residual, the dot operands of the weight gradients and per-tile bias /
+LayerNorm-parameter sums) followed by two matmuls (dW1 = dh^T xn, dW2 = dy^T act) and one sum
+over the row tiles. Other widths (fp16/bf16 C > 256, fp32 C > 64: the two-kernel forward) keep
+the recompute backward: regenerate both dropout keep masks with a Triton kernel (the same philox
+counters as the forward), recompute the feed-forward with the reference torch ops under those
+masks and differentiate that with ``torch.func.vjp``; the gradients are then exactly the
+reference module's for the masks the forward used.
 
 torch.compile: the forward kernels and the mask kernel are ``torch.library`` custom ops
 (``maxvit_fast::feedforward_residual``, ``maxvit_fast::feedforward_dropout_keep_mask``) with
@@ -62,21 +69,67 @@ def _dropout_p(module: nn.Dropout) -> float:
 
 # torch.library ops: the Triton-calling core as one opaque op with a shape-only fake
 # implementation, so torch.compile traces the fused model without graph breaks. The seed is a
-# 1-element int64 CPU tensor (drawn in the graph by torch.randint), None without dropout.
+# 1-element int64 tensor on the inputs' device (drawn in the graph by torch.randint), None
+# without dropout.
 
 @custom_op("feedforward_residual")
 def feedforward_residual_op(
     x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
     w2: torch.Tensor, b2: torch.Tensor, eps: float, p_hidden: float, p_out: float, seed: Optional[torch.Tensor],
-) -> torch.Tensor:
+    save_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ff(x) + x, LayerNorm statistics): the statistics (fp32 (2, tokens): mean, rstd) only with
+    ``save_stats`` at widths with a backward kernel, else an empty tensor."""
     from ..kernels import feedforward as kernels
 
-    return kernels.feedforward_residual(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, p_hidden, p_out, seed)
+    stats = _new_stats(x, save_stats)
+    out = kernels.feedforward_residual(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, p_hidden, p_out, seed,
+                                       stats=stats if stats.numel() else None)
+    return out, stats
 
 
 @feedforward_residual_op.register_fake
-def _(x, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden, p_out, seed):
-    return torch.empty_like(x)  # what the launcher allocates
+def _(x, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden, p_out, seed, save_stats=False):
+    return torch.empty_like(x), _new_stats(x, save_stats)  # what the launcher allocates
+
+
+def _has_backward_kernel(x: torch.Tensor) -> bool:
+    from ..kernels import feedforward as kernels
+
+    return kernels.backward_config(x.shape[-1], x.dtype) is not None and x.numel() > 0
+
+
+def _new_stats(x: torch.Tensor, save_stats: bool) -> torch.Tensor:
+    if save_stats and _has_backward_kernel(x):
+        return x.new_empty((2, x.numel() // x.shape[-1]), dtype=torch.float32)
+    return x.new_empty((0,), dtype=torch.float32)
+
+
+@custom_op("feedforward_residual_backward")
+def feedforward_residual_backward_op(
+    x: torch.Tensor, grad: torch.Tensor, stats: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+    w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, p_hidden: float, p_out: float, seed: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward kernel: (dx, xn, dy, act, dh, partials) as
+    ``kernels.feedforward.feedforward_residual_backward`` returns them, dy an empty tensor
+    without output dropout (dy is then grad)."""
+    from ..kernels import feedforward as kernels
+
+    dx, xn, dy, act, dh, partials = kernels.feedforward_residual_backward(
+        x, grad, stats, ln_weight, ln_bias, w1, b1, w2, p_hidden, p_out, seed)
+    return dx, xn, x.new_empty((0,)) if dy is None else dy, act, dh, partials
+
+
+@feedforward_residual_backward_op.register_fake
+def _(x, grad, stats, ln_weight, ln_bias, w1, b1, w2, p_hidden, p_out, seed):
+    from ..kernels import feedforward as kernels
+
+    C, hidden = x.shape[-1], w1.shape[0]
+    M = x.numel() // C
+    tiles = -(-M // kernels.backward_config(C, x.dtype)["BLOCK_M"])
+    return (torch.empty_like(x), x.new_empty((M, C)), x.new_empty((M, C) if p_out > 0 else (0,)),
+            x.new_empty((M, hidden)), x.new_empty((M, hidden)),
+            x.new_empty((tiles, hidden + 3 * C), dtype=torch.float32))
 
 
 @custom_op("feedforward_dropout_keep_mask")
@@ -95,21 +148,49 @@ def _(x, width, p, seed, stream):
 
 
 def _ff_setup_context(ctx, inputs, output):
-    *tensors, eps, p_hidden, p_out, seed = inputs
-    ctx.save_for_backward(*tensors)
+    *tensors, eps, p_hidden, p_out, seed, _save_stats = inputs
+    stats = output[1]
+    ctx.mark_non_differentiable(stats)
+    ctx.kernel_backward = stats.numel() > 0
+    ctx.save_for_backward(*tensors, stats)
     ctx.eps, ctx.p_hidden, ctx.p_out, ctx.seed = eps, p_hidden, p_out, seed
 
 
-def _ff_backward(ctx, grad_out):
+def _ff_backward(ctx, grad_out, _grad_stats):
+    x, *weights, stats = ctx.saved_tensors
+    if ctx.kernel_backward:
+        grads = _kernel_backward(ctx, grad_out, x, weights, stats)
+    else:
+        grads = _recompute_backward(ctx, grad_out, x, weights)
+    return (*grads, None, None, None, None, None)
+
+
+def _kernel_backward(ctx, grad_out, x, weights, stats):
+    """The Triton backward kernel, then the weight gradients as two matmuls and the bias and
+    LayerNorm-parameter gradients as one sum over the kernel's per-tile partial sums."""
+    ln_weight, ln_bias, w1, b1, w2, _ = weights
+    C, hidden = x.shape[-1], w1.shape[0]
+    dx, xn, dy, act, dh, partials = feedforward_residual_backward_op(
+        x, grad_out, stats, ln_weight, ln_bias, w1, b1, w2, ctx.p_hidden, ctx.p_out, ctx.seed)
+    if ctx.p_out == 0:
+        dy = grad_out.reshape(-1, C)
+    # [db1 | db2 | d ln_weight | d ln_bias], summed over the row tiles in fp32
+    db1, db2, d_ln_weight, d_ln_bias = partials.sum(0).to(x.dtype).split([hidden, C, C, C])
+    need = ctx.needs_input_grad
+    dw1 = dh.t().mm(xn) if need[3] else None
+    dw2 = dy.t().mm(act) if need[5] else None
+    return dx, d_ln_weight, d_ln_bias, dw1, db1, dw2, db2
+
+
+def _recompute_backward(ctx, grad_out, x, weights):
     # Recompute with the reference torch ops under the forward's masks (regenerated from the
     # seed) and differentiate them. torch.func.vjp rather than torch.autograd.grad: under
     # torch.compile AOTAutograd traces this function into the backward graph.
-    x, *weights = ctx.saved_tensors
     masks = _keep_masks(x, weights[2].shape[0], ctx.p_hidden, ctx.p_out, ctx.seed)
     _, vjp = torch.func.vjp(
         lambda *t: _reference_under_masks(*t, ctx.eps, ctx.p_hidden, ctx.p_out, *masks), x, *weights
     )
-    return (*vjp(grad_out), None, None, None, None)
+    return vjp(grad_out)
 
 
 feedforward_residual_op.register_autograd(_ff_backward, setup_context=_ff_setup_context)
@@ -172,5 +253,8 @@ def feedforward_residual(
     if p_hidden > 0 or p_out > 0:
         # drawn from torch's default generator as a tensor (no .item(): no graph break under compile)
         seed_t = draw_seed(x.device) if seed is None else seed_tensor(seed, x.device)
-    return feedforward_residual_op(x, norm.weight, norm.bias, lin1.weight, lin1.bias, lin2.weight, lin2.bias,
-                                   float(norm.eps), p_hidden, p_out, seed_t)
+    params = (norm.weight, norm.bias, lin1.weight, lin1.bias, lin2.weight, lin2.bias)
+    # the LayerNorm statistics for the backward kernel, only when a backward will run
+    save_stats = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
+    out, _ = feedforward_residual_op(x, *params, float(norm.eps), p_hidden, p_out, seed_t, save_stats)
+    return out
