@@ -4,10 +4,9 @@ partials, and running-statistic updates identical to ``nn.BatchNorm2d``'s.
 Eval mode: BN(y) = y * scale + shift with scale = gamma / sqrt(running_var + eps) and
 shift = beta - running_mean * scale, computed in fp32 whatever the parameter dtype.
 Train mode: the kernels write per-tile (sum, centred sum of squares) partials of the BN input;
-``batch_stats_from_tiles`` merges them with Chan's parallel formula (no E[y^2] - E[y]^2
+kernels/batchnorm_statistics.py merges them with Chan's parallel formula (no E[y^2] - E[y]^2
 cancellation) and ``update_running_stats_`` applies momentum (or the cumulative average when
-momentum is None), the unbiased variance and ``num_batches_tracked`` exactly as
-``F.batch_norm`` does.
+momentum is None), the unbiased variance and ``num_batches_tracked`` as ``F.batch_norm`` does.
 
 ``FoldCache`` stores derived tensors per module and recomputes them whenever anything they were
 derived from may have changed; see its docstring.
@@ -43,36 +42,42 @@ def fold_batchnorm(bn: nn.BatchNorm2d, conv_bias: torch.Tensor | None):
         return scale.contiguous(), shift.contiguous()
 
 
-def batch_stats_from_tiles(tile_sum: torch.Tensor, tile_m2: torch.Tensor, counts: torch.Tensor):
-    """Merge per-tile partials into the batch mean and biased variance (fp32, per channel).
+def update_running_stats_(bns, means, variances, counts) -> None:
+    """What ``nn.BatchNorm2d.forward`` in train mode does to the buffers of each BatchNorm in
+    ``bns``, given its batch mean and biased variance over ``counts[i]`` values per channel.
 
-    tile_sum, tile_m2: (T, C) sums and centred sums of squares of each tile's rows;
-    counts: (T,) number of rows in each tile.
-    """
-    counts = counts.to(device=tile_sum.device, dtype=torch.float32)
-    total = counts.sum()
-    mean = tile_sum.sum(0) / total
-    tile_mean = tile_sum / counts[:, None]
-    m2 = tile_m2.sum(0) + (counts[:, None] * (tile_mean - mean).square()).sum(0)
-    return mean, m2 / total
-
-
-def update_running_stats_(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    """What ``nn.BatchNorm2d.forward`` in train mode does to the buffers, given the batch mean and
-    biased variance over ``count`` values per channel."""
-    if not (bn.training and bn.track_running_stats):
+    When every BatchNorm has fp32 running statistics and one momentum (MaxViT's blocks), all of
+    them are updated with three foreach ops (one launch each on a GPU: the step count, the
+    unbiased-variance correction, the momentum lerp); otherwise one at a time."""
+    active = [i for i, bn in enumerate(bns) if bn.training and bn.track_running_stats]
+    if not active:
         return
     with torch.no_grad():
-        factor = 0.0 if bn.momentum is None else bn.momentum
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:
-                factor = 1.0 / float(bn.num_batches_tracked)
-        if bn.running_mean is None:
+        bns = [bns[i] for i in active]
+        means, variances, counts = [means[i] for i in active], [variances[i] for i in active], [counts[i] for i in active]
+        momenta = {bn.momentum for bn in bns}
+        fast = (len(momenta) == 1 and None not in momenta
+                and all(bn.running_mean is not None and bn.running_mean.dtype == torch.float32
+                        and bn.running_var.dtype == torch.float32 and bn.num_batches_tracked is not None for bn in bns))
+        if fast:
+            (momentum,) = momenta
+            torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
+            unbiased = torch._foreach_mul(variances, [n / (n - 1) for n in counts])
+            buffers = [t for bn in bns for t in (bn.running_mean, bn.running_var)]
+            values = [t for pair in zip(means, unbiased) for t in pair]
+            torch._foreach_lerp_(buffers, values, momentum)
             return
-        unbiased = var * (count / (count - 1))
-        for buf, value in ((bn.running_mean, mean), (bn.running_var, unbiased)):
-            buf.copy_((factor * value + (1.0 - factor) * buf.float()).to(buf.dtype))
+        for bn, mean, var, count in zip(bns, means, variances, counts):
+            factor = 0.0 if bn.momentum is None else bn.momentum
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+                if bn.momentum is None:
+                    factor = 1.0 / float(bn.num_batches_tracked)
+            if bn.running_mean is None:
+                continue
+            unbiased = var * (count / (count - 1))
+            for buf, value in ((bn.running_mean, mean), (bn.running_var, unbiased)):
+                buf.copy_((factor * value + (1.0 - factor) * buf.float()).to(buf.dtype))
 
 
 def _tensor_key(t: torch.Tensor):

@@ -710,6 +710,75 @@ def test_batchnorm_gelu_kernel_in_place_with_sums():
             assert_close_normwise(tile_sum[b * T + t], block.sum(0), 1e-5, name="tile sum")
 
 
+@pytest.mark.parametrize("groups,rows,block,C", [(1, 333, 64, 40), (3, 49, 16, 70), (2, 1000, 32, 8)],
+                         ids=["one-group", "per-image", "many-tiles"])
+def test_batchnorm_statistics_kernel(groups, rows, block, C):
+    """Batch mean, biased variance and the affine normalisation from per-tile (sum, M2) partials,
+    against torch on the rows themselves (fp64). Tiles in groups (per image) with a partial
+    last tile; the data has a large mean (Chan's merge must not cancel). NaN-poisoned outputs."""
+    from maxvit_fast.kernels.batchnorm_statistics import batchnorm_statistics
+
+    y = torch.randn(groups, rows, C) * 3 + 50
+    tiles = -(-rows // block)
+    sums, m2 = [], []
+    for g in range(groups):
+        for t in range(tiles):
+            chunk = y[g, t * block:(t + 1) * block].double()
+            sums.append(chunk.sum(0))
+            m2.append(((chunk - chunk.mean(0)) ** 2).sum(0))
+    sums, m2 = torch.stack(sums).float(), torch.stack(m2).float()
+    gamma, beta, eps = torch.rand(C) + 0.5, torch.randn(C), 1e-5
+    out = tuple(poison_(torch.empty(C)) for _ in range(4))
+    mean, var, scale, shift = batchnorm_statistics(sums, m2, gamma, beta, eps, block_rows=block, rows_per_group=rows,
+                                                   tiles_per_group=tiles, out=out)
+    flat = y.reshape(-1, C).double()
+    ref_mean, ref_var = flat.mean(0), flat.var(0, unbiased=False)
+    ref_scale = gamma.double() / torch.sqrt(ref_var + eps)
+    assert_close_normwise(mean, ref_mean, 1e-6, name="mean")
+    assert_close_normwise(var, ref_var, 1e-5, name="var")
+    assert_close_normwise(scale, ref_scale, 1e-5, name="scale")
+    assert_close_normwise(shift, beta.double() - ref_mean * ref_scale, 1e-5, name="shift")
+    with pytest.raises(ValueError, match="groups"):
+        batchnorm_statistics(sums, m2, gamma, beta, eps, block_rows=2 * block, rows_per_group=rows, tiles_per_group=tiles)
+
+
+@pytest.mark.parametrize("variant", ["fp32-buffers", "momentum-none", "bf16-buffers"])
+def test_running_statistics_update_matches_batchnorm(variant):
+    """update_running_stats_ (foreach fast path for fp32 buffers and one momentum; one BatchNorm
+    at a time otherwise) does to the buffers what nn.BatchNorm2d's train-mode forward does."""
+    from maxvit_fast.batchnorm import update_running_stats_
+
+    bns = [nn.BatchNorm2d(c, momentum=None if variant == "momentum-none" else 0.1) for c in (5, 7)]
+    if variant == "bf16-buffers":
+        bns = [bn.to(torch.bfloat16) for bn in bns]
+    randomize_batchnorm_(nn.Sequential(*bns))
+    twins = copy.deepcopy(bns)
+    for step in range(2):
+        xs = [torch.randn(3, bn.num_features, 4, 5).to(bn.weight.dtype) for bn in bns]
+        for bn, x in zip(twins, xs):
+            bn.train()(x)
+        flat = [x.float().transpose(0, 1).reshape(x.shape[1], -1) for x in xs]
+        update_running_stats_(bns, [f.mean(1) for f in flat], [f.var(1, unbiased=False) for f in flat],
+                              [f.shape[1] for f in flat])
+    for bn, twin in zip(bns, twins):
+        assert torch.equal(bn.num_batches_tracked, twin.num_batches_tracked)
+        # bf16 buffers: nn.BatchNorm2d on the CPU updates them with bf16 arithmetic (a rounding
+        # per op), ours in fp32 with one rounding: a few bf16 ulps (2^-8) of the largest entry apart
+        rtol = 1e-6 if variant != "bf16-buffers" else 5 * 2**-8
+        assert_close_normwise(bn.running_mean, twin.running_mean, rtol, name="running_mean")
+        assert_close_normwise(bn.running_var, twin.running_var, rtol, name="running_var")
+
+
+def test_train_mode_needs_more_than_one_value_per_channel():
+    """As nn.BatchNorm2d: a train-mode BatchNorm over one value per channel is an error."""
+    module = MBConv(8, 8, downsample=True).train()
+    x = torch.randn(1, 8, 1, 1)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        module(x)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fused(x, module)
+
+
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time compile of every kernel configuration the default MaxViT-T uses
 # ----------------------------------------------------------------------------------------------
@@ -797,6 +866,14 @@ def kernel_requests():
     for blk in maxvit_t_blocks():  # fp32 weights and sums for every activation dtype
         hidden = 4 * blk["dim_out"]
         add("squeeze_excitation", "se_gate_kernel", se_sig, {}, se_gate_config(hidden, hidden // 4), {"C", "R"})
+    # train: batch statistics from the tile partials (fp32 partials, BatchNorm weights fp32 or not)
+    from maxvit_fast.kernels import batchnorm_statistics as bn_stats
+    for t in ("fp32", "bf16", "fp16"):
+        stats_sig = dict(tile_sum_ptr="*fp32", tile_m2_ptr="*fp32", gamma_ptr=f"*{t}", beta_ptr=f"*{t}",
+                         mean_ptr="*fp32", var_ptr="*fp32", scale_ptr="*fp32", shift_ptr="*fp32", T="i32", C="i32",
+                         tiles_per_group="i32", rows_per_group="i32", block_rows="i32", inv_total="fp32", eps="fp32")
+        add("batchnorm_statistics", "batchnorm_statistics_kernel", stats_sig, {},
+            dict(BLOCK_T=bn_stats.BLOCK_T, BLOCK_C=bn_stats.BLOCK_C, num_warps=4), {"C"})
     return list(requests.values())
 
 

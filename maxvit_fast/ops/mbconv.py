@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..batchnorm import FoldCache, batch_stats_from_tiles, fold_batchnorm, update_running_stats_
+from ..batchnorm import FoldCache, fold_batchnorm, update_running_stats_
 from ..dispatch import use_kernels
 from ..reference import MBConvResidual, SqueezeExcitation
 from .library import custom_op
@@ -289,27 +289,12 @@ def _forward_eval(x: torch.Tensor, w: _Weights, stride: int, add_residual: bool)
     return out.view(B, Ho, Wo, dim_out)
 
 
-def _tile_counts(total: int, block: int, device, repeat: int = 1) -> torch.Tensor:
-    """Rows per tile when ``total`` rows are cut into tiles of ``block`` (the last one partial),
-    the pattern repeated ``repeat`` times (once per image for per-image tilings). Built on the
-    device (no host-to-device copy)."""
-    n = -(-total // block)
-    counts = torch.full((repeat, n), float(block), dtype=torch.float32, device=device)
-    counts[:, -1] = float(total - block * (n - 1))
-    return counts.reshape(-1)
-
-
-def _scale_shift(weight, bias, eps: float, mean, var):
-    """``batchnorm.bn_scale_shift`` for an affine BN given as tensors."""
-    scale = torch.rsqrt(var.float() + eps) * weight.float()
-    return scale.contiguous(), (bias.float() - mean.float() * scale).contiguous()
-
-
 def _forward_train(x: torch.Tensor, params, eps, stride: int, add_residual: bool):
     """Returns (out (B, Ho, Wo, dim_out), [mean1, var1, mean2, var2, mean3, var3]): the block
     output and the batch statistics (mean, biased variance; fp32) of the three BatchNorms. The
     caller updates the running statistics from them."""
     from ..kernels.batchnorm_gelu import batchnorm_gelu, batchnorm_gelu_tiles_per_image
+    from ..kernels.batchnorm_statistics import batchnorm_statistics
     from ..kernels.depthwise_conv import (depthwise_conv3x3, depthwise_conv_config, depthwise_output_size,
                                           depthwise_tiles_per_image)
     from ..kernels.pointwise_conv import pointwise_conv, pointwise_conv_config
@@ -325,9 +310,13 @@ def _forward_train(x: torch.Tensor, params, eps, stride: int, add_residual: bool
     T_dw, T_bn = depthwise_tiles_per_image(Ho, Wo), batchnorm_gelu_tiles_per_image(P2)
     block_m1 = pointwise_conv_config(hidden, dim_in, dt, False)["BLOCK_M"]
     block_m3 = pointwise_conv_config(dim_out, hidden, dt, True)["BLOCK_M"]
-    counts1 = _tile_counts(B * P1, block_m1, dev)
-    counts2 = _tile_counts(P2, depthwise_conv_config(hidden, dt)["BLOCK_P"], dev, repeat=B)
-    counts3 = _tile_counts(B * P2, block_m3, dev)
+    block_p2 = depthwise_conv_config(hidden, dt)["BLOCK_P"]
+    T1, T3 = -(-B * P1 // block_m1), -(-B * P2 // block_m3)
+
+    def bn_statistics(sums, m2, weight, bias, bn_eps, **tiling):
+        # (mean, biased var, scale, shift), fp32, in one launch
+        return batchnorm_statistics(sums, m2, weight.detach(), bias.detach(), bn_eps, **tiling,
+                                    out=tuple(_empty((sums.shape[1],), f32, dev) for _ in range(4)))
 
     def stats_buffers(rows, channels):
         return dict(tile_sum=_empty((rows, channels), f32, dev), tile_m2=_empty((rows, channels), f32, dev))
@@ -339,31 +328,31 @@ def _forward_train(x: torch.Tensor, params, eps, stride: int, add_residual: bool
         a = _pixels_view(x)
         y1, s1, m1 = pointwise_conv(
             a, w.w1_t, torch.ones(hidden, dtype=f32, device=dev), b1.detach().float().contiguous(),
-            stats=True, out=_empty((B, P1, hidden), dt, dev), **stats_buffers(counts1.numel(), hidden),
+            stats=True, out=_empty((B, P1, hidden), dt, dev), **stats_buffers(T1, hidden),
         )
-        mean1, var1 = batch_stats_from_tiles(s1, m1, counts1)
+        mean1, var1, scale1, shift1 = bn_statistics(s1, m1, g1, be1, eps[0], block_rows=block_m1, rows_per_group=B * P1)
         # 2. gelu(BN1(y1)), in place
-        h1 = batchnorm_gelu(y1, *_scale_shift(g1, be1, eps[0], mean1, var1), out=y1)
+        h1 = batchnorm_gelu(y1, scale1, shift1, out=y1)
 
         # 3. y2 = depthwise conv + conv bias, with tile statistics -> BN2 batch statistics
         y2, s2, m2 = depthwise_conv3x3(
             h1.view(B, H, W, hidden), w.dw_w, w.dw_b, stride, out_gelu=False, m2=True,
             out=_empty((B, Ho, Wo, hidden), dt, dev), **stats_buffers(B * T_dw, hidden),
         )
-        mean2, var2 = batch_stats_from_tiles(s2, m2, counts2)
+        mean2, var2, scale2, shift2 = bn_statistics(s2, m2, g2, be2, eps[1], block_rows=block_p2, rows_per_group=P2,
+                                                    tiles_per_group=T_dw)
         # 4. gelu(BN2(y2)), in place, with the SE sums; 5. the SE gate
         y2 = y2.view(B, P2, hidden)
-        h2, se_sums = batchnorm_gelu(y2, *_scale_shift(g2, be2, eps[1], mean2, var2), out=y2, sums=True,
+        h2, se_sums = batchnorm_gelu(y2, scale2, shift2, out=y2, sums=True,
                                      tile_sum=_empty((B * T_bn, hidden), f32, dev))
         gate = se_gate(se_sums, B, P2, w.se_reduce, w.se_expand, out=_empty((B, hidden), f32, dev))
 
         # 6. y3 = project conv on gate * h2 + conv bias, with tile statistics -> BN3 batch statistics
         y3, s3, m3 = pointwise_conv(
             h2, w.w3_t, torch.ones(dim_out, dtype=f32, device=dev), b3.detach().float().contiguous(),
-            gate=gate, stats=True, out=_empty((B, P2, dim_out), dt, dev), **stats_buffers(counts3.numel(), dim_out),
+            gate=gate, stats=True, out=_empty((B, P2, dim_out), dt, dev), **stats_buffers(T3, dim_out),
         )
-        mean3, var3 = batch_stats_from_tiles(s3, m3, counts3)
-        scale3, shift3 = _scale_shift(g3, be3, eps[2], mean3, var3)
+        mean3, var3, scale3, shift3 = bn_statistics(s3, m3, g3, be3, eps[2], block_rows=block_m3, rows_per_group=B * P2)
 
         # 7. BN3 (+ residual): torch, elementwise over the block output (dim_out wide), fp32, one rounding
         out = torch.addcmul(shift3, y3.float(), scale3)
@@ -495,11 +484,14 @@ def _fused(x: torch.Tensor, p: _Parts) -> torch.Tensor:
     params = list(p.params())
     eps = [float(bn.eps) for bn in p.bns]
     if training:
-        out, stats = mbconv_train_op(x, params, eps, p.stride, add_residual)
         B, _, H, W = x.shape
-        counts = (B * H * W, B * out.shape[1] * out.shape[2], B * out.shape[1] * out.shape[2])
-        for i, bn in enumerate(p.bns):
-            update_running_stats_(bn, stats[2 * i].detach(), stats[2 * i + 1].detach(), counts[i])
+        Ho, Wo = -(-H // p.stride), -(-W // p.stride)
+        if B * Ho * Wo <= 1:  # what F.batch_norm raises (the variance of one value is undefined)
+            raise ValueError("Expected more than 1 value per channel when training, "
+                             f"got {B * Ho * Wo} for the block output of input size {tuple(x.shape)}")
+        out, stats = mbconv_train_op(x, params, eps, p.stride, add_residual)
+        counts = (B * H * W, B * Ho * Wo, B * Ho * Wo)
+        update_running_stats_(p.bns, [t.detach() for t in stats[0::2]], [t.detach() for t in stats[1::2]], counts)
     else:
         grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params))
         # the backward uses the running statistics of this forward: a copy when it will run
