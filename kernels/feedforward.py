@@ -715,7 +715,7 @@ def _dropout_args(p_hidden, p_out, seed, placeholder):
 def feedforward_residual_backward(
     x: torch.Tensor, grad: torch.Tensor, stats: torch.Tensor,
     ln_weight: torch.Tensor, ln_bias: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-    p_hidden: float = 0.0, p_out: float = 0.0, seed=None, dx: torch.Tensor | None = None,
+    p_hidden: float = 0.0, p_out: float = 0.0, seed=None, out: tuple | None = None,
 ):
     """The backward kernel of :func:`feedforward_residual` (one-pass widths): given x, the
     gradient ``grad`` of the output and the forward's LayerNorm statistics (``stats``), returns
@@ -726,7 +726,8 @@ def feedforward_residual_backward(
     GELU output; dh (M, hidden), d of the first Linear's output; partials (tiles, hidden + 3C)
     fp32, per row tile the column sums of [dh | dy | dxn * xhat | dxn]: summed over tiles they
     are the gradients of b1, b2, the LayerNorm weight and bias. The weight gradients are
-    dW1 = dh^T xn and dW2 = dy^T act (left to a matmul library).
+    dW1 = dh^T xn and dW2 = dy^T act (left to a matmul library). ``out``: those six tensors
+    preallocated (shapes and dtypes as returned; dy None without output dropout).
     """
     _check_params(x, ln_weight, ln_bias, w1, b1, w2)
     C, hidden = x.shape[-1], w1.shape[0]
@@ -737,17 +738,21 @@ def feedforward_residual_backward(
         raise ValueError(f"no backward kernel for width {C} in {x.dtype} (the two-kernel widths)")
     M = x.numel() // C if C else 0
     _check_stats(stats, M, x.device)
-    if dx is None:
-        dx = torch.empty_like(x)
-    elif dx.shape != x.shape or dx.dtype != x.dtype or dx.device != x.device:
-        raise ValueError(f"dx is {tuple(dx.shape)} {dx.dtype} on {dx.device}; x is {tuple(x.shape)} {x.dtype} on {x.device}")
     cfg = dict(cfg)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     tiles = triton.cdiv(M, cfg["BLOCK_M"])
-    new = dict(dtype=x.dtype, device=x.device)
-    xn, act, dh = torch.empty((M, C), **new), torch.empty((M, hidden), **new), torch.empty((M, hidden), **new)
-    dy = torch.empty((M, C), **new) if p_out > 0 else None
-    partials = torch.empty((tiles, hidden + 3 * C), dtype=torch.float32, device=x.device)
+    shapes = dict(dx=(x.shape, x.dtype), xn=((M, C), x.dtype), dy=((M, C), x.dtype) if p_out > 0 else None,
+                  act=((M, hidden), x.dtype), dh=((M, hidden), x.dtype),
+                  partials=((tiles, hidden + 3 * C), torch.float32))
+    if out is None:
+        out = [None if sd is None else torch.empty(sd[0], dtype=sd[1], device=x.device) for sd in shapes.values()]
+        out[0] = torch.empty_like(x)  # dx laid out like x
+    for (name, sd), t in zip(shapes.items(), out):
+        if (sd is None) != (t is None) or (t is not None and (
+                t.shape != sd[0] or t.dtype != sd[1] or t.device != x.device or (name != "dx" and not t.is_contiguous()))):
+            raise ValueError(f"out {name}: expected {'None' if sd is None else (tuple(sd[0]), sd[1])}, got "
+                             f"{None if t is None else (tuple(t.shape), t.dtype, t.device, t.stride())}")
+    dx, xn, dy, act, dh, partials = out
     if M == 0:
         return dx, xn, dy, act, dh, partials
 

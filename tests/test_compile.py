@@ -68,7 +68,13 @@ def feedforward_cases():
                torch.randn(4 * C) * 0.1, torch.randn(C, 4 * C) / (2 * C**0.5), torch.randn(C) * 0.1]
     weights = [w.requires_grad_() for w in weights]
     for p_hidden, p_out, seed in ((0.0, 0.0, None), (0.25, 0.1, seed_tensor())):
-        yield ff_op.feedforward_residual_op, (x, *weights, 1e-5, p_hidden, p_out, seed)
+        yield ff_op.feedforward_residual_op, (x, *weights, 1e-5, p_hidden, p_out, seed)  # recompute backward
+        yield ff_op.feedforward_residual_op, (x, *weights, 1e-5, p_hidden, p_out, seed, True)  # backward kernel
+        with torch.no_grad():
+            _, stats = ff_op.feedforward_residual_op(x, *weights, 1e-5, p_hidden, p_out, seed, True)
+        ln_w, ln_b, w1, b1, w2, _ = (w.detach() for w in weights)
+        yield ff_op.feedforward_residual_backward_op, (x.detach(), torch.randn_like(x), stats, ln_w, ln_b, w1, b1, w2,
+                                                       p_hidden, p_out, seed)
     yield ff_op.dropout_keep_mask_op, (x.detach(), 4 * C, 0.3, seed_tensor(), 0)
 
 
@@ -132,7 +138,7 @@ def layernorm_linear_cases():
     yield ln_op.layernorm_linear_op, (x, None, ln_w, None, w, None, 1e-5, 0)  # no extra rows
 
 
-CASE_GROUPS = {"feedforward": (feedforward_cases, 3), "window_attention": (window_attention_cases, 4),
+CASE_GROUPS = {"feedforward": (feedforward_cases, 7), "window_attention": (window_attention_cases, 4),
                "mbconv": (mbconv_cases, 4), "layernorm_linear": (layernorm_linear_cases, 3)}
 
 

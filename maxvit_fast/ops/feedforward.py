@@ -78,13 +78,14 @@ def feedforward_residual_op(
     w2: torch.Tensor, b2: torch.Tensor, eps: float, p_hidden: float, p_out: float, seed: Optional[torch.Tensor],
     save_stats: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ff(x) + x, LayerNorm statistics): the statistics (fp32 (2, tokens): mean, rstd) only with
-    ``save_stats`` at widths with a backward kernel, else an empty tensor."""
+    """(ff(x) + x, LayerNorm statistics): with ``save_stats`` (only at widths with a backward
+    kernel, :func:`has_backward_kernel`) the statistics as fp32 (2, tokens): mean, rstd, for
+    the backward kernel; else an empty tensor, and the backward recomputes."""
     from ..kernels import feedforward as kernels
 
     stats = _new_stats(x, save_stats)
     out = kernels.feedforward_residual(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, p_hidden, p_out, seed,
-                                       stats=stats if stats.numel() else None)
+                                       stats=stats if save_stats else None)
     return out, stats
 
 
@@ -93,16 +94,16 @@ def _(x, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden, p_out, seed, save_st
     return torch.empty_like(x), _new_stats(x, save_stats)  # what the launcher allocates
 
 
-def _has_backward_kernel(x: torch.Tensor) -> bool:
+def _new_stats(x: torch.Tensor, save_stats: bool) -> torch.Tensor:
+    shape = (2, x.numel() // x.shape[-1]) if save_stats else (0,)
+    return x.new_empty(shape, dtype=torch.float32)
+
+
+def has_backward_kernel(x: torch.Tensor) -> bool:
+    """Whether the Triton backward kernel covers tokens like ``x`` (the one-pass widths)."""
     from ..kernels import feedforward as kernels
 
-    return kernels.backward_config(x.shape[-1], x.dtype) is not None and x.numel() > 0
-
-
-def _new_stats(x: torch.Tensor, save_stats: bool) -> torch.Tensor:
-    if save_stats and _has_backward_kernel(x):
-        return x.new_empty((2, x.numel() // x.shape[-1]), dtype=torch.float32)
-    return x.new_empty((0,), dtype=torch.float32)
+    return x.numel() > 0 and kernels.backward_config(int(x.shape[-1]), x.dtype) is not None
 
 
 @custom_op("feedforward_residual_backward")
@@ -110,26 +111,23 @@ def feedforward_residual_backward_op(
     x: torch.Tensor, grad: torch.Tensor, stats: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
     w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, p_hidden: float, p_out: float, seed: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward kernel: (dx, xn, dy, act, dh, partials) as
-    ``kernels.feedforward.feedforward_residual_backward`` returns them, dy an empty tensor
-    without output dropout (dy is then grad)."""
+    """The backward kernel and the sum of its per-tile partial sums: (dx, xn, dy, act, dh,
+    sums), the first five as ``kernels.feedforward.feedforward_residual_backward`` returns them
+    (dy an empty tensor without output dropout: dy is then grad), sums = fp32 [db1 | db2 |
+    d ln_weight | d ln_bias]."""
     from ..kernels import feedforward as kernels
 
     dx, xn, dy, act, dh, partials = kernels.feedforward_residual_backward(
         x, grad, stats, ln_weight, ln_bias, w1, b1, w2, p_hidden, p_out, seed)
-    return dx, xn, x.new_empty((0,)) if dy is None else dy, act, dh, partials
+    return dx, xn, x.new_empty((0,)) if dy is None else dy, act, dh, partials.sum(0)
 
 
 @feedforward_residual_backward_op.register_fake
 def _(x, grad, stats, ln_weight, ln_bias, w1, b1, w2, p_hidden, p_out, seed):
-    from ..kernels import feedforward as kernels
-
     C, hidden = x.shape[-1], w1.shape[0]
     M = x.numel() // C
-    tiles = -(-M // kernels.backward_config(C, x.dtype)["BLOCK_M"])
     return (torch.empty_like(x), x.new_empty((M, C)), x.new_empty((M, C) if p_out > 0 else (0,)),
-            x.new_empty((M, hidden)), x.new_empty((M, hidden)),
-            x.new_empty((tiles, hidden + 3 * C), dtype=torch.float32))
+            x.new_empty((M, hidden)), x.new_empty((M, hidden)), x.new_empty((hidden + 3 * C,), dtype=torch.float32))
 
 
 @custom_op("feedforward_dropout_keep_mask")
@@ -148,10 +146,10 @@ def _(x, width, p, seed, stream):
 
 
 def _ff_setup_context(ctx, inputs, output):
-    *tensors, eps, p_hidden, p_out, seed, _save_stats = inputs
+    *tensors, eps, p_hidden, p_out, seed, save_stats = inputs
     stats = output[1]
     ctx.mark_non_differentiable(stats)
-    ctx.kernel_backward = stats.numel() > 0
+    ctx.kernel_backward = save_stats
     ctx.save_for_backward(*tensors, stats)
     ctx.eps, ctx.p_hidden, ctx.p_out, ctx.seed = eps, p_hidden, p_out, seed
 
@@ -166,16 +164,15 @@ def _ff_backward(ctx, grad_out, _grad_stats):
 
 
 def _kernel_backward(ctx, grad_out, x, weights, stats):
-    """The Triton backward kernel, then the weight gradients as two matmuls and the bias and
-    LayerNorm-parameter gradients as one sum over the kernel's per-tile partial sums."""
+    """The Triton backward kernel (and the sum of its per-tile partial sums: the bias and
+    LayerNorm-parameter gradients), then the weight gradients as two matmuls."""
     ln_weight, ln_bias, w1, b1, w2, _ = weights
     C, hidden = x.shape[-1], w1.shape[0]
-    dx, xn, dy, act, dh, partials = feedforward_residual_backward_op(
+    dx, xn, dy, act, dh, sums = feedforward_residual_backward_op(
         x, grad_out, stats, ln_weight, ln_bias, w1, b1, w2, ctx.p_hidden, ctx.p_out, ctx.seed)
     if ctx.p_out == 0:
         dy = grad_out.reshape(-1, C)
-    # [db1 | db2 | d ln_weight | d ln_bias], summed over the row tiles in fp32
-    db1, db2, d_ln_weight, d_ln_bias = partials.sum(0).to(x.dtype).split([hidden, C, C, C])
+    db1, db2, d_ln_weight, d_ln_bias = sums.to(x.dtype).split([hidden, C, C, C])
     need = ctx.needs_input_grad
     dw1 = dh.t().mm(xn) if need[3] else None
     dw2 = dy.t().mm(act) if need[5] else None
@@ -255,6 +252,6 @@ def feedforward_residual(
         seed_t = draw_seed(x.device) if seed is None else seed_tensor(seed, x.device)
     params = (norm.weight, norm.bias, lin1.weight, lin1.bias, lin2.weight, lin2.bias)
     # the LayerNorm statistics for the backward kernel, only when a backward will run
-    save_stats = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
+    save_stats = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)) and has_backward_kernel(x)
     out, _ = feedforward_residual_op(x, *params, float(norm.eps), p_hidden, p_out, seed_t, save_stats)
     return out
