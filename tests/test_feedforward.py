@@ -21,7 +21,8 @@ from maxvit_fast import ops
 from maxvit_fast.aot import compile_kernels
 from maxvit_fast.dispatch import FusedFallbackWarning, reset_fallback_warnings
 from maxvit_fast.kernels import feedforward as K
-from maxvit_fast.ops.feedforward import keep_masks
+from maxvit_fast.ops.feedforward import keep_masks, reference_with_masks
+from maxvit_fast.traffic import triton_launches
 from maxvit_fast.reference import FeedForward
 
 from .helpers import assert_close_l2, assert_close_normwise, assert_within_reference_error, poison_
@@ -100,6 +101,10 @@ def test_default_path_choice():
         assert K.fused_mlp_config(C, torch.float32) is not None
     for C in (96, 128, 256, 512):
         assert K.fused_mlp_config(C, torch.float32) is None
+    # the backward kernel exists exactly where the forward is one pass
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for C in (16, 24, 48, 64, 96, 128, 256, 512):
+            assert (K.backward_config(C, dtype) is None) == (K.fused_mlp_config(C, dtype) is None), (dtype, C)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -237,6 +242,194 @@ def test_dropout_forward_and_gradients_use_one_mask(device, path):
 
 
 # ----------------------------------------------------------------------------------------------
+# backward kernel (one-pass widths) and the recompute backward (two-kernel widths)
+# ----------------------------------------------------------------------------------------------
+
+GRAD_NAMES = ("x", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2")
+
+
+def make_input(shape, C, layout, dtype=torch.float32, device="cpu"):
+    """Tokens (*shape, C): contiguous, or the channels-last view of an NCHW map (the model's
+    layout when the feature map is NCHW-contiguous)."""
+    if layout == "nchw_view":
+        B, H, W = shape
+        return make_tokens((B, H, W), C, dtype, device).permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    return make_tokens(shape, C, dtype, device)
+
+
+def set_dropout(ff, p_hidden, p_out):
+    ff[3].p, ff[5].p = p_hidden, p_out
+    return ff.train()
+
+
+def op_gradients(x, ff, grad_out, seed):
+    """(x, ln_weight, ln_bias, w1, b1, w2, b2) gradients through the fused op, and the Triton
+    launches of its backward."""
+    x = x.detach().requires_grad_()
+    out = ops.feedforward_residual(x, ff, fused=True, seed=seed)
+    with triton_launches() as launched:
+        grads = torch.autograd.grad(out, [x, *ff.parameters()], grad_out)
+    return grads, dict(launched.counts)
+
+
+def masked_reference_gradients(x, ff, grad_out, seed, dtype=None):
+    """Autograd through the reference torch ops under the fused forward's dropout masks, with
+    x, the parameters and grad_out in ``dtype`` (default: theirs)."""
+    dtype = dtype or x.dtype
+    x = x.detach().to(dtype).requires_grad_()
+    params = [p.detach().to(dtype).requires_grad_() for p in ff.parameters()]
+    out = reference_with_masks(x, *params, ff[0].eps, ff[3].p, ff[5].p, seed)
+    return torch.autograd.grad(out, [x, *params], grad_out.to(dtype))
+
+
+@pytest.mark.parametrize("C,shape,layout,p_hidden,p_out", [
+    (16, (1, 7, 7), "nchw_view", 0.0, 0.0),
+    (24, (3, 5, 9), "contiguous", 0.3, 0.2),
+    (48, (2, 3, 7), "nchw_view", 0.1, 0.25),
+    (64, (1, 5, 7), "contiguous", 0.0, 0.0),
+    (64, (2, 3, 11), "nchw_view", 0.2, 0.1),
+])
+def test_backward_kernel_fp32(device, C, shape, layout, p_hidden, p_out):
+    """Every gradient against autograd through the reference under the forward's masks: fp32
+    1e-5 relative L2 (exact fp32 products on both sides; only summation order differs). One
+    Triton launch (the backward kernel), no mask materialised."""
+    ff = set_dropout(make_ff(C, device=device), p_hidden, p_out)
+    x = make_input(shape, C, layout, device=device)
+    grad_out = torch.randn_like(x)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    grads, launched = op_gradients(x, ff, grad_out, seed)
+    assert launched == {"ff_fused_mlp_backward_kernel": 1}
+    for name, g, r in zip(GRAD_NAMES, grads, masked_reference_gradients(x, ff, grad_out, seed)):
+        assert_close_l2(g, r, 1e-5, name=name)
+
+
+@pytest.mark.parametrize("dtype,C,shape,p_hidden,p_out", [
+    (torch.float16, 24, (3, 5, 9), 0.3, 0.2),
+    (torch.bfloat16, 64, (2, 5, 7), 0.1, 0.1),
+    (torch.float16, 128, (1, 7, 7), 0.0, 0.0),
+    (torch.bfloat16, 128, (2, 3, 5), 0.2, 0.0),
+    (torch.float16, 256, (1, 5, 7), 0.1, 0.3),
+    (torch.bfloat16, 256, (2, 3, 5), 0.0, 0.1),
+])
+def test_backward_kernel_low_precision(device, dtype, C, shape, p_hidden, p_out):
+    """fp16/bf16: each gradient's error against the fp64 reference (same masks) is at most 2x
+    the reference module's own error in that dtype, plus half an ulp of the gradient's largest
+    entry (for gradients the reference happens to round almost exactly)."""
+    ff = set_dropout(make_ff(C, dtype, device), p_hidden, p_out)
+    x = make_input(shape, C, "nchw_view", dtype, device)
+    grad_out = torch.randn_like(x)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    grads, launched = op_gradients(x, ff, grad_out, seed)
+    assert launched == {"ff_fused_mlp_backward_kernel": 1}
+    truth = masked_reference_gradients(x, ff, grad_out, seed, torch.float64)
+    ref_lowp = masked_reference_gradients(x, ff, grad_out, seed)
+    for name, g, r, t in zip(GRAD_NAMES, grads, ref_lowp, truth):
+        assert g.dtype == dtype, name
+        half_ulp = 0.5 * torch.finfo(dtype).eps * t.abs().max().item()
+        assert_within_reference_error(g, r, t, factor=2.0, atol=half_ulp, name=f"{dtype} C={C} d{name}")
+
+
+def test_backward_launcher_writes_every_output(device):
+    """The backward launcher into NaN-poisoned outputs (dx strided like x, padded channels and a
+    ragged last row tile): every output is written, the dot operands it hands to the weight
+    gradients are the forward's (xn = LayerNorm(x) and act = the dropped GELU output, exactly as
+    the reference forms them), and the partial sums add up to the bias / LayerNorm gradients."""
+    C, shape, p_hidden, p_out = 48, (2, 3, 7), 0.2, 0.3
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    ff = set_dropout(make_ff(C, device=device), p_hidden, p_out)
+    x = make_input(shape, C, "nchw_view", device=device)
+    grad = torch.randn_like(x)
+    M, hidden = x.numel() // C, 4 * C
+    params = [ff[0].weight, ff[0].bias, ff[1].weight, ff[1].bias, ff[4].weight, ff[4].bias]
+    stats = poison_(torch.empty(2, M, device=device))
+    with torch.no_grad():
+        fwd = K.feedforward_residual(x, *params[:2], ff[0].eps, *params[2:], p_hidden, p_out, seed, stats=stats)
+    tiles = triton.cdiv(M, K.backward_config(C, x.dtype)["BLOCK_M"])
+    out = [poison_(torch.empty_like(x)), poison_(torch.empty(M, C, device=device)), poison_(torch.empty(M, C, device=device)),
+           poison_(torch.empty(M, hidden, device=device)), poison_(torch.empty(M, hidden, device=device)),
+           poison_(torch.empty(tiles, hidden + 3 * C, device=device))]
+    res = K.feedforward_residual_backward(x, grad, stats, *params[:5], p_hidden, p_out, seed, out=out)
+    assert all(r is o for r, o in zip(res, out))
+    dx, xn, dy, act, dh, partials = res
+
+    m_hidden, m_out = keep_masks(x, hidden, p_hidden, p_out, seed)
+    xr = x.detach().clone().requires_grad_()
+    xn_ref = torch.nn.functional.layer_norm(xr, (C,), params[0], params[1], ff[0].eps)
+    xn_ref.retain_grad()
+    pre = torch.nn.functional.linear(xn_ref, params[2], params[3])
+    pre.retain_grad()
+    act_ref = torch.nn.functional.gelu(pre) * m_hidden / (1 - p_hidden)
+    y = torch.nn.functional.linear(act_ref, params[4], params[5])
+    y.retain_grad()
+    ref = y * m_out / (1 - p_out) + xr
+    assert_close_normwise(fwd, ref, 1e-5, name="forward")
+    ref.backward(grad)
+    assert_close_normwise(stats[0], x.mean(-1).reshape(-1), 1e-5, name="mean")
+    assert_close_normwise(stats[1], torch.rsqrt(x.var(-1, unbiased=False) + ff[0].eps).reshape(-1), 1e-5, name="rstd")
+    for name, got, want in (("dx", dx, xr.grad), ("xn", xn, xn_ref), ("dy", dy, y.grad), ("act", act, act_ref),
+                            ("dh", dh, pre.grad)):
+        assert_close_normwise(got, want.reshape(got.shape), 1e-5, name=name)
+    assert dx.stride() == x.stride()
+    sums = partials.sum(0)
+    for name, got, want in zip(("b1", "b2", "ln_weight", "ln_bias"), sums.split([hidden, C, C, C]),
+                               (params[3].grad, params[5].grad, params[0].grad, params[1].grad)):
+        assert_close_normwise(got, want, 1e-5, name=name)
+
+
+def test_backward_launcher_rejects_bad_arguments(device):
+    C = 16
+    ff = make_ff(C, device=device)
+    x = make_tokens((1, 3, 5), C, device=device)
+    params = [ff[0].weight, ff[0].bias, ff[1].weight, ff[1].bias, ff[4].weight]
+    with pytest.raises(ValueError, match="stats must be"):
+        K.feedforward_residual_backward(x, torch.randn_like(x), torch.empty(2, 14), *params)
+    with pytest.raises(ValueError, match="grad is"):
+        K.feedforward_residual_backward(x, torch.randn(1, 3, 4, C), torch.empty(2, 15), *params)
+    wide = make_ff(96, device=device)
+    xw = make_tokens((1, 3, 5), 96, device=device)
+    with pytest.raises(ValueError, match="no backward kernel"):
+        K.feedforward_residual_backward(xw, xw, torch.empty(2, 15), wide[0].weight, wide[0].bias, wide[1].weight,
+                                        wide[1].bias, wide[4].weight)
+    with pytest.raises(ValueError, match="only the one-pass kernel"):
+        K.feedforward_residual(x, *params[:2], 1e-5, *params[2:], ff[4].bias, stats=torch.empty(2, 15), path="two_pass")
+
+
+def test_recompute_backward_at_two_kernel_widths(device):
+    """fp32 C = 80 has a two-kernel forward and no backward kernel: the forward saves no
+    statistics and the backward recomputes under the regenerated masks (exact reference
+    gradients for those masks)."""
+    C, p_hidden, p_out = 80, 0.2, 0.1
+    ff = set_dropout(make_ff(C, device=device), p_hidden, p_out)
+    x = make_input((1, 3, 5), C, "nchw_view", device=device)
+    grad_out = torch.randn_like(x)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    assert K.backward_config(C, torch.float32) is None
+    grads, launched = op_gradients(x, ff, grad_out, seed)
+    assert launched == {"ff_dropout_keep_kernel": 2}
+    for name, g, r in zip(GRAD_NAMES, grads, masked_reference_gradients(x, ff, grad_out, seed)):
+        assert_close_l2(g, r, 1e-5, name=name)
+
+
+def test_statistics_saved_only_for_a_backward(device, monkeypatch):
+    """The forward writes the LayerNorm statistics only when a backward will run."""
+    seen = []
+    launcher = K.feedforward_residual
+
+    def recording(*args, stats=None, **kwargs):
+        seen.append(stats is not None)
+        return launcher(*args, stats=stats, **kwargs)
+
+    monkeypatch.setattr(K, "feedforward_residual", recording)
+    ff = make_ff(16, device=device).train()
+    x = make_tokens((1, 3, 5), 16, device=device)
+    with torch.no_grad():
+        ops.feedforward_residual(x, ff, fused=True)
+    ops.feedforward_residual(x, ff.requires_grad_(False), fused=True)
+    ops.feedforward_residual(x.requires_grad_(), ff, fused=True)
+    assert seen == [False, False, True]
+
+
+# ----------------------------------------------------------------------------------------------
 # dropout statistics and reproducibility
 # ----------------------------------------------------------------------------------------------
 
@@ -357,9 +550,11 @@ def _signature(kernel, dtype_name):
     for name, param in inspect.signature(kernel.fn).parameters.items():
         if name == "seed_ptr":
             sig[name] = "*i64"
+        elif name in ("stats_ptr", "partial_ptr"):
+            sig[name] = "*fp32"
         elif name.endswith("_ptr"):
             sig[name] = f"*{dtype_name}"
-        elif "constexpr" in str(param.annotation) or name in ("stride_xc", "stride_oc"):
+        elif "constexpr" in str(param.annotation) or name in ("stride_xc", "stride_oc", "stride_gc", "stride_dc"):
             sig[name] = "constexpr"
         elif name == "eps" or name.startswith(("p_", "scale_")):
             sig[name] = "fp32"
@@ -369,8 +564,10 @@ def _signature(kernel, dtype_name):
 
 
 def maxvit_t_requests(dtypes=(torch.float16, torch.bfloat16), widths=(64, 128, 256, 512)):
-    """The launches the default MaxViT-T makes, eval (no dropout) and train (dropout 0.1), from
-    the launcher's own config functions."""
+    """The launches the default MaxViT-T makes, eval (no dropout) and train (dropout 0.1; the
+    one-pass forward then also writes the LayerNorm statistics), forward and backward kernels,
+    from the launcher's own config functions. The backward kernel runs in training with and
+    without dropout: "eval" below means its no-dropout variant."""
     names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
     requests = []
     for dtype in dtypes:
@@ -380,7 +577,12 @@ def maxvit_t_requests(dtypes=(torch.float16, torch.bfloat16), widths=(64, 128, 2
             common = dict(C=C, HIDDEN=hidden, stride_xc=1, FP32_DOT=dtype == torch.float32, ROUND_BF16=False)
             if cfg is not None:
                 launches = [(K.ff_fused_mlp_kernel, dict(cfg, BLOCK_C=triton.next_power_of_2(C), stride_oc=1),
-                             ("DROPOUT_HIDDEN", "DROPOUT_OUT"))]
+                             ("DROPOUT_HIDDEN", "DROPOUT_OUT", "WRITE_STATS"))]
+                bwd = K.backward_config(C, dtype)
+                if bwd is not None:
+                    launches.append((K.ff_fused_mlp_backward_kernel,
+                                     dict(bwd, BLOCK_C=triton.next_power_of_2(C), stride_gc=1, stride_dc=1),
+                                     ("DROPOUT_HIDDEN", "DROPOUT_OUT")))
             else:
                 up, down = K.two_pass_configs(C, hidden, dtype)
                 launches = [(K.ff_up_kernel, dict(up), ("DROPOUT_HIDDEN",)),
@@ -401,7 +603,8 @@ def maxvit_t_requests(dtypes=(torch.float16, torch.bfloat16), widths=(64, 128, 2
 
 
 def test_aot_compile_maxvit_t_configurations():
-    """fp16/bf16 and fp32 launches of the default model: no spills; tensor cores in fp16/bf16."""
+    """fp16/bf16 and fp32 launches of the default model, forward and backward: no spills;
+    tensor cores in fp16/bf16."""
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     requests = [dict(r, arch=arch) for r in maxvit_t_requests(dtypes) for arch in (80, 90)]
     failures, table = [], []

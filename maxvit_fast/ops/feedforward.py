@@ -149,12 +149,15 @@ def _ff_setup_context(ctx, inputs, output):
     *tensors, eps, p_hidden, p_out, seed, save_stats = inputs
     stats = output[1]
     ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)  # no zero gradient for the statistics
     ctx.kernel_backward = save_stats
     ctx.save_for_backward(*tensors, stats)
     ctx.eps, ctx.p_hidden, ctx.p_out, ctx.seed = eps, p_hidden, p_out, seed
 
 
 def _ff_backward(ctx, grad_out, _grad_stats):
+    if grad_out is None:
+        return (None,) * 12
     x, *weights, stats = ctx.saved_tensors
     if ctx.kernel_backward:
         grads = _kernel_backward(ctx, grad_out, x, weights, stats)
