@@ -20,7 +20,9 @@ Kernels
   matmul (each chunk's exact mean and M2 merged with Chan's formula, so no E[x^2] - mean^2
   cancellation), re-reading the tile from L1/L2, instead of a separate stats kernel: that
   would add a launch and a round trip of mean/rstd, to save only cache hits.
-* ``ff_dropout_keep_kernel``: regenerates a forward dropout mask for the backward.
+* ``ff_fused_mlp_backward_kernel`` (training, the one-pass widths): see "Backward" below.
+* ``ff_dropout_keep_kernel``: regenerates a forward dropout mask for the recompute backward of
+  the two-kernel widths (maxvit_fast/ops/feedforward.py).
 
 Dropout: element (token, column) of stream s (0 hidden, 1 output) is kept when the top 24 bits
 of philox(seed; column, token, s, 0) / 2^24 >= p, scaled by 1/(1-p). Token is the row-major
@@ -89,6 +91,66 @@ token in eval (counted, not measured; weights excluded): reference eager LayerNo
 5C, GELU 8C, Linear2 5C, residual add 3C = 23C, materialising xn, h, GELU(h), y and out (11C);
 one pass 2C (x in, out), materialising out only (C); two kernels 11C (x twice, 4C hidden out
 and in, out), materialising the hidden and out (5C).
+
+Backward (one-pass widths: fp16/bf16 C <= 256, fp32 C <= 64)
+------------------------------------------------------------
+The training forward (the one-pass kernel with WRITE_STATS) also stores each token's LayerNorm
+mean and rstd (fp32, 8 bytes per token); the op saves x, the parameters, these statistics and
+the seed: no 4C-wide activation. ``ff_fused_mlp_backward_kernel``: one program per BLOCK_M row
+tile with all C channels, as the forward. It rebuilds xn from x and the statistics (the
+forward's expression, so the same dot operand), forms dy = grad * keep_out * scale_out (the mask
+regenerated from the seed, the same philox counters), and loops over the hidden dimension in
+BLOCK_H chunks: pre = xn W1_j^T + b1_j (recomputed), act = dropped GELU(pre) (stored: the dW2
+operand), d_act = dy W2[:, j], dh = d_act * keep_h * scale_h * (Phi(pre) + pre * phi(pre))
+(exact erf GELU derivative; stored: the dW1 operand), dxn += dh W1_j in an fp32 (BLOCK_M, C)
+accumulator. After the loop the LayerNorm backward runs on whole rows, dx = rstd * (g dxn -
+mean(g dxn) - xhat * mean(g dxn * xhat)) + grad (the residual), written once in x's layout.
+Column sums of dh, dy, dxn * xhat and dxn per row tile go to an fp32 (tiles, 4C + 3C) buffer,
+summed by one torch reduction into the b1, b2, LayerNorm weight and bias gradients (deterministic,
+no atomics; 7C * 4 / BLOCK_M bytes per token, against 4C * 2 bytes per token for a torch
+dh.sum(0) pass over dh). The weight gradients are two cuBLAS matmuls in the op layer,
+dW1 = dh^T xn and dW2 = dy^T act, on operands the kernel writes: xn (M, C) (cheaper than a
+torch recompute from x and the statistics: several elementwise passes) and dy (M, C, only with
+output dropout; otherwise dy is grad). Rounding: pre, d_act, dh and dxn stay fp32 in the kernel
+(the reference rounds each to the input dtype); dh, act, xn and dy are rounded to the input
+dtype once, as dot operands and stored tensors.
+
+Per token (counted, not measured): the kernel reads x and grad (2C, each a second time from L2)
+and writes dx, xn, act, dh (and dy) = 10C (11C) elements; the two matmuls read them back (10C).
+The recompute backward it replaces regenerated two uint8 masks (5C bytes), re-ran the
+reference forward (five passes, two 4C wide) and its autograd backward. TrafficCounter
+(maxvit_fast.traffic, bytes written, launches), feed-forward backward of a training step of
+MaxViT(dim 32, depth (1, 1), window 2, 2 registers, dropout 0.1), 2 x 3 x 32 x 32 images, fp32,
+6 feed-forward calls, 400 tokens: recompute backward 3,483,648 B / 158 launches, backward kernel
+1,189,760 B / 24 launches (kernel, partial sum, 2 matmuls per call; fp16/bf16 add one cast of
+the 7C sums), eager reference backward 1,482,624 B / 66 launches. Forward + backward: eager
+3,083,264 B / 132 launches, fused 1,254,448 B / 36 launches (the fused forward saves no 4C
+activation).
+
+Tiles (resource report, sm_80 / sm_90 registers, train = both dropouts / p = 0; no GPU
+measurement). The backward holds three (BLOCK_M, C) tiles across the hidden loop, xn and dy in
+the input dtype and the fp32 dxn accumulator, where the forward holds two, and does three dots
+per chunk:
+
+  fp16 (bf16 within 5 registers)              train           p = 0
+  C=64   BLOCK_M 64, BLOCK_H 32, 4 warps       248 / 240       231 / 209     no spills
+  C=128  BLOCK_M 64, BLOCK_H 32, 8 warps       243 / 225       231 / 202     no spills
+  C=256  BLOCK_M 32, BLOCK_H 32, 8 warps       230 / 182       163 / 164     no spills (HMMA
+         on sm_90 too: a 32-row tile gets no wgmma)
+  C=256  BLOCK_M 64 spills at every setting tried: BLOCK_H 16/32/64 with 8 warps (255 regs,
+         64-176 B stack) or 16 warps (128 regs, 224-944 B stack)
+  C=64   BLOCK_H 64: 255 + 56 B stack (4 warps), 255 + 16 B (8 warps, sm_80); C=128 BLOCK_H 64
+         8 warps: sm_90 255 + 80 B; C=128 4 warps: 255 + 56-256 B           -> spills
+  fp32 C=64 BLOCK_M 32, BLOCK_H 16, 4 warps    128 / 128       128 / 134     no spills
+  fp32 C=64 BLOCK_M 64: BLOCK_H 16 8 warps p = 0: sm_90 24 B stack; BLOCK_H 32 8 warps train:
+         sm_90 255 + 304 B                                                  -> spills
+The forward's WRITE_STATS store costs at most one register (fp16 C=64 train 233 / 135,
+C=128 167 / 241, C=256 228 / 230, fp32 C=64 128 / 98), hence in-kernel rather than a separate
+statistics pass. Wider layers (the two-kernel widths) would need a (BLOCK_M, C) fp32 dxn
+accumulator over C = 512 (or fp32 C >= 128) in registers: already the forward's one-pass
+accumulator spills there, so they keep the recompute backward of the op layer. (Survey:
+maxvit_fast.aot.compile_kernels with the AOT test's signatures; the AOT test compiles every
+configuration in use: ``pytest tests/test_feedforward.py -k aot -s``.)
 """
 
 from __future__ import annotations

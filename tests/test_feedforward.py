@@ -329,6 +329,18 @@ def test_backward_kernel_low_precision(device, dtype, C, shape, p_hidden, p_out)
         assert_within_reference_error(g, r, t, factor=2.0, atol=half_ulp, name=f"{dtype} C={C} d{name}")
 
 
+def test_backward_of_a_sum(device):
+    """out.sum().backward(): the incoming gradient is an expanded tensor (every stride 0)."""
+    C, p_hidden, p_out = 24, 0.1, 0.2
+    ff = set_dropout(make_ff(C, device=device), p_hidden, p_out)
+    x = make_input((2, 3, 5), C, "nchw_view", device=device).requires_grad_()
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    ops.feedforward_residual(x, ff, fused=True, seed=seed).sum().backward()
+    grads = [x.grad] + [p.grad for p in ff.parameters()]
+    for name, g, r in zip(GRAD_NAMES, grads, masked_reference_gradients(x, ff, torch.ones_like(x), seed)):
+        assert_close_l2(g, r, 1e-5, name=name)
+
+
 def test_backward_launcher_writes_every_output(device):
     """The backward launcher into NaN-poisoned outputs (dx strided like x, padded channels and a
     ragged last row tile): every output is written, the dot operands it hands to the weight
