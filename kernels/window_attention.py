@@ -32,8 +32,9 @@ softmax is a plain max-subtracted softmax (no online rescaling); queries are spl
 row tiles (grid axis 2). A forward program handles one head and query tile of a group of
 consecutive windows (about 4096 programs in all; not tuned), gathering the bias tile once and
 holding it in the table's dtype (re-gathering it per window cost ~75 more registers on sm_80: the
-64-bit addresses of a 64 x 64 gather). Supported: n <= 128, i.e. every w <= 10 with r <= 16, w = 11 with r <= 7;
-larger windows fall back to the reference (a key-tile loop would lift this; not done).
+64-bit addresses of a 64 x 64 gather). These one-tile kernels serve n <= 128, i.e. every w <= 10 with
+r <= 16 and w = 11 with r <= 7; longer sequences (up to MAX_LONG_SEQ = 640: w = 12, 14, 16, ...) run
+the key-loop kernels described under "Long sequences" below.
 Padded keys get -inf before the max, and every row has at least one real key (n >= 2), so no row
 is fully masked; padded query rows are never stored, and in the backward their logsumexp is
 loaded as +inf so their probabilities are exactly 0.
@@ -65,7 +66,8 @@ its 16 random bits >= round(p * 2^16); kept values are scaled by 2^16 / (2^16 - 
 exact inverse of the keep probability (p is used to 2^-16 resolution). The bits come from
 tl.philox(seed, c0 = i * ceil(n / 8) + j // 8, c1:c2 = win * heads + h (64 bits), c3 = 0): one
 Philox call gives 4 x 32 bits = eight 16-bit numbers for eight consecutive keys. The mask depends
-on the seed and the element only (not on tiles), and the backward regenerates it. One Philox call
+on the seed and the element only (not on tiles: the key-loop kernels add their key tile's first key
+/ 8 to the counter, and key tiles start at multiples of 8), and the backward regenerates it. One Philox call
 per element instead (tl.rand) cost ~100 more registers in the forward (sm_80: 255 + spills).
 
 Numerics: fp32 accumulation; scores in base 2 (q.k * scale * log2(e) + bias * log2(e), exp2); P is
@@ -108,6 +110,80 @@ but are not tuned (a 32-row query tile or a key loop would be the next step). w=
 56-72 registers. 8 warps on a 64-row tile do not help: Triton puts all warps of a dot chain along
 the rows (warpsPerCTA [8, 1]), i.e. 16-row MMA tiles for 8 rows per warp, duplicated work.
 
+Long sequences (n = r + w*w > 128; window 12 at MaxViT 384, 16 at 512): separate kernels
+(window_attention_long_*; the one-tile kernels above and their compiled code are unchanged: the
+AOT report of the default model's kernels is identical before and after this addition).
+- Forward (window_attention_long_fwd_kernel): one program per (window, head, query tile of
+  BLOCK_M), a loop over key tiles of BLOCK_N with flash attention's online softmax in base 2
+  (running row max m and sum l of exp2(s - m); acc and l rescaled by exp2(m_old - m_new)); the
+  bias tile is gathered from the table per (query tile, key tile); padded keys are -inf, and every
+  key tile holds a real key (tiles start below n), so m is finite after the first tile. Dropout
+  multiplies exp2(s - m) by the keep mask and 1/(1-p) after it entered l (l sums the undropped
+  probabilities); P is rounded to the input dtype unnormalised (values in [0, 1/(1-p)]) before P @ V
+  and O = acc / l at the end. The row logsumexp m + log2(l) is saved as in the one-tile kernel.
+  No window loop (one window per program: e.g. 2048 windows x 2 heads x 3 query tiles = 12288
+  programs at stage 1 of MaxViT-T, 384 px, batch 32).
+- Backward, delta: with several key tiles delta_i = sum_j P_ij dP_ij cannot be formed in one
+  tile. Chosen: delta_i = dO_i . O_i (fp32 products and sum) from the forward's stored output O
+  (with dropout too: O = P_drop V, so dO_i . O_i = sum_j P_ij dP_ij with dP = keep/(1-p) * dO V^T),
+  as flash attention does. The alternative, a first pass over the key tiles recomputing S and dP,
+  costs 2 more dots per (query tile, key tile) pair (9 instead of 7 below). O is the per-head
+  output the op already has (`o` before the output projection; the projection's backward keeps it
+  for its weight gradient, so saving it here costs no memory); the op passes O (and the register
+  rows' outputs) to the backward only for long sequences. delta is rounded like O (relative
+  ~2^-8 in bf16), as in flash attention; the tests hold bf16/fp16 gradients to 2x the reference
+  module's own error.
+- Backward, kernels: two launches, flash attention 2's split. (1) window_attention_long_bwd_dq_kernel,
+  one program per (window, head, query tile): delta (written to a (windows, heads, n - q0) fp32
+  buffer), then a loop over key tiles: S, P from the lse, dP = dO V^T (masked and scaled),
+  dS = P (dP - delta), dQ += dS K scale (fp32 accumulator, stored once); the bias-gradient atomics.
+  (2) window_attention_long_bwd_dkv_kernel, one program per (window, head, key tile): a loop over
+  query tiles reading q, dO, lse and delta: dV += P_drop^T dO, dK += dS^T Q scale, stored once.
+  Every dQ/dK/dV element is written by exactly one program, straight into dqkv (register rows:
+  into the per-window fp32 buffer, then summed by torch as in the one-tile path): no fp32 partial
+  sums and no atomics, so dq/dk/dv and the register-row gradients are deterministic. Cost: S and
+  dP are computed in both kernels (7 dots per tile pair instead of 5). Rejected: one query-major
+  kernel with per-query-tile dK/dV partials (q_tiles x tokens x 2C fp32: 4x the fp16 dqkv bytes at
+  w = 12, 6.7x at w = 16, plus a torch sum), or one key-major kernel with dQ partials or atomics.
+- Backward, bias table: dS is atomically added (fp32, relaxed `red`) into partial (heads, n - q0,
+  n) sums as in the one-tile kernel, but with fewer slots for long sequences: slots =
+  min(windows, 32, DBIAS_LONG_BUDGET (32 MiB) // (heads (n - q0) n 4 B)), at least 1
+  (long_dbias_slots). n = 148, 2 heads: 32 slots, 5.6 MB; n = 148, 16 heads: 23 slots, 32 MB;
+  n = 260, 16 heads: 7 slots, 30 MB; n = 272, 16 heads: 7 slots, 33 MB (32 slots would be 151 MB).
+  Not bitwise deterministic (the order of the atomic adds), as in the one-tile path. The
+  scatter into the table (bias_table_gradient) takes a transient (heads, n - r, (2w-1)^2 + 1)
+  fp32 buffer: 16 MB at w = 16, 16 heads. The atomics are the dQ kernel's largest register cost:
+  with them 196 registers (sm_80, fp16, no dropout), 128 without.
+- Limit: MAX_LONG_SEQ = 640 (w <= 25); nothing in the kernels depends on n beyond loop counts, the
+  limit bounds the n^2 bias-gradient buffers (one slot at n = 640, 16 heads: 26 MB; the scatter
+  buffer at w = 25: 96 MB). Tested (interpreter) at n = 129, 148, 260; AOT-checked at n = 148 and 260.
+- Tiles (ahead-of-time survey with maxvit_fast.aot, Triton 3.9; w = 12 and 16, r = 4, dim_head 32,
+  block and grid step, forward eval/dropout, both backward kernels with dropout):
+  fp16/bf16: BLOCK_M = 64 queries, BLOCK_N = 32 keys, 4 warps, 2 stages (cp.async prefetch of the
+  next tile's rows) in all three kernels: no spills, HMMA (sm_80) / HGMMA (sm_90; the dK/dV
+  kernel's 32-row dots are HMMA). 64 x 64 tiles spilled (dQ kernel 255 registers + 248 B stack on
+  sm_80, + 160 B on sm_90; forward eval 223 registers on sm_80); 32 x 64: dQ kernel + 32 B on sm_90.
+  fp32 (FMA dots, "ieee"): BLOCK_M = 32, BLOCK_N = 16, 4 warps, forward 2 stages, backward 1: no
+  spills. 8 warps did not fit without spills: 64 x 32 with 2 backward stages spilled ~3 KB in the
+  dK/dV kernel; with 1 stage ptxas capped at 80 registers and spilled 8 B in 4 of 48
+  configurations; 32 x 32 at 8 warps 8-16 B in 3; 64 x 64 at 8 warps 40-256 B.
+  Registers per thread (all STACK 0, LOCAL 0; fp16 / bf16; w = 12 block, w = 12 grid, w = 16 block,
+  w = 16 grid):
+
+    kernel                 sm_80                                      sm_90
+    fwd eval        128/126 128/128 124/124 128/128          78/80   80/80   80/80   96/96
+    fwd dropout     158/155 157/160 156/154 160/158         121/121 119/120 122/120 120/120
+    bwd dQ dropout  252/246 236/240 244/248 234/238         182/184 174/176 187/188 182/184
+    bwd dKV dropout 216/218 215/215 224/222 226/224         189/189 185/185 181/181 195/195
+    (fp16 backward without dropout: dQ 196 181 196 182 / 136 127 138 128, dKV 168 162 158 160 /
+    144 144 142 164)
+    fp32 (w = 12 block, grid, w = 16 block, grid): fwd eval 80 88 80 80 / 92 72 88 86, fwd dropout
+    136 136 128 128 / 140 138 138 135, dQ dropout 168 168 168 168 / 184 181 184 181, dKV dropout
+    128 128 128 128 / 77 72 80 72.
+
+  The test (`-k compile`) compiles fp16 and bf16 at w = 12, fp16 at w = 16 and fp32 at w = 12 and
+  asserts no spills and tensor-core instructions (fp16/bf16). Not tuned for speed.
+
 GPU speed: not measured (no GPU in this session).
 """
 
@@ -127,7 +203,7 @@ POISON_OUTPUTS = False
 
 MAX_SEQ_TILE = 128
 # Longest sequence r + w*w of the key-loop kernels (n > MAX_SEQ_TILE); see "Long sequences" in the header.
-MAX_LONG_SEQ = 1024
+MAX_LONG_SEQ = 640
 # Tiles of the key-loop kernels, fp16/bf16 (False) and fp32 (True); from the resource report in the header.
 LONG_TILES = {
     False: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, fwd_stages=2, bwd_stages=2),

@@ -543,7 +543,7 @@ def test_model_with_window_12_runs_fused_and_matches_reference():
 
 @pytest.mark.parametrize(
     "window,r,dim_head,dtype,match",
-    [(33, 4, 16, torch.float32, "r \\+ w\\*w <= 1024"), (3, 1, 8, torch.float32, "dim_head"),
+    [(33, 4, 16, torch.float32, f"r \\+ w\\*w <= {K.MAX_LONG_SEQ}"), (3, 1, 8, torch.float32, "dim_head"),
      (3, 1, 16, torch.float64, "fp16/bf16/fp32")],
 )
 def test_unsupported_configurations_fall_back_with_a_warning(window, r, dim_head, dtype, match):
