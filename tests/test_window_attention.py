@@ -197,6 +197,32 @@ def test_large_logits_stay_finite_and_match():
         assert_close_l2(a, b, 1e-4, name=f"grad {name}")
 
 
+def test_key_loop_ops_pass_opcheck():
+    """torch.library.opcheck (schema, fake tensors, autograd registration with the saved outputs,
+    AOT dispatch) of the attention-core ops on a long sequence (w = 11, r = 8: n = 129), with
+    register queries and dropout, and of the backward op with the forward's outputs. fp16: the
+    fp16 tiles are the cheaper ones under the interpreter."""
+    window, r, heads, dim_head = 11, 8, 1, 16
+    C = heads * dim_head
+    attn = Attention(C, dim_head=dim_head, window_size=window, num_registers=r)
+    f16 = dict(device=DEVICE, dtype=torch.float16)
+    qkv = torch.randn(1, window, window, 3 * C, **f16).requires_grad_()
+    reg_qkv = torch.randn(1, r, 3 * C, **f16).requires_grad_()
+    table = torch.randn(attn.rel_pos_bias.weight.shape, **f16).requires_grad_()
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=DEVICE)
+    config = (window, r, heads, dim_head, False, True, dim_head**-0.5, 0.3, seed)
+    indices = attn.rel_pos_indices.to(DEVICE)
+    torch.library.opcheck(wa_op.window_attention_core_op, (qkv, reg_qkv, table, indices, *config))
+    with torch.no_grad():
+        out, reg_out, lse = wa_op.window_attention_core_op(qkv, reg_qkv, table, indices, *config)
+    d_out, d_reg_out = torch.randn_like(out), torch.randn_like(reg_out)
+    torch.library.opcheck(wa_op.window_attention_core_backward_op, (
+        qkv.detach(), reg_qkv.detach(), table.detach(), lse, d_out, d_reg_out, indices, *config, out, reg_out))
+    with pytest.raises(ValueError, match="forward's output"):
+        wa_op.window_attention_core_backward_op(
+            qkv.detach(), reg_qkv.detach(), table.detach(), lse, d_out, d_reg_out, indices, *config)
+
+
 def test_preallocated_poisoned_outputs_are_fully_written():
     batch, nx, ny, window, r, dim_head, heads = 3, 1, 2, 3, 4, 16, 2
     dim = dim_head * heads

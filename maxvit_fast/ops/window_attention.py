@@ -20,7 +20,10 @@ step, in eval mode 4 launches (block step) or 3 (grid step):
    the grid step (k/v only: their outputs are dropped). Its backward recomputes LayerNorm + Linear
    with torch ops (exact gradients). Where that kernel cannot run (more rows than its int32
    indexing allows) LayerNorm + cuBLAS per row set, as before.
-2. The Triton attention core (``maxvit_fast::window_attention_core``, Triton backward).
+2. The Triton attention core (``maxvit_fast::window_attention_core``, Triton backward). Sequences
+   r + w*w > 128 (window >= 12) run the key-loop kernels, whose backward takes delta = rowsum(dO * O):
+   for them (only) the op saves its outputs O for the backward (no extra memory: the output
+   projection's backward keeps O anyway).
 3. Output projection + residual as one ``addmm`` for the tokens; for the register rows of every
    window (block step) one ``baddbmm`` with the shared rows as the broadcast residual (no
    per-window copy of them). When autograd records (training), the register rows keep an
