@@ -174,10 +174,13 @@ def test_low_precision_within_twice_the_reference_error(case):
         assert_l2_within_reference_error(a, b, t, factor=2.0, name=f"grad {name}")
 
 
-def test_large_logits_stay_finite_and_match():
+@pytest.mark.parametrize("case", [("block", 1, 2, 1, 5, 4, 16, 2), ("block", 1, 1, 1, 11, 8, 16, 1)],
+                         ids=["one-tile", "key-loop"])
+def test_large_logits_stay_finite_and_match(case):
     """to_qkv scaled by 10 makes q.k 100x larger (the LayerNorm in front would undo scaling the
-    input); the input is scaled by 100 as well, for the residual."""
-    pattern, batch, nx, ny, window, r, dim_head, heads = "block", 1, 2, 1, 5, 4, 16, 2
+    input); the input is scaled by 100 as well, for the residual. The key-loop case (n = 129)
+    checks the online softmax's rescaling with near-one-hot rows."""
+    pattern, batch, nx, ny, window, r, dim_head, heads = case
     dim = dim_head * heads
     attn = make_attention(dim, dim_head, window, r)
     with torch.no_grad():
