@@ -19,9 +19,11 @@ counters as the forward), recompute the feed-forward with the reference torch op
 masks and differentiate that with ``torch.func.vjp``; the gradients are then exactly the
 reference module's for the masks the forward used.
 
-torch.compile: the forward kernels and the mask kernel are ``torch.library`` custom ops
-(``maxvit_fast::feedforward_residual``, ``maxvit_fast::feedforward_dropout_keep_mask``) with
-fake implementations; the backward is plain torch ops (traced into the backward graph). The
+torch.compile: the forward kernels, the backward kernel and the mask kernel are
+``torch.library`` custom ops (``maxvit_fast::feedforward_residual``,
+``maxvit_fast::feedforward_residual_backward``, ``maxvit_fast::feedforward_dropout_keep_mask``)
+with fake implementations; the rest of the backward is plain torch ops (traced into the backward
+graph). Double backward is not supported on the backward-kernel path. The
 dropout seed is a 1-element int64 tensor drawn with ``torch.randint`` on the inputs' device and
 read by the kernels there (never on the host: no ``.item()``, no synchronisation, and a captured
 CUDA graph draws a fresh seed on every replay).
@@ -156,7 +158,7 @@ def _ff_setup_context(ctx, inputs, output):
 
 
 def _ff_backward(ctx, grad_out, _grad_stats):
-    if grad_out is None:
+    if grad_out is None:  # out unused: nothing for x, the 6 parameters and the 5 other inputs
         return (None,) * 12
     x, *weights, stats = ctx.saved_tensors
     if ctx.kernel_backward:
