@@ -82,6 +82,17 @@ def grads_of(outputs, cotangents, tensors):
     return torch.autograd.grad(loss, tensors)
 
 
+def assert_gradients_match(fused_outputs, ref_outputs, x, registers, attn, rtol=1e-5):
+    """Gradients of x, the registers and every attention parameter under one random cotangent,
+    fused against reference (relative L2)."""
+    cot = [torch.randn_like(r) if r is not None else None for r in ref_outputs]
+    params = dict(x=x, registers=registers, **dict(attn.named_parameters()))
+    g_f = grads_of(fused_outputs, cot, list(params.values()))
+    g_r = grads_of(ref_outputs, cot, list(params.values()))
+    for name, a, b in zip(params, g_f, g_r):
+        assert_close_l2(a, b, rtol, name=f"grad {name}")
+
+
 # (pattern, batch, nX, nY, window, registers, dim_head, heads, need_register_outputs)
 # Covers: both patterns, batch 1 and 3, windows 3/5/7/8, registers 1/4, dim_head 16/32, 1-3 heads,
 # several windows per image, register outputs on and off in both patterns, one and several query
@@ -123,12 +134,7 @@ def test_fp32_forward_and_gradients_match_reference(case):
     else:
         assert regs_f is None and regs_r is None
 
-    cot = [torch.randn_like(out_r), torch.randn_like(regs_r) if need_regs else None]
-    params = dict(x=x, registers=registers, **dict(attn.named_parameters()))
-    g_f = grads_of([out_f, regs_f], cot, list(params.values()))
-    g_r = grads_of([out_r, regs_r], cot, list(params.values()))
-    for name, a, b in zip(params, g_f, g_r):
-        assert_close_l2(a, b, 1e-5, name=f"grad {name}")
+    assert_gradients_match([out_f, regs_f], [out_r, regs_r if need_regs else None], x, registers, attn)
 
 
 LOWP_CASES = [
@@ -306,12 +312,7 @@ def test_layernorm_cublas_path_where_the_projection_kernel_does_not_apply(monkey
     assert "layernorm_linear_kernel" not in tally.counts and tally.counts["window_attention_fwd_kernel"] == 1
     out_r, regs_r = run(x, registers, attn, pattern, False, need_regs)
     assert_close_normwise(out_f, out_r, 1e-5, name="tokens")
-    cot = [torch.randn_like(out_r), torch.randn_like(regs_r) if need_regs else None]
-    params = dict(x=x, registers=registers, **dict(attn.named_parameters()))
-    g_f = grads_of([out_f, regs_f], cot, list(params.values()))
-    g_r = grads_of([out_r, regs_r], cot, list(params.values()))
-    for name, a, b in zip(params, g_f, g_r):
-        assert_close_l2(a, b, 1e-5, name=f"grad {name}")
+    assert_gradients_match([out_f, regs_f], [out_r, regs_r if need_regs else None], x, registers, attn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,12 +461,7 @@ def test_dropout_gradients_use_the_same_mask(monkeypatch, pattern, cfg):
     assert_close_normwise(out_f, out_m, 1e-5, name="tokens")
     if need_regs:
         assert_close_normwise(regs_f, regs_m, 1e-5, name="register rows")
-    cot = [torch.randn_like(out_m), torch.randn_like(regs_m) if need_regs else None]
-    params = dict(x=x, registers=registers, **dict(attn.named_parameters()))
-    g_f = grads_of([out_f, regs_f], cot, list(params.values()))
-    g_m = grads_of([out_m, regs_m if need_regs else None], cot, list(params.values()))
-    for name, a, b in zip(params, g_f, g_m):
-        assert_close_l2(a, b, 1e-5, name=f"grad {name}")
+    assert_gradients_match([out_f, regs_f], [out_m, regs_m if need_regs else None], x, registers, attn)
 
     if cfg is not DROP_CFG:
         return
