@@ -457,10 +457,13 @@ def _setup_train(ctx, inputs, output):
     x, params, eps, stride, add_residual = inputs
     ctx.save_for_backward(x, *params)
     ctx.config = (eps, stride, True, add_residual)
+    ctx.set_materialize_grads(False)  # the batch statistics get no (zero-filled) gradient
 
 
 def _backward_train(ctx, grad_out, _grad_stats):
     x, *params = ctx.saved_tensors
+    if grad_out is None:  # the block output did not reach the loss
+        return None, [None] * len(params), None, None, None
     grads = _backward(ctx, grad_out, x, params, [])
     return grads[0], list(grads[1:]), None, None, None
 

@@ -214,14 +214,24 @@ def _core_setup_context(ctx, inputs, output):
     if _is_long_sequence(ctx.cfg["window"], ctx.cfg["num_registers"]):
         saved += [output[0], output[1]]
     ctx.save_for_backward(*saved)
+    # no zero-filled gradient for the lse (never used) or an unused output: None reaches the
+    # backward, which fills only what its kernels read
+    ctx.set_materialize_grads(False)
 
 
 def _core_backward(ctx, d_out, d_reg_out, _d_lse):
     qkv, reg_qkv, table, rel_pos_indices, lse, *outputs = ctx.saved_tensors
     cfg = ctx.cfg
+    B, H, W, C3 = qkv.shape
+    if d_out is None:
+        d_out = qkv.new_zeros((B, H, W, C3 // 3))
     if d_out.stride(-1) != 1:
         d_out = d_out.contiguous()
-    d_reg_out = d_reg_out if cfg["register_queries"] else None
+    if not cfg["register_queries"]:
+        d_reg_out = None
+    elif d_reg_out is None:
+        w = cfg["window"]
+        d_reg_out = qkv.new_zeros((B, H // w, W // w, cfg["num_registers"], C3 // 3))
     out, reg_out = outputs if outputs else (None, None)
     if not cfg["register_queries"]:
         reg_out = None
