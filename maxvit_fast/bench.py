@@ -753,6 +753,7 @@ def run_traffic(args, base, model_kwargs, device, doc, notes) -> dict:
         # it is the same for both paths); the backward's ops are one section of their own
         if not args.train:
             return model(x)
+        model.zero_grad(set_to_none=True)  # as a training loop does: no accumulation into .grad
         loss = torch.nn.functional.cross_entropy(model(x).float(), target)
         with counter.section("backward") if counter is not None else contextlib.nullcontext():
             loss.backward()
