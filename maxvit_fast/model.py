@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from einops.layers.torch import Reduce
@@ -18,6 +19,15 @@ from .reference import Attention, FeedForward, MBConv
 # Parameters cast to the autocast dtype, per model and dtype, for inference under autocast (see
 # MaxViT._parameters_in); FoldCache recomputes them whenever a parameter or buffer changes.
 _cast_parameters = {dtype: FoldCache() for dtype in (torch.float16, torch.bfloat16, torch.float32)}
+
+
+def clear_fused_caches() -> None:
+    """Forget every cached tensor derived from parameters and buffers (folded BatchNorm weights,
+    parameters cast for inference under autocast). Needed only after writes the caches cannot
+    see, i.e. through ``param.data`` (it has its own version counter)."""
+    sys.modules[f"{__package__}.ops.mbconv"].folded_cache.clear()  # (ops.mbconv is also a function name)
+    for cache in _cast_parameters.values():
+        cache.clear()
 
 
 def _stage_sizes(size: int, num_stages: int) -> list[int]:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from maxvit_fast import FusedFallbackWarning, MaxViT, ops, reset_fallback_warnings
+from maxvit_fast import FusedFallbackWarning, MaxViT, clear_fused_caches, ops, reset_fallback_warnings
 
 from .conftest import DEVICE
 from .helpers import (
@@ -244,6 +244,22 @@ def test_autocast_inference_never_serves_stale_cast_parameters():
             change()
         expected = run(copy.deepcopy(model))
         assert torch.equal(run(model), expected)
+
+
+def test_clear_fused_caches_after_writes_through_data():
+    """Writes through ``param.data`` bypass the version counters the caches check;
+    clear_fused_caches() makes the next forward use the new values (eval, with and without
+    autocast)."""
+    model = tiny_model().eval()
+    model.fused = True
+    x = torch.randn(2, 3, SIZE, SIZE)
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            model(x)
+            model.layers[0][0][1].running_var.data.mul_(3.0)
+            model.layers[0][1][0].to_qkv.weight.data.mul_(1.5)
+            clear_fused_caches()
+            assert torch.equal(model(x), copy.deepcopy(model)(x))
 
 
 def test_single_fused_op_under_autocast_falls_back_and_says_so(monkeypatch):
