@@ -28,8 +28,10 @@ Passes:
 2. ``batchnorm_backward_coefficients``: one launch over channel blocks, looping over the tile
    rows: dbeta, dgamma and the per-channel terms w = -scale * dbeta / N, q = -scale * dgamma / N.
 3. ``batchnorm_backward_apply``: dy = scale * g + w + q * xhat, g recomputed from dh and y; out
-   may be dh itself (each element is read and written by the same program); optionally the
-   per-tile column sums of dy (fp32, before rounding).
+   may be dh itself (each element is read and written by the same program).
+
+No bias sums: the gradient of a conv bias in front of a train-mode BatchNorm is exactly zero
+(the batch mean removes any per-channel constant), returned as zeros by maxvit_fast/ops/mbconv.py.
 
 Layout: dh, y, out (B, P, C) contiguous (fp16/bf16/fp32, any mix; dy has dh's dtype); mean,
 var, scale, shift, w, q (C,) fp32 contiguous; gate, dm (B, C) fp32 contiguous. Tiles as in
@@ -45,11 +47,8 @@ toolchain, C divisible by 16 as the runtime specialises it. All LOCAL 0 and STAC
     sums  gelu  w4:            fp16 80/84,   bf16 80/84,   fp32 80/80
     sums  se    w4:            fp16 96/96,   bf16 96/96,   fp32 96/127
     apply plain w4:            fp16 56/64,   bf16 62/64,   fp32 60/64
-    apply plain w4 bias sums:  fp16 56/60,   bf16 56/64,   fp32 64/72
     apply gelu  w4:            fp16 83/85,   bf16 84/84,   fp32 72/72
-    apply gelu  w4 bias sums:  fp16 94/95,   bf16 95/95,   fp32 80/95
     apply se    w4:            fp16 107/110, bf16 108/110, fp32 96/95
-    apply se    w4 bias sums:  fp16 128/126, bf16 128/126, fp32 96/96
     coefficients w4 (32 rows x 64 channels): plain/gelu 48/54, se 96/96
 (8 warps, i.e. 8 values per thread, would bring the SE kernels to 60..76 registers; 4 warps kept
 as in batchnorm_gelu.py, the choice is for a GPU measurement.)
@@ -178,9 +177,9 @@ def batchnorm_backward_coefficients_kernel(
 
 @triton.jit
 def batchnorm_backward_apply_kernel(
-    dh_ptr, y_ptr, mean_ptr, var_ptr, scale_ptr, shift_ptr, w_ptr, q_ptr, gate_ptr, dm_ptr, out_ptr, tile_sum_ptr,
+    dh_ptr, y_ptr, mean_ptr, var_ptr, scale_ptr, shift_ptr, w_ptr, q_ptr, gate_ptr, dm_ptr, out_ptr,
     P, C, tiles_per_image, eps,
-    GELU: tl.constexpr, SE: tl.constexpr, WRITE_SUMS: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr,
+    GELU: tl.constexpr, SE: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_tile = tl.program_id(0)  # image * tiles_per_image + tile
@@ -200,9 +199,6 @@ def batchnorm_backward_apply_kernel(
     q = tl.load(q_ptr + offs_c, mask=mask_c, other=0.0)
     dy = scale[None, :] * g + w[None, :] + q[None, :] * xhat
     tl.store(out_ptr + offsets, to_storage(dy, out_ptr.dtype.element_ty, EMULATE_BF16_RTNE), mask=mask)
-    if WRITE_SUMS:
-        tl.store(tile_sum_ptr + pid_tile.to(tl.int64) * C + offs_c, tl.sum(tl.where(mask, dy, 0.0), axis=0),
-                 mask=mask_c)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,8 +206,8 @@ def batchnorm_backward_apply_kernel(
 # ----------------------------------------------------------------------------------------------
 
 def batchnorm_backward_config(C: int) -> dict:
-    """Blocks of the sums and apply kernels (the same for both: the apply's tile sums use the
-    sums' tiling). BLOCK_P is fixed, so T depends on P only."""
+    """Blocks of the sums and apply kernels (the same for both). BLOCK_P is fixed, so T depends
+    on P only."""
     return dict(BLOCK_P=64, BLOCK_C=max(16, min(32, triton.next_power_of_2(max(C, 1)))), num_warps=4)
 
 
@@ -330,12 +326,9 @@ def batchnorm_backward_coefficients(sums, scale, *, images: int, count: int, gat
 
 
 def batchnorm_backward_apply(dh, y, mean, var, eps: float, scale, shift, w, q, *, gelu: bool, gate=None, dm=None,
-                             out: torch.Tensor | None = None, bias_grad_sums: bool = False,
-                             tile_sum: torch.Tensor | None = None):
+                             out: torch.Tensor | None = None) -> torch.Tensor:
     """dy = scale * g + w + q * xhat in dh's dtype, (B, P, C); ``gate`` and ``dm`` (B, C) fp32:
-    the SE case (needs ``gelu``). ``out`` may be ``dh`` itself (in place) or None (a new tensor).
-    With ``bias_grad_sums`` returns (dy, tile_sum), tile_sum fp32 (B * T, C): the per-tile
-    column sums of dy before rounding (preallocated in ``tile_sum`` if given)."""
+    the SE case (needs ``gelu``). ``out`` may be ``dh`` itself (in place) or None (a new tensor)."""
     _check_inputs(dh, y, mean, var, scale, shift)
     B, P, C = y.shape
     _check_fp32("w", w, (C,), y.device)
@@ -352,17 +345,11 @@ def batchnorm_backward_apply(dh, y, mean, var, eps: float, scale, shift, w, q, *
             raise TypeError(f"out must have dh's dtype {dh.dtype}, got {out.dtype}")
     cfg = batchnorm_backward_config(C)
     T = triton.cdiv(P, cfg["BLOCK_P"])
-    if bias_grad_sums:
-        if tile_sum is None:
-            tile_sum = torch.empty((B * T, C), dtype=torch.float32, device=y.device)
-        else:
-            _check_fp32("tile_sum", tile_sum, (B * T, C), y.device)
     if y.numel() > 0:
         grid = (B * T, triton.cdiv(C, cfg["BLOCK_C"]))
         batchnorm_backward_apply_kernel[grid](
             dh, y, mean, var, scale, shift, w, q, gate if se else scale, dm if se else scale, out,
-            tile_sum if bias_grad_sums else scale, P, C, T, float(eps),
-            GELU=gelu, SE=se, WRITE_SUMS=bias_grad_sums,
+            P, C, T, float(eps), GELU=gelu, SE=se,
             EMULATE_BF16_RTNE=INTERPRET and out.dtype == torch.bfloat16, **cfg,
         )
-    return (out, tile_sum) if bias_grad_sums else out
+    return out

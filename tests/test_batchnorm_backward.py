@@ -19,9 +19,6 @@ Tolerances
 - fp16/bf16 dL/dgate = sum_p dh * h_stored: h_stored is gelu(z) rounded to the dtype (what the
   forward stored), so against the float64 h each term differs by at most half an ulp:
   per (image, channel) |error| <= eps/2 * sum_p |dh * h| + fp32 noise; checked with eps (2x).
-- bias-gradient tile sums (fp32, before rounding): 1e-5 x the largest per-tile sum of |dy|, in
-  every dtype (the column sums of dy over a whole BatchNorm are 0 in exact arithmetic, so the
-  scale is the summed magnitude, not the sum).
 """
 
 from __future__ import annotations
@@ -90,7 +87,7 @@ def reference(t, mode):
     return dy.reshape(B, P, C), dgamma, dbeta, dgate
 
 
-def run_kernels(t, mode, *, in_place=False, bias_grad_sums=True):
+def run_kernels(t, mode, *, in_place=False):
     """sums -> coefficients -> apply, every output preallocated NaN-filled (or dy in place)."""
     y, dh = t["y"], t["dh"]
     B, P, C = y.shape
@@ -104,13 +101,11 @@ def run_kernels(t, mode, *, in_place=False, bias_grad_sums=True):
         out=tuple(poison_(torch.empty(C, device=DEVICE)) for _ in range(4)))
     w, q, dgamma, dbeta = coeffs
     out = dh.clone() if in_place else poison_(torch.empty_like(dh))
-    result = bnb.batchnorm_backward_apply(
-        out if in_place else dh, y, *stats, w, q, gelu=gelu, gate=t.get("gate"), dm=t.get("dm"), out=out,
-        bias_grad_sums=bias_grad_sums, tile_sum=poison_(torch.empty(B * T, C, device=DEVICE)) if bias_grad_sums else None)
-    dy, tile_sum = result if bias_grad_sums else (result, None)
+    dy = bnb.batchnorm_backward_apply(
+        out if in_place else dh, y, *stats, w, q, gelu=gelu, gate=t.get("gate"), dm=t.get("dm"), out=out)
     assert dy is out
     dgate = sums[:, 4].reshape(B, T, C).sum(dim=1) if se else None
-    return dy, dgamma, dbeta, dgate, tile_sum
+    return dy, dgamma, dbeta, dgate
 
 
 SHAPES = [(3, 15, 48), (3, 135, 96), (1, 49, 40)]  # several tiles + partial last tile; partial channel blocks; batch 1
@@ -121,9 +116,8 @@ SHAPES = [(3, 15, 48), (3, 135, 96), (1, 49, 40)]  # several tiles + partial las
 @pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
 def test_backward_matches_autograd(shape, mode, dtype):
     t = make_inputs(*shape, dtype, mode)
-    dy, dgamma, dbeta, dgate, tile_sum = run_kernels(t, mode)
+    dy, dgamma, dbeta, dgate = run_kernels(t, mode)
     ref_dy, ref_dgamma, ref_dbeta, ref_dgate = reference(t, mode)
-    B, P, C = shape
     assert dy.dtype == dtype
     if dtype == torch.float32:
         assert_close_normwise(dy, ref_dy, 1e-5, name="dy")
@@ -140,15 +134,8 @@ def test_backward_matches_autograd(shape, mode, dtype):
             err = (dgate.double() - ref_dgate).abs()
             assert (err <= bound).all(), f"dL/dgate: error {(err - bound).max():.3e} above the bound"
 
-    # bias-gradient tile sums: per tile of BLOCK_P pixels of one image, fp32 before rounding
-    T = bnb.batchnorm_backward_tiles_per_image(P)
-    block = bnb.batchnorm_backward_config(C)["BLOCK_P"]
-    padded = F.pad(ref_dy, (0, 0, 0, T * block - P)).reshape(B * T, block, C)
-    assert_close_normwise(tile_sum, padded.sum(dim=1), 0.0, atol=1e-5 * padded.abs().sum(dim=1).max().item(),
-                          name="bias-gradient tile sums")
-
     # in place (out = dh): the same values, bitwise
-    dy_in_place = run_kernels(t, mode, in_place=True, bias_grad_sums=False)[0]
+    dy_in_place = run_kernels(t, mode, in_place=True)[0]
     assert torch.equal(dy_in_place, dy)
 
 
@@ -157,7 +144,7 @@ def test_mixed_dtypes_and_rounding_of_the_stored_h():
     forward's stored value), so it matches the float64 sum over that rounded h to fp32 accuracy."""
     t = make_inputs(2, 70, 48, torch.bfloat16, "se")
     t["dh"] = torch.randn(t["y"].shape, device=DEVICE)
-    dy, dgamma, dbeta, dgate, _ = run_kernels(t, "se")
+    dy, dgamma, dbeta, dgate = run_kernels(t, "se")
     ref_dy, ref_dgamma, ref_dbeta, _ = reference(t, "se")
     assert dy.dtype == torch.float32
     assert_close_normwise(dy, ref_dy, 1e-5, name="dy")
@@ -176,9 +163,8 @@ def test_empty_tensors(shape):
     t = make_inputs(max(B, 1), max(P, 1), C, torch.float32, "se")
     t["y"], t["dh"] = (torch.empty(shape, device=DEVICE) for _ in range(2))
     t["gate"], t["dm"] = (torch.rand(B, C, device=DEVICE) for _ in range(2))
-    dy, dgamma, dbeta, dgate, tile_sum = run_kernels(t, "se")
-    T = bnb.batchnorm_backward_tiles_per_image(P)
-    assert dy.shape == shape and tile_sum.shape == (B * T, C) and dgate.shape == (B, C)
+    dy, dgamma, dbeta, dgate = run_kernels(t, "se")
+    assert dy.shape == shape and dgate.shape == (B, C)
     assert torch.equal(dgamma, torch.zeros(C, device=DEVICE)) and torch.equal(dbeta, torch.zeros(C, device=DEVICE))
 
 
@@ -225,7 +211,7 @@ def test_bad_arguments_raise_clear_errors():
 
 def kernel_requests():
     """BN1 (hidden, GELU), BN2 (hidden, GELU + SE), BN3 (dim_out, plain) of MaxViT-T (dims 64 ..
-    512, expansion 4), fp16/bf16/fp32, both bias-gradient settings; deduplicated."""
+    512, expansion 4), fp16/bf16/fp32; deduplicated."""
     import json
 
     requests = {}
@@ -242,14 +228,13 @@ def kernel_requests():
                       shift_ptr="*fp32")
         sums_sig = dict(common, sums_ptr="*fp32", P="i32", C="i32", tiles_per_image="i32", eps="fp32")
         apply_sig = dict(common, w_ptr="*fp32", q_ptr="*fp32", gate_ptr="*fp32", dm_ptr="*fp32", out_ptr=f"*{t}",
-                         tile_sum_ptr="*fp32", P="i32", C="i32", tiles_per_image="i32", eps="fp32")
+                         P="i32", C="i32", tiles_per_image="i32", eps="fp32")
         for mode, channel_counts in widths.items():
             flags = dict(GELU=mode != "plain", SE=mode == "se", EMULATE_BF16_RTNE=False)
             for C in channel_counts:
                 cfg = bnb.batchnorm_backward_config(C)
                 add("batchnorm_backward_sums_kernel", sums_sig, flags, cfg)
-                for write_sums in (False, True):
-                    add("batchnorm_backward_apply_kernel", apply_sig, dict(flags, WRITE_SUMS=write_sums), cfg)
+                add("batchnorm_backward_apply_kernel", apply_sig, flags, cfg)
     coef_sig = dict(sums_ptr="*fp32", scale_ptr="*fp32", gate_ptr="*fp32", dm_ptr="*fp32", w_ptr="*fp32",
                     q_ptr="*fp32", dgamma_ptr="*fp32", dbeta_ptr="*fp32", rows="i32", C="i32",
                     tiles_per_image="i32", inv_count="fp32")
