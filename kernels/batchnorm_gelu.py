@@ -4,6 +4,10 @@ per-tile channel sums of the result (the squeeze-excitation mean's partials):
     out[b, p, c] = gelu(y[b, p, c] * scale[c] + shift[c])     (scale/shift from batch statistics)
     tile_sum[b*T + t, c] = sum over the tile's pixels of out   (WRITE_SUMS)
 
+or, for the block's last BatchNorm (no activation), with the residual added in the same pass:
+
+    out[b, p, c] = y[b, p, c] * scale[c] + shift[c] (+ residual[b, p, c])   (one rounding)
+
 y and out are (B, P, C) contiguous and may be the same tensor (each element is read and written
 by the same program). Tiles are BLOCK_P pixels of ONE image x BLOCK_C channels, grid
 (B * T, cdiv(C, BLOCK_C)), T = cdiv(P, BLOCK_P) per image, as in kernels/depthwise_conv.py.
@@ -38,7 +42,9 @@ from .numerics import gelu, to_storage
 @triton.jit
 def batchnorm_gelu_kernel(
     y_ptr, scale_ptr, shift_ptr, out_ptr, tile_sum_ptr,
+    residual_ptr, stride_rb, stride_rp, stride_rc,
     P, C, tiles_per_image,
+    APPLY_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     WRITE_SUMS: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -57,7 +63,13 @@ def batchnorm_gelu_kernel(
     y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
     shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
-    a = gelu(y * scale[None, :] + shift[None, :])
+    a = y * scale[None, :] + shift[None, :]
+    if APPLY_GELU:
+        a = gelu(a)
+    if HAS_RESIDUAL:  # (B, P, C) with any strides: the block input's pixel view
+        r_offsets = (image.to(tl.int64) * stride_rb + offs_p.to(tl.int64) * stride_rp)[:, None] \
+            + offs_c[None, :] * stride_rc
+        a += tl.load(residual_ptr + r_offsets, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offsets, to_storage(a, out_ptr.dtype.element_ty, EMULATE_BF16_RTNE), mask=mask)
     if WRITE_SUMS:
         tl.store(tile_sum_ptr + pid_tile * C + offs_c, tl.sum(tl.where(mask, a, 0.0), axis=0), mask=mask_c)
@@ -79,10 +91,14 @@ def batchnorm_gelu(
     out: torch.Tensor | None = None,
     sums: bool = False,
     tile_sum: torch.Tensor | None = None,
+    activation: bool = True,
+    residual: torch.Tensor | None = None,
 ):
     """y: (B, P, C) contiguous fp16/bf16/fp32; scale, shift: fp32 (C,) contiguous. ``out`` may be
     ``y`` itself (in place) or None (a new tensor). Returns out, or (out, tile_sum) with fp32
-    (B * T, C) per-tile sums of out when ``sums`` (T = ``batchnorm_gelu_tiles_per_image(P)``)."""
+    (B * T, C) per-tile sums of out when ``sums`` (T = ``batchnorm_gelu_tiles_per_image(P)``).
+    ``activation=False``: no GELU; ``residual`` (B, P, C), any strides and float dtype, is added
+    before the single rounding to y's dtype."""
     if y.ndim != 3 or not y.is_contiguous():
         raise ValueError(f"y must be a contiguous (B, P, C) tensor, got shape {tuple(y.shape)}")
     if y.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -95,6 +111,8 @@ def batchnorm_gelu(
         out = torch.empty_like(y)
     elif tuple(out.shape) != (B, P, C) or not out.is_contiguous() or out.dtype != y.dtype:
         raise ValueError(f"out must be a contiguous {y.dtype} tensor of shape {(B, P, C)}")
+    if residual is not None and tuple(residual.shape) != (B, P, C):
+        raise ValueError(f"residual must have shape {(B, P, C)}, got {tuple(residual.shape)}")
     cfg = batchnorm_gelu_config(C)
     T = triton.cdiv(P, cfg["BLOCK_P"])
     if sums:
@@ -104,8 +122,10 @@ def batchnorm_gelu(
             raise ValueError(f"tile_sum must be a contiguous fp32 tensor of shape {(B * T, C)}")
     if y.numel() > 0:
         grid = (B * T, triton.cdiv(C, cfg["BLOCK_C"]))
+        res = residual if residual is not None else y
         batchnorm_gelu_kernel[grid](
-            y, scale, shift, out, tile_sum if sums else scale, P, C, T,
+            y, scale, shift, out, tile_sum if sums else scale, res, *res.stride(), P, C, T,
+            APPLY_GELU=activation, HAS_RESIDUAL=residual is not None,
             WRITE_SUMS=sums, EMULATE_BF16_RTNE=INTERPRET and y.dtype == torch.bfloat16, **cfg,
         )
     return (out, tile_sum) if sums else out

@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 
 # Create every kernel now, in the mode chosen above. A kernel module first imported later, while
 # a test has TRITON_INTERPRET switched off, would be created compiled for the whole session.
+import maxvit_fast.kernels.batchnorm_backward  # noqa: E402,F401
 import maxvit_fast.kernels.batchnorm_gelu  # noqa: E402,F401
 import maxvit_fast.kernels.batchnorm_statistics  # noqa: E402,F401
 import maxvit_fast.kernels.depthwise_conv  # noqa: E402,F401

@@ -20,25 +20,39 @@ of either path spills (AOT reports in the kernels' headers). GPU speed: not meas
 
 Fused path, train mode (BatchNorm with batch statistics: a BN cannot normalise before the
 statistics of its whole input exist, so each BN input is written once by the kernel that
-produces it, together with per-tile (sum, centred sum of squares); the host merges those in fp32
-(Chan's formula) and an in-place BN + GELU pass normalises):
+produces it, together with per-tile (sum, centred sum of squares); one launch merges those in
+fp32 (Chan's formula, kernels/batchnorm_statistics.py) and a BN + activation pass normalises):
   1. pointwise_conv   y1 = conv1(x) + bias, tile statistics              -> BN1 batch statistics
-  2. batchnorm_gelu   h1 = gelu(BN1(y1)), in place
+  2. batchnorm_gelu   h1 = gelu(BN1(y1))
   3. depthwise_conv   y2 = dwconv(h1) + bias, tile statistics            -> BN2 batch statistics
-  4. batchnorm_gelu   h2 = gelu(BN2(y2)), in place, with the SE sums
+  4. batchnorm_gelu   h2 = gelu(BN2(y2)), with the SE sums
   5. squeeze_excitation  gate
   6. pointwise_conv   y3 = conv3(gate * h2) + bias, tile statistics      -> BN3 batch statistics
-  7. torch            out = BN3(y3) (+ x), elementwise over the dim_out-wide output
+  7. batchnorm_gelu   out = BN3(y3) (+ x), no activation, one rounding
+  When a backward will run, h1 and h2 go to new buffers and y1, h1, y2, h2, y3 (plus the gate,
+  the SE sums and the BN scale/shift) are saved: 2 + 2 hidden-wide tensors, where the reference
+  keeps about 8 (conv, BN and GELU outputs, the gated tensor). Otherwise (no autograd graph) h1
+  and h2 overwrite y1 and y2 in place.
   Running statistics are updated from the same batch statistics (maxvit_fast/batchnorm.py).
   Eval-mode BN is never used in train mode: the mode comes from the BatchNorm layers' own
   ``training`` flags (mixed flags fall back to the reference).
 
-Backward (both modes): the autograd registered for the custom ops below recomputes the reference
-function with torch ops (F.conv2d, F.batch_norm with the batch statistics and NO running-stat
-update in train mode / with the forward's running statistics in eval mode, F.gelu, ...) and
-differentiates it with torch.func.vjp. The gradients are therefore exactly the reference's
-(same ops on the same inputs); the cost is one reference forward inside the backward, and only
-x and the parameters are saved (activation memory of a checkpointed block).
+Backward, train mode (``mbconv_train_backward``, see _train_gradients): per BatchNorm three
+Triton launches from kernels/batchnorm_backward.py (per-tile sums, per-channel coefficients and
+the gamma/beta gradients, then dy with the GELU derivative, and for BN2 the SE gate and SE-mean
+terms, applied on the fly), cuBLAS for the 1x1 convs' matmuls, aten's depthwise convolution
+backward (cuDNN on a GPU), and small (B x hidden) torch ops for the SE MLP. Nothing of the
+forward is recomputed but GELU and BN inside the kernels. The conv biases in front of the
+train-mode BatchNorms get exact zeros (their gradient is zero: BN subtracts the batch mean;
+the reference returns the rounding noise of that cancelling sum). Counted per block (traffic
+model, bf16, dim 64, 56x56, batch 1): backward 7.6 MiB written, the recompute-and-vjp backward
+it replaces 30.1 MiB, the reference's own autograd 17.7 MiB.
+
+Backward, eval mode (rare: gradients through frozen BatchNorm): the autograd registered below
+recomputes the reference function with torch ops (F.conv2d, F.batch_norm with the forward's
+running statistics, F.gelu, ...) and differentiates it with torch.func.vjp: exactly the
+reference's gradients, at the cost of one reference forward inside the backward; only x and the
+parameters are saved.
 
 Layout: the fused path works channels-last. In eval mode the first kernel reads x through the
 view ``x.permute(0, 2, 3, 1)`` with its strides (no copy for any layout). The train-mode expand
@@ -56,6 +70,7 @@ block without its residual and applies the module's own Dropsample and the add w
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +92,12 @@ def _empty(shape, dtype, device):
     """Every buffer the fused path hands a kernel to write comes from here (tests replace it
     with a NaN-filled allocation to catch anything a kernel leaves unwritten)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(n: int, device: torch.device) -> torch.Tensor:
+    """fp32 ones (the unit epilogue scale of the train-mode convs), made once per size and device."""
+    return torch.ones(n, dtype=torch.float32, device=device)
 
 
 @dataclass
@@ -289,10 +310,12 @@ def _forward_eval(x: torch.Tensor, w: _Weights, stride: int, add_residual: bool)
     return out.view(B, Ho, Wo, dim_out)
 
 
-def _forward_train(x: torch.Tensor, params, eps, stride: int, add_residual: bool):
-    """Returns (out (B, Ho, Wo, dim_out), [mean1, var1, mean2, var2, mean3, var3]): the block
-    output and the batch statistics (mean, biased variance; fp32) of the three BatchNorms. The
-    caller updates the running statistics from them."""
+def _forward_train(x: torch.Tensor, params, eps, stride: int, add_residual: bool, keep: bool):
+    """Returns (out (B, Ho, Wo, dim_out), [mean1, var1, mean2, var2, mean3, var3], saved): the
+    block output, the batch statistics (mean, biased variance; fp32) of the three BatchNorms (the
+    caller updates the running statistics from them) and, when ``keep`` (a backward will run),
+    what the backward reads: [y1, h1, y2, h2, y3, gate, se_sums, scale1, shift1, scale2, shift2,
+    scale3, shift3] (see _train_gradients). Without ``keep``, h1 and h2 overwrite y1 and y2."""
     from ..kernels.batchnorm_gelu import batchnorm_gelu, batchnorm_gelu_tiles_per_image
     from ..kernels.batchnorm_statistics import batchnorm_statistics
     from ..kernels.depthwise_conv import (depthwise_conv3x3, depthwise_conv_config, depthwise_output_size,
@@ -327,12 +350,12 @@ def _forward_train(x: torch.Tensor, params, eps, stride: int, add_residual: bool
         # 1. y1 = expand conv + conv bias, with tile statistics -> BN1 batch statistics
         a = _pixels_view(x)
         y1, s1, m1 = pointwise_conv(
-            a, w.w1_t, torch.ones(hidden, dtype=f32, device=dev), b1.detach().float().contiguous(),
+            a, w.w1_t, _ones(hidden, dev), b1.detach().float().contiguous(),
             stats=True, out=_empty((B, P1, hidden), dt, dev), **stats_buffers(T1, hidden),
         )
         mean1, var1, scale1, shift1 = bn_statistics(s1, m1, g1, be1, eps[0], block_rows=block_m1, rows_per_group=B * P1)
-        # 2. gelu(BN1(y1)), in place
-        h1 = batchnorm_gelu(y1, scale1, shift1, out=y1)
+        # 2. h1 = gelu(BN1(y1)) (in place unless the backward needs y1)
+        h1 = batchnorm_gelu(y1, scale1, shift1, out=_empty(y1.shape, dt, dev) if keep else y1)
 
         # 3. y2 = depthwise conv + conv bias, with tile statistics -> BN2 batch statistics
         y2, s2, m2 = depthwise_conv3x3(
@@ -341,24 +364,117 @@ def _forward_train(x: torch.Tensor, params, eps, stride: int, add_residual: bool
         )
         mean2, var2, scale2, shift2 = bn_statistics(s2, m2, g2, be2, eps[1], block_rows=block_p2, rows_per_group=P2,
                                                     tiles_per_group=T_dw)
-        # 4. gelu(BN2(y2)), in place, with the SE sums; 5. the SE gate
+        # 4. h2 = gelu(BN2(y2)) with the SE sums; 5. the SE gate
         y2 = y2.view(B, P2, hidden)
-        h2, se_sums = batchnorm_gelu(y2, scale2, shift2, out=y2, sums=True,
+        h2, se_sums = batchnorm_gelu(y2, scale2, shift2, out=_empty(y2.shape, dt, dev) if keep else y2, sums=True,
                                      tile_sum=_empty((B * T_bn, hidden), f32, dev))
         gate = se_gate(se_sums, B, P2, w.se_reduce, w.se_expand, out=_empty((B, hidden), f32, dev))
 
         # 6. y3 = project conv on gate * h2 + conv bias, with tile statistics -> BN3 batch statistics
         y3, s3, m3 = pointwise_conv(
-            h2, w.w3_t, torch.ones(dim_out, dtype=f32, device=dev), b3.detach().float().contiguous(),
+            h2, w.w3_t, _ones(dim_out, dev), b3.detach().float().contiguous(),
             gate=gate, stats=True, out=_empty((B, P2, dim_out), dt, dev), **stats_buffers(T3, dim_out),
         )
         mean3, var3, scale3, shift3 = bn_statistics(s3, m3, g3, be3, eps[2], block_rows=block_m3, rows_per_group=B * P2)
 
-        # 7. BN3 (+ residual): torch, elementwise over the block output (dim_out wide), fp32, one rounding
-        out = torch.addcmul(shift3, y3.float(), scale3)
+        # 7. out = BN3(y3) (+ x): one elementwise pass, fp32, one rounding
+        out = batchnorm_gelu(y3, scale3, shift3, out=_empty(y3.shape, dt, dev), activation=False,
+                             residual=a if add_residual else None)
+        stats = [mean1, var1, mean2, var2, mean3, var3]
+        saved = [y1, h1, y2, h2, y3, gate, se_sums, scale1, shift1, scale2, shift2, scale3, shift3] if keep else []
+        return out.view(B, Ho, Wo, dim_out), stats, saved
+
+
+def _squeeze_excitation_backward(d_gate, gate, mean, w_reduce, w_expand):
+    """Backward of gate = sigmoid(W_e silu(W_r mean)) per image, in fp32 (B, hidden) rows:
+    (d mean, d W_r, d W_e). Small (B x hidden) torch ops; the forward's se_gate kernel also
+    computes in fp32."""
+    wr, we = w_reduce.float(), w_expand.float()
+    s = mean @ wr.t()                                              # (B, R)
+    d_t = torch.ops.aten.sigmoid_backward(d_gate, gate)            # d (W_e silu(s))
+    d_we = d_t.t() @ F.silu(s)
+    d_s = torch.ops.aten.silu_backward(d_t @ we, s)
+    return d_s @ wr, d_s.t() @ mean, d_we
+
+
+def _train_gradients(grad_out, x, params, stats, saved, eps, stride: int, add_residual: bool):
+    """[grad x, grads of the 14 params] of the train-mode block from what its forward saved.
+
+    Per BatchNorm, kernels/batchnorm_backward.py: one read-only pass for the per-tile sums the
+    BN backward needs, one launch that turns them into per-channel coefficients (and the gamma /
+    beta gradients), one elementwise pass writing the gradient of the BN input (in place over
+    the incoming gradient where that is a temporary), with the GELU derivative and, for BN2, the
+    SE gate and SE mean terms applied on the fly. The conv biases' gradients are exact zeros. Between them cuBLAS / cuDNN for the matmuls and
+    the depthwise conv backward, and small torch ops for the SE MLP (B x hidden rows)."""
+    from ..kernels.batchnorm_backward import (batchnorm_backward_apply, batchnorm_backward_coefficients,
+                                              batchnorm_backward_sums)
+
+    (w1, b1, g1, be1, wd, bd, g2, be2, wr, we, w3, b3, g3, be3) = params
+    mean1, var1, mean2, var2, mean3, var3 = stats
+    y1, h1, y2, h2, y3, gate, se_sums, scale1, shift1, scale2, shift2, scale3, shift3 = saved
+    B, dim_in, H, W = x.shape
+    _, P2, hidden = y2.shape
+    dim_out = y3.shape[-1]
+    P1 = H * W
+    Ho, Wo = -(-H // stride), -(-W // stride)
+    dt, dev = x.dtype, x.device
+
+    def bn_backward(dh, y, mean, var, bn_eps, scale, shift, count, *, gelu, out, gate=None, dm=None, sums=None):
+        if sums is None:
+            sums = batchnorm_backward_sums(dh, y, mean, var, bn_eps, scale, shift, gelu=gelu, se=False)
+        w, q, d_gamma, d_beta = batchnorm_backward_coefficients(sums, scale, images=B, count=count, gate=gate, dm=dm)
+        dy = batchnorm_backward_apply(dh, y, mean, var, bn_eps, scale, shift, w, q, gelu=gelu, gate=gate, dm=dm, out=out)
+        return dy, d_gamma, d_beta
+
+    with torch.no_grad():
+        grad = grad_out.reshape(B, P2, dim_out)
+        if not grad.is_contiguous():
+            grad = grad.contiguous()
+        # BN3 (no activation): dy3 = d(conv3 output), a new tensor (grad_out is not ours to overwrite)
+        dy3, dg3, dbe3 = bn_backward(grad, y3, mean3, var3, eps[2], scale3, shift3, B * P2, gelu=False,
+                                          out=_empty(grad.shape, dt, dev))
+        dy3_rows = dy3.view(B * P2, dim_out)
+        # project conv: the gradient of its input A = gate * h2, and of its weight (A rebuilt once)
+        d_a = torch.mm(dy3_rows, w3.view(dim_out, hidden)).view(B, P2, hidden)
+        gated = (h2 * gate.to(dt)[:, None, :]).view(B * P2, hidden)
+        dw3 = torch.mm(dy3_rows.t(), gated)
+        # BN2 + GELU + SE: the sums pass also gives d gate (sum over pixels of dA * h2); the SE
+        # backward turns it into d mean; then the coefficients and dy2 (in place over dA)
+        sums2 = batchnorm_backward_sums(d_a, y2, mean2, var2, eps[1], scale2, shift2, gelu=True, se=True)
+        T2 = sums2.shape[0] // B
+        d_gate = sums2[:, 4].reshape(B, T2, hidden).sum(1)
+        se_mean = se_sums.view(B, -1, hidden).sum(1) / P2
+        d_mean, dwr, dwe = _squeeze_excitation_backward(d_gate, gate, se_mean, wr, we)
+        dy2, dg2, dbe2 = bn_backward(d_a, y2, mean2, var2, eps[1], scale2, shift2, B * P2, gelu=True,
+                                          out=d_a, gate=gate, dm=d_mean / P2, sums=sums2)
+        # depthwise conv backward (cuDNN on a GPU): channels-last views of dy2 and h1
+        dh1, dwd, _ = torch.ops.aten.convolution_backward(
+            dy2.view(B, Ho, Wo, hidden).permute(0, 3, 1, 2), h1.view(B, H, W, hidden).permute(0, 3, 1, 2), wd,
+            None, [stride, stride], [1, 1], [1, 1], False, [0, 0], hidden, [True, True, False])
+        dh1 = dh1.permute(0, 2, 3, 1).reshape(B, P1, hidden)
+        if not dh1.is_contiguous():
+            dh1 = dh1.contiguous()
+        # BN1 + GELU, dy1 in place over dh1
+        dy1, dg1, dbe1 = bn_backward(dh1, y1, mean1, var1, eps[0], scale1, shift1, B * P1, gelu=True, out=dh1)
+        # expand conv: dx (+ the residual's gradient in the same matmul) and dW1
+        dy1_rows = dy1.view(B * P1, hidden)
+        x_rows = _pixels_view(x).reshape(B * P1, dim_in)
+        w1_mat = w1.view(hidden, dim_in)
         if add_residual:
-            out += a.float()
-        return out.to(dt).view(B, Ho, Wo, dim_out), [mean1, var1, mean2, var2, mean3, var3]
+            dx = torch.addmm(grad.view(B * P1, dim_in), dy1_rows, w1_mat)
+        else:
+            dx = torch.mm(dy1_rows, w1_mat)
+        dw1 = torch.mm(dy1_rows.t(), x_rows)
+        # The conv biases feed train-mode BatchNorms, which subtract the batch mean: their
+        # gradient is exactly zero (sum over rows of dy = scale * (sum g - N m1 - m2 sum xhat) = 0).
+        # Zeros, not the rounding noise of that cancelling sum (what the reference returns).
+        db1, dbd, db3 = (torch.zeros_like(b) for b in (b1, bd, b3))
+
+    def like(g, p):
+        return g.reshape(p.shape).to(p.dtype)
+
+    grads = [dw1, db1, dg1, dbe1, dwd, dbd, dg2, dbe2, dwr, dwe, dw3, db3, dg3, dbe3]
+    return [dx.view(B, H, W, dim_in).permute(0, 3, 1, 2)] + [like(g, p) for g, p in zip(grads, params)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,18 +529,49 @@ def _(x, params, bn_stats, folded, eps, stride, add_residual):
 
 @custom_op("mbconv_train")
 def mbconv_train_op(
-    x: torch.Tensor, params: list[torch.Tensor], eps: list[float], stride: int, add_residual: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Train-mode block output (B, Ho, Wo, dim_out) and the BN batch statistics
-    [mean1, var1, mean2, var2, mean3, var3] (fp32, biased variances)."""
-    return _forward_train(x, params, eps, stride, add_residual)
+    x: torch.Tensor, params: list[torch.Tensor], eps: list[float], stride: int, add_residual: bool, keep: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Train-mode block output (B, Ho, Wo, dim_out), the BN batch statistics
+    [mean1, var1, mean2, var2, mean3, var3] (fp32, biased variances) and, with ``keep``, the
+    tensors the backward reads (see _forward_train; an empty list otherwise)."""
+    return _forward_train(x, params, eps, stride, add_residual, keep)
+
+
+def _train_saved_like(x, params, stride):
+    from ..kernels.batchnorm_gelu import batchnorm_gelu_tiles_per_image
+
+    B, _, H, W = x.shape
+    hidden, dim_out = params[0].shape[0], params[10].shape[0]
+    P1, P2 = H * W, ((H - 1) // stride + 1) * ((W - 1) // stride + 1)
+    f32 = dict(dtype=torch.float32)
+    return ([x.new_empty((B, P1, hidden)), x.new_empty((B, P1, hidden)), x.new_empty((B, P2, hidden)),
+             x.new_empty((B, P2, hidden)), x.new_empty((B, P2, dim_out)), x.new_empty((B, hidden), **f32),
+             x.new_empty((B * batchnorm_gelu_tiles_per_image(P2), hidden), **f32)]
+            + [x.new_empty((n,), **f32) for n in (hidden, hidden, hidden, hidden, dim_out, dim_out)])
 
 
 @mbconv_train_op.register_fake
-def _(x, params, eps, stride, add_residual):
+def _(x, params, eps, stride, add_residual, keep):
     hidden, dim_out = params[0].shape[0], params[10].shape[0]
     stats = [x.new_empty((n,), dtype=torch.float32) for n in (hidden, hidden, hidden, hidden, dim_out, dim_out)]
-    return _output_like(x, dim_out, stride), stats
+    saved = _train_saved_like(x, params, stride) if keep else []
+    return _output_like(x, dim_out, stride), stats, saved
+
+
+@custom_op("mbconv_train_backward")
+def mbconv_train_backward_op(
+    grad_out: torch.Tensor, x: torch.Tensor, params: list[torch.Tensor], stats: list[torch.Tensor],
+    saved: list[torch.Tensor], eps: list[float], stride: int, add_residual: bool,
+) -> list[torch.Tensor]:
+    """[grad x, grads of the 14 params] of the train-mode block (Triton BatchNorm backward
+    kernels, cuBLAS/cuDNN for the convs; see _train_gradients)."""
+    return _train_gradients(grad_out, x, params, stats, saved, eps, stride, add_residual)
+
+
+@mbconv_train_backward_op.register_fake
+def _(grad_out, x, params, stats, saved, eps, stride, add_residual):
+    B, C, H, W = x.shape
+    return [x.new_empty((B, H, W, C)).permute(0, 3, 1, 2)] + [torch.empty_like(p) for p in params]
 
 
 def _backward(ctx, grad_out, x, params, bn_stats):
@@ -454,18 +601,28 @@ def _backward_eval(ctx, grad_out):
 
 
 def _setup_train(ctx, inputs, output):
-    x, params, eps, stride, add_residual = inputs
-    ctx.save_for_backward(x, *params)
+    # (no default arguments: the dispatcher drops trailing defaults from ``inputs``, which would
+    # change the structure of the gradients to return)
+    x, params, eps, stride, add_residual, keep = inputs
+    _, stats, saved = output
+    if not keep:
+        ctx.config = None  # no backward will run (the caller saw no autograd graph)
+        return
+    ctx.save_for_backward(x, *params, *stats, *saved)
     ctx.config = (eps, stride, True, add_residual)
-    ctx.set_materialize_grads(False)  # the batch statistics get no (zero-filled) gradient
+    ctx.set_materialize_grads(False)  # the batch statistics and saved tensors get no (zero-filled) gradient
 
 
-def _backward_train(ctx, grad_out, _grad_stats):
-    x, *params = ctx.saved_tensors
+def _backward_train(ctx, grad_out, _grad_stats, _grad_saved):
+    if ctx.config is None:
+        raise RuntimeError("mbconv_train was called with keep=False: it saved nothing for a backward")
+    x, *rest = ctx.saved_tensors
+    params, stats, saved = rest[:14], rest[14:20], rest[20:]
     if grad_out is None:  # the block output did not reach the loss
-        return None, [None] * len(params), None, None, None
-    grads = _backward(ctx, grad_out, x, params, [])
-    return grads[0], list(grads[1:]), None, None, None
+        return None, [None] * len(params), None, None, None, None
+    eps, stride, _, add_residual = ctx.config
+    grads = mbconv_train_backward_op(grad_out, x, params, stats, saved, eps, stride, add_residual)
+    return grads[0], list(grads[1:]), None, None, None, None
 
 
 mbconv_eval_op.register_autograd(_backward_eval, setup_context=_setup_eval)
@@ -492,7 +649,8 @@ def _fused(x: torch.Tensor, p: _Parts) -> torch.Tensor:
         if B * Ho * Wo <= 1:  # what F.batch_norm raises (the variance of one value is undefined)
             raise ValueError("Expected more than 1 value per channel when training, "
                              f"got {B * Ho * Wo} for the block output of input size {tuple(x.shape)}")
-        out, stats = mbconv_train_op(x, params, eps, p.stride, add_residual)
+        keep = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params))
+        out, stats, _ = mbconv_train_op(x, params, eps, p.stride, add_residual, keep)
         counts = (B * H * W, B * Ho * Wo, B * Ho * Wo)
         update_running_stats_(p.bns, [t.detach() for t in stats[0::2]], [t.detach() for t in stats[1::2]], counts)
     else:
