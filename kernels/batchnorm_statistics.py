@@ -10,6 +10,11 @@ This kernel merges them into the batch mean and biased variance with Chan's para
 scale = gamma * rsqrt(var + eps), shift = beta - mean * scale, all in fp32. It replaces about
 ten small torch ops per BatchNorm (tile counts, the merge, rsqrt, the affine terms).
 
+With ``running`` it also computes what ``nn.BatchNorm2d`` makes of the running statistics:
+(1 - momentum) * running + momentum * batch value, with the unbiased variance N / (N - 1) * var,
+in fp32 and rounded once to the buffers' dtype, into NEW tensors (the buffers are only read; the
+caller copies the results in, so the op that launches this kernel mutates nothing).
+
 Tiles: tile t covers n_t rows; tiles come in groups (one group per image for per-image tilings,
 one group for a tiling of all rows), ``tiles_per_group`` tiles of ``block_rows`` rows over
 ``rows_per_group`` rows, the last tile of a group partial. n_t is computed here from that
@@ -29,6 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import INTERPRET
+from .numerics import to_storage
+
 BLOCK_T = 32
 BLOCK_C = 64
 
@@ -37,8 +45,9 @@ BLOCK_C = 64
 def batchnorm_statistics_kernel(
     tile_sum_ptr, tile_m2_ptr, gamma_ptr, beta_ptr,
     mean_ptr, var_ptr, scale_ptr, shift_ptr,
-    T, C, tiles_per_group, rows_per_group, block_rows, inv_total, eps,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    running_mean_ptr, running_var_ptr, new_mean_ptr, new_var_ptr,
+    T, C, tiles_per_group, rows_per_group, block_rows, inv_total, eps, momentum, unbias,
+    UPDATE_RUNNING: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
@@ -73,15 +82,29 @@ def batchnorm_statistics_kernel(
     tl.store(var_ptr + offs_c, var, mask=mask_c)
     tl.store(scale_ptr + offs_c, scale, mask=mask_c)
     tl.store(shift_ptr + offs_c, beta - mean * scale, mask=mask_c)
+    if UPDATE_RUNNING:
+        old_mean = tl.load(running_mean_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        old_var = tl.load(running_var_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        new_mean = momentum * mean + (1.0 - momentum) * old_mean
+        new_var = momentum * (var * unbias) + (1.0 - momentum) * old_var
+        tl.store(new_mean_ptr + offs_c, to_storage(new_mean, new_mean_ptr.dtype.element_ty, EMULATE_BF16_RTNE),
+                 mask=mask_c)
+        tl.store(new_var_ptr + offs_c, to_storage(new_var, new_var_ptr.dtype.element_ty, EMULATE_BF16_RTNE),
+                 mask=mask_c)
 
 
 def batchnorm_statistics(tile_sum: torch.Tensor, tile_m2: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
                          eps: float, *, block_rows: int, rows_per_group: int, tiles_per_group: int | None = None,
-                         out: tuple[torch.Tensor, ...] | None = None):
+                         out: tuple[torch.Tensor, ...] | None = None,
+                         running: tuple[torch.Tensor, torch.Tensor] | None = None, momentum: float = 0.1,
+                         new_running: tuple[torch.Tensor, torch.Tensor] | None = None):
     """(mean, biased var, scale, shift), each (C,) fp32, of the rows summarised by the tiles.
 
     ``tiles_per_group`` defaults to all T tiles (one group); per-image tilings pass the tiles
     per image. ``out``: four preallocated (C,) fp32 tensors (tests poison them).
+    ``running``: (running_mean, running_var), (C,) contiguous, one float dtype: then the result
+    is (mean, var, scale, shift, new_mean, new_var) with the updated running statistics in that
+    dtype (in ``new_running`` if given; the running tensors themselves are not written).
     """
     T, C = tile_sum.shape
     if tile_m2.shape != (T, C) or tile_sum.dtype != torch.float32 or tile_m2.dtype != torch.float32:
@@ -99,10 +122,26 @@ def batchnorm_statistics(tile_sum: torch.Tensor, tile_m2: torch.Tensor, gamma: t
     if out is None:
         out = tuple(torch.empty(C, dtype=torch.float32, device=tile_sum.device) for _ in range(4))
     mean, var, scale, shift = out
+    if running is not None:
+        run_mean, run_var = running
+        if not (run_mean.shape == run_var.shape == (C,) and run_mean.dtype == run_var.dtype
+                and run_mean.is_floating_point() and run_mean.is_contiguous() and run_var.is_contiguous()):
+            raise ValueError(f"running statistics must be two contiguous ({C},) tensors of one float dtype")
+        if total < 2:
+            raise ValueError("the unbiased variance needs at least 2 values per channel")
+        if new_running is None:
+            new_running = (torch.empty_like(run_mean), torch.empty_like(run_var))
+        new_mean, new_var = new_running
+    else:
+        run_mean = run_var = new_mean = new_var = mean  # not read (UPDATE_RUNNING off)
     grid = (triton.cdiv(C, BLOCK_C),)
     batchnorm_statistics_kernel[grid](
         tile_sum, tile_m2, gamma.contiguous(), beta.contiguous(), mean, var, scale, shift,
-        T, C, tiles_per_group, rows_per_group, block_rows, 1.0 / total, float(eps),
-        BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
+        run_mean, run_var, new_mean, new_var,
+        T, C, tiles_per_group, rows_per_group, block_rows, 1.0 / total, float(eps), float(momentum),
+        total / max(total - 1, 1), UPDATE_RUNNING=running is not None,
+        EMULATE_BF16_RTNE=INTERPRET and new_mean.dtype == torch.bfloat16, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
     )
+    if running is not None:
+        return mean, var, scale, shift, new_mean, new_var
     return mean, var, scale, shift

@@ -80,6 +80,30 @@ def update_running_stats_(bns, means, variances, counts) -> None:
                 buf.copy_((factor * value + (1.0 - factor) * buf.float()).to(buf.dtype))
 
 
+def running_update_momentum(bns) -> float | None:
+    """The momentum when the running statistics of every BatchNorm in ``bns`` can be updated by
+    the kernels that compute their batch statistics (all in train mode with running statistics
+    and a step counter, one momentum that is not None (a cumulative average needs the step count
+    on the host), each mean/var pair of one dtype); None otherwise."""
+    momenta = {bn.momentum for bn in bns}
+    if len(momenta) != 1 or None in momenta:
+        return None
+    for bn in bns:
+        if not (bn.training and bn.track_running_stats and bn.running_mean is not None
+                and bn.num_batches_tracked is not None and bn.running_mean.dtype == bn.running_var.dtype
+                and bn.running_mean.is_contiguous() and bn.running_var.is_contiguous()):
+            return None
+    return float(momenta.pop())
+
+
+def copy_running_stats_(bns, new_values) -> None:
+    """Write updated running statistics ([mean, var] per BatchNorm, in order) into the buffers and
+    count the step: two foreach launches for all of them."""
+    with torch.no_grad():
+        torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
+        torch._foreach_copy_([t for bn in bns for t in (bn.running_mean, bn.running_var)], list(new_values))
+
+
 def _tensor_key(t: torch.Tensor):
     return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
 

@@ -33,7 +33,11 @@ fp32 (Chan's formula, kernels/batchnorm_statistics.py) and a BN + activation pas
   the SE sums and the BN scale/shift) are saved: 2 + 2 hidden-wide tensors, where the reference
   keeps about 8 (conv, BN and GELU outputs, the gated tensor). Otherwise (no autograd graph) h1
   and h2 overwrite y1 and y2 in place.
-  Running statistics are updated from the same batch statistics (maxvit_fast/batchnorm.py).
+  Running statistics: where the three BNs share one momentum (MaxViT's), the statistics kernels
+  also compute the updated running mean/var (fp32 math, one rounding to the buffers' dtype) and
+  the caller copies them in with one foreach copy (plus one foreach add for the step counters),
+  for any buffer dtype; otherwise (momentum None: a cumulative average) torch ops do it from
+  the batch statistics (maxvit_fast/batchnorm.py).
   Eval-mode BN is never used in train mode: the mode comes from the BatchNorm layers' own
   ``training`` flags (mixed flags fall back to the reference).
 
@@ -77,7 +81,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..batchnorm import FoldCache, fold_batchnorm, update_running_stats_
+from ..batchnorm import (FoldCache, copy_running_stats_, fold_batchnorm, running_update_momentum,
+                         update_running_stats_)
 from ..dispatch import use_kernels
 from ..reference import MBConvResidual, SqueezeExcitation
 from .library import custom_op
@@ -310,12 +315,15 @@ def _forward_eval(x: torch.Tensor, w: _Weights, stride: int, add_residual: bool)
     return out.view(B, Ho, Wo, dim_out)
 
 
-def _forward_train(x: torch.Tensor, params, eps, stride: int, add_residual: bool, keep: bool):
-    """Returns (out (B, Ho, Wo, dim_out), [mean1, var1, mean2, var2, mean3, var3], saved): the
-    block output, the batch statistics (mean, biased variance; fp32) of the three BatchNorms (the
-    caller updates the running statistics from them) and, when ``keep`` (a backward will run),
-    what the backward reads: [y1, h1, y2, h2, y3, gate, se_sums, scale1, shift1, scale2, shift2,
-    scale3, shift3] (see _train_gradients). Without ``keep``, h1 and h2 overwrite y1 and y2."""
+def _forward_train(x: torch.Tensor, params, running, eps, momentum: float, stride: int, add_residual: bool,
+                   keep: bool):
+    """Returns (out (B, Ho, Wo, dim_out), [mean1, var1, mean2, var2, mean3, var3], saved,
+    new_running): the block output, the batch statistics (mean, biased variance; fp32) of the
+    three BatchNorms, when ``keep`` (a backward will run) what the backward reads: [y1, h1, y2,
+    h2, y3, gate, se_sums, scale1, shift1, scale2, shift2, scale3, shift3] (see
+    _train_gradients; without ``keep`` h1 and h2 overwrite y1 and y2), and with ``running`` (the
+    six running-statistic buffers, read only) their updated values at ``momentum`` (new tensors,
+    computed by the statistics kernels; the caller copies them in)."""
     from ..kernels.batchnorm_gelu import batchnorm_gelu, batchnorm_gelu_tiles_per_image
     from ..kernels.batchnorm_statistics import batchnorm_statistics
     from ..kernels.depthwise_conv import (depthwise_conv3x3, depthwise_conv_config, depthwise_output_size,
@@ -336,10 +344,19 @@ def _forward_train(x: torch.Tensor, params, eps, stride: int, add_residual: bool
     block_p2 = depthwise_conv_config(hidden, dt)["BLOCK_P"]
     T1, T3 = -(-B * P1 // block_m1), -(-B * P2 // block_m3)
 
-    def bn_statistics(sums, m2, weight, bias, bn_eps, **tiling):
-        # (mean, biased var, scale, shift), fp32, in one launch
-        return batchnorm_statistics(sums, m2, weight.detach(), bias.detach(), bn_eps, **tiling,
-                                    out=tuple(_empty((sums.shape[1],), f32, dev) for _ in range(4)))
+    new_running = []
+
+    def bn_statistics(index, sums, m2, weight, bias, **tiling):
+        # (mean, biased var, scale, shift) fp32, and the updated running statistics, in one launch
+        update = {}
+        if running:
+            old = running[2 * index: 2 * index + 2]
+            update = dict(running=old, momentum=momentum,
+                          new_running=tuple(_empty(t.shape, t.dtype, dev) for t in old))
+        res = batchnorm_statistics(sums, m2, weight.detach(), bias.detach(), eps[index], **tiling, **update,
+                                   out=tuple(_empty((sums.shape[1],), f32, dev) for _ in range(4)))
+        new_running.extend(res[4:])
+        return res[:4]
 
     def stats_buffers(rows, channels):
         return dict(tile_sum=_empty((rows, channels), f32, dev), tile_m2=_empty((rows, channels), f32, dev))
@@ -353,7 +370,7 @@ def _forward_train(x: torch.Tensor, params, eps, stride: int, add_residual: bool
             a, w.w1_t, _ones(hidden, dev), b1.detach().float().contiguous(),
             stats=True, out=_empty((B, P1, hidden), dt, dev), **stats_buffers(T1, hidden),
         )
-        mean1, var1, scale1, shift1 = bn_statistics(s1, m1, g1, be1, eps[0], block_rows=block_m1, rows_per_group=B * P1)
+        mean1, var1, scale1, shift1 = bn_statistics(0, s1, m1, g1, be1, block_rows=block_m1, rows_per_group=B * P1)
         # 2. h1 = gelu(BN1(y1)) (in place unless the backward needs y1)
         h1 = batchnorm_gelu(y1, scale1, shift1, out=_empty(y1.shape, dt, dev) if keep else y1)
 
@@ -362,7 +379,7 @@ def _forward_train(x: torch.Tensor, params, eps, stride: int, add_residual: bool
             h1.view(B, H, W, hidden), w.dw_w, w.dw_b, stride, out_gelu=False, m2=True,
             out=_empty((B, Ho, Wo, hidden), dt, dev), **stats_buffers(B * T_dw, hidden),
         )
-        mean2, var2, scale2, shift2 = bn_statistics(s2, m2, g2, be2, eps[1], block_rows=block_p2, rows_per_group=P2,
+        mean2, var2, scale2, shift2 = bn_statistics(1, s2, m2, g2, be2, block_rows=block_p2, rows_per_group=P2,
                                                     tiles_per_group=T_dw)
         # 4. h2 = gelu(BN2(y2)) with the SE sums; 5. the SE gate
         y2 = y2.view(B, P2, hidden)
@@ -375,14 +392,14 @@ def _forward_train(x: torch.Tensor, params, eps, stride: int, add_residual: bool
             h2, w.w3_t, _ones(dim_out, dev), b3.detach().float().contiguous(),
             gate=gate, stats=True, out=_empty((B, P2, dim_out), dt, dev), **stats_buffers(T3, dim_out),
         )
-        mean3, var3, scale3, shift3 = bn_statistics(s3, m3, g3, be3, eps[2], block_rows=block_m3, rows_per_group=B * P2)
+        mean3, var3, scale3, shift3 = bn_statistics(2, s3, m3, g3, be3, block_rows=block_m3, rows_per_group=B * P2)
 
         # 7. out = BN3(y3) (+ x): one elementwise pass, fp32, one rounding
         out = batchnorm_gelu(y3, scale3, shift3, out=_empty(y3.shape, dt, dev), activation=False,
                              residual=a if add_residual else None)
         stats = [mean1, var1, mean2, var2, mean3, var3]
         saved = [y1, h1, y2, h2, y3, gate, se_sums, scale1, shift1, scale2, shift2, scale3, shift3] if keep else []
-        return out.view(B, Ho, Wo, dim_out), stats, saved
+        return out.view(B, Ho, Wo, dim_out), stats, saved, new_running
 
 
 def _squeeze_excitation_backward(d_gate, gate, mean, w_reduce, w_expand):
@@ -529,12 +546,14 @@ def _(x, params, bn_stats, folded, eps, stride, add_residual):
 
 @custom_op("mbconv_train")
 def mbconv_train_op(
-    x: torch.Tensor, params: list[torch.Tensor], eps: list[float], stride: int, add_residual: bool, keep: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    x: torch.Tensor, params: list[torch.Tensor], running: list[torch.Tensor], eps: list[float], momentum: float,
+    stride: int, add_residual: bool, keep: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Train-mode block output (B, Ho, Wo, dim_out), the BN batch statistics
-    [mean1, var1, mean2, var2, mean3, var3] (fp32, biased variances) and, with ``keep``, the
-    tensors the backward reads (see _forward_train; an empty list otherwise)."""
-    return _forward_train(x, params, eps, stride, add_residual, keep)
+    [mean1, var1, mean2, var2, mean3, var3] (fp32, biased variances), with ``keep`` the tensors
+    the backward reads, and with ``running`` (the BNs' six running buffers, or an empty list)
+    their updated values at ``momentum`` (see _forward_train; empty lists otherwise)."""
+    return _forward_train(x, params, running, eps, momentum, stride, add_residual, keep)
 
 
 def _train_saved_like(x, params, stride):
@@ -551,11 +570,11 @@ def _train_saved_like(x, params, stride):
 
 
 @mbconv_train_op.register_fake
-def _(x, params, eps, stride, add_residual, keep):
+def _(x, params, running, eps, momentum, stride, add_residual, keep):
     hidden, dim_out = params[0].shape[0], params[10].shape[0]
     stats = [x.new_empty((n,), dtype=torch.float32) for n in (hidden, hidden, hidden, hidden, dim_out, dim_out)]
     saved = _train_saved_like(x, params, stride) if keep else []
-    return _output_like(x, dim_out, stride), stats, saved
+    return _output_like(x, dim_out, stride), stats, saved, [torch.empty_like(t) for t in running]
 
 
 @custom_op("mbconv_train_backward")
@@ -603,8 +622,9 @@ def _backward_eval(ctx, grad_out):
 def _setup_train(ctx, inputs, output):
     # (no default arguments: the dispatcher drops trailing defaults from ``inputs``, which would
     # change the structure of the gradients to return)
-    x, params, eps, stride, add_residual, keep = inputs
-    _, stats, saved = output
+    x, params, running, eps, momentum, stride, add_residual, keep = inputs
+    _, stats, saved, _ = output
+    ctx.num_running = len(running)
     if not keep:
         ctx.config = None  # no backward will run (the caller saw no autograd graph)
         return
@@ -613,16 +633,17 @@ def _setup_train(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # the batch statistics and saved tensors get no (zero-filled) gradient
 
 
-def _backward_train(ctx, grad_out, _grad_stats, _grad_saved):
+def _backward_train(ctx, grad_out, _grad_stats, _grad_saved, _grad_running):
     if ctx.config is None:
         raise RuntimeError("mbconv_train was called with keep=False: it saved nothing for a backward")
     x, *rest = ctx.saved_tensors
     params, stats, saved = rest[:14], rest[14:20], rest[20:]
+    no_running = [None] * ctx.num_running
     if grad_out is None:  # the block output did not reach the loss
-        return None, [None] * len(params), None, None, None, None
+        return None, [None] * len(params), no_running, None, None, None, None, None
     eps, stride, _, add_residual = ctx.config
     grads = mbconv_train_backward_op(grad_out, x, params, stats, saved, eps, stride, add_residual)
-    return grads[0], list(grads[1:]), None, None, None, None
+    return grads[0], list(grads[1:]), no_running, None, None, None, None, None
 
 
 mbconv_eval_op.register_autograd(_backward_eval, setup_context=_setup_eval)
@@ -650,9 +671,15 @@ def _fused(x: torch.Tensor, p: _Parts) -> torch.Tensor:
             raise ValueError("Expected more than 1 value per channel when training, "
                              f"got {B * Ho * Wo} for the block output of input size {tuple(x.shape)}")
         keep = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params))
-        out, stats, _ = mbconv_train_op(x, params, eps, p.stride, add_residual, keep)
-        counts = (B * H * W, B * Ho * Wo, B * Ho * Wo)
-        update_running_stats_(p.bns, [t.detach() for t in stats[0::2]], [t.detach() for t in stats[1::2]], counts)
+        momentum = running_update_momentum(p.bns)  # None: the running statistics are updated here
+        running = [t for bn in p.bns for t in (bn.running_mean, bn.running_var)] if momentum is not None else []
+        out, stats, _, new_running = mbconv_train_op(x, params, running, eps, momentum or 0.0, p.stride,
+                                                     add_residual, keep)
+        if momentum is not None:
+            copy_running_stats_(p.bns, new_running)
+        else:
+            counts = (B * H * W, B * Ho * Wo, B * Ho * Wo)
+            update_running_stats_(p.bns, [t.detach() for t in stats[0::2]], [t.detach() for t in stats[1::2]], counts)
     else:
         grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params))
         # the backward uses the running statistics of this forward: a copy when it will run
