@@ -12,7 +12,11 @@ epilogue (per output element, fp32):  acc * out_scale[n] + out_shift[n]   (folde
 
 Layout: ``a`` is (B, P, K) with any strides (P = pixels of one image, so an NCHW tensor's
 ``permute(0, 2, 3, 1).reshape(B, H*W, C)`` view is read in place, no copy); ``w_t`` is the conv
-weight transposed to (K, N), contiguous; ``out`` is (B, P, N) contiguous (channels-last).
+weight as (K, N) with any strides: eval passes a cached contiguous transposed copy (stride_wn ==
+1), train the parameter itself, ``conv.weight.view(N, K).t()`` (stride_wk == 1), so a training
+step copies no weights (Triton specialises a stride equal to 1 at launch, so both loads
+vectorise); ``out`` is (B, P, N) contiguous (channels-last). ``out_shift`` may be the conv bias
+in its own dtype (converted in the epilogue).
 Tiles run over the flattened M = B*P rows, so a tile may span two images: the gate is gathered
 per row (b = m // P).
 
@@ -50,19 +54,24 @@ toolchain, divisibility-by-16 hints as the runtime specialises them. All LOCAL 0
 (no spills); "mma": tensor-core instructions present (HMMA on sm_80, HGMMA on sm_90). The
 eval-mode expand conv runs inside kernels/expand_depthwise_conv.py, so the model uses this
 kernel for the expand conv in train mode only (the OUT_GELU expand is still tested directly).
-    expand+stats (NCHW A) 128x128x64 w8 s3: fp16 244/254 mma, bf16 244/254 mma
-    expand+stats (NCHW A) 64x64x16 w8 s2: fp32 120/80
-    expand+stats 128x128x64 w8 s3: fp16 188/156 mma, bf16 188/156 mma
-    expand+stats 64x64x16 w8 s2: fp32 114/64
-    project 128x128x32 w8 s3: fp16 158/145 mma, bf16 158/145 mma
-    project 128x64x32 w8 s3: fp16 122/79 mma, bf16 118/79 mma
-    project 64x64x16 w8 s2: fp32 70/65
-    project+res 128x128x32 w8 s3: fp16 182/180 mma, bf16 182/178 mma
-    project+res 128x64x32 w8 s3: fp16 123/96 mma, bf16 122/98 mma
-    project+res 64x64x16 w8 s2: fp32 68/66
-    project+stats 128x128x32 w8 s3: fp16 178/155 mma, bf16 179/155 mma
-    project+stats 128x64x32 w8 s3: fp16 119/94 mma, bf16 120/94 mma
-    project+stats 64x64x16 w8 s2: fp32 70/64
+"+stats" (train): the module's weight transposed (stride_wk == 1) and the conv bias in the
+activation dtype; the others (eval): contiguous w_t, fp32 shift. The weight's B-tile offsets are
+one i32 sum per element: two 64-bit pointer adds spilled (80 registers + 16 B stack) on sm_90
+for the fp32 transposed project+stats. Before the strided weight (contiguous copies), the 16-bit
+train configurations took 244/254 (NCHW expand), 188/156 (expand), 178/155 (project 128x128).
+    expand+stats (NCHW A) 128x128x64 w8 s3: fp16 236/254 mma, bf16 236/226 mma
+    expand+stats (NCHW A) 64x64x16 w8 s2: fp32 128/94
+    expand+stats 128x128x64 w8 s3: fp16 181/128 mma, bf16 181/128 mma
+    expand+stats 64x64x16 w8 s2: fp32 112/80
+    project 128x128x32 w8 s3: fp16 156/146 mma, bf16 157/146 mma
+    project 128x64x32 w8 s3: fp16 119/80 mma, bf16 119/80 mma
+    project 64x64x16 w8 s2: fp32 65/64
+    project+res 128x128x32 w8 s3: fp16 156/178 mma, bf16 157/178 mma
+    project+res 128x64x32 w8 s3: fp16 122/100 mma, bf16 121/100 mma
+    project+res 64x64x16 w8 s2: fp32 66/65
+    project+stats 128x128x32 w8 s3: fp16 154/128 mma, bf16 152/128 mma
+    project+stats 128x64x32 w8 s3: fp16 117/93 mma, bf16 118/93 mma
+    project+stats 64x64x16 w8 s2: fp32 80/80
 GPU speed: not measured.
 """
 
@@ -84,6 +93,7 @@ def pointwise_conv_kernel(
     res_ptr, tile_sum_ptr, tile_m2_ptr,
     M, N, K, P, inv_last_tile_rows,
     stride_ab, stride_ap, stride_ak,
+    stride_wk, stride_wn,
     stride_rb, stride_rp, stride_rn,
     HAS_GATE: tl.constexpr,
     OUT_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WRITE_STATS: tl.constexpr,
@@ -118,11 +128,15 @@ def pointwise_conv_kernel(
         if HAS_GATE:
             gate = tl.load(gate_ptr + image[:, None] * K + offs_k[None, :], mask=mask_a, other=0.0)
             a = to_storage(a.to(tl.float32) * gate, a_ptr.dtype.element_ty, EMULATE_BF16_RTNE)
-        w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        # w_t contiguous (stride_wn == 1) or the module's (N, K) weight transposed (stride_wk ==
+        # 1): the launch specialises the stride equal to 1, so either tile load vectorises. (One
+        # i32 offset per element: two 64-bit pointer adds spilled on sm_90, fp32, transposed.)
+        w = tl.load(w_ptr + (offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn),
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = dot_accumulate(a, w, acc, UPCAST_DOT, FP32_IEEE)
 
     out_scale = tl.load(out_scale_ptr + offs_n, mask=mask_n, other=0.0)
-    out_shift = tl.load(out_shift_ptr + offs_n, mask=mask_n, other=0.0)
+    out_shift = tl.load(out_shift_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # any float dtype
     y = acc * out_scale[None, :] + out_shift[None, :]
 
     if WRITE_STATS:
@@ -181,9 +195,12 @@ def pointwise_conv(
 ):
     """Launch the fused 1x1 conv.
 
-    a: (B, P, K), any strides, fp16/bf16/fp32. w_t: (K, N) contiguous, a's dtype.
-    out_scale, out_shift: fp32 (N,) contiguous. gate: fp32 (B, K)
-    contiguous. residual: (B, P, N), any strides. out: (B, P, N) contiguous, a's dtype.
+    a: (B, P, K), any strides, fp16/bf16/fp32. w_t: (K, N) in a's dtype, any strides: a
+    contiguous transposed copy, or the conv weight as the module holds it, without a copy
+    (``conv.weight.view(N, K).t()``, strides (1, K)). out_scale: fp32 (N,) contiguous.
+    out_shift: (N,) contiguous, fp32, fp16 or bf16 (train mode passes the conv bias as it is;
+    the kernel converts it to fp32). gate: fp32 (B, K) contiguous. residual: (B, P, N), any
+    strides. out: (B, P, N) contiguous, a's dtype.
     Returns out, or (out, tile_sum, tile_m2) with fp32 (ceil(B*P / BLOCK_M), N) per-tile
     statistics when ``stats``; the rows of tile t are rows [t*BLOCK_M, (t+1)*BLOCK_M) of the
     flattened (B*P, N) output.
@@ -196,11 +213,12 @@ def pointwise_conv(
         raise ValueError(f"w_t has {w_t.shape[0]} input channels, a has {K}")
     if a.dtype not in (torch.float16, torch.bfloat16, torch.float32) or w_t.dtype != a.dtype:
         raise TypeError(f"a and w_t must share one of fp16/bf16/fp32, got {a.dtype} and {w_t.dtype}")
-    if not w_t.is_contiguous():
-        raise ValueError("w_t must be contiguous")
-    for name, t, shape in (("out_scale", out_scale, (N,)), ("out_shift", out_shift, (N,)), ("gate", gate, (B, K))):
+    for name, t, shape in (("out_scale", out_scale, (N,)), ("gate", gate, (B, K))):
         if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous fp32 tensor of shape {shape}")
+    if tuple(out_shift.shape) != (N,) or not out_shift.is_contiguous() or not out_shift.dtype.is_floating_point \
+            or out_shift.dtype == torch.float64:
+        raise ValueError(f"out_shift must be a contiguous fp32/fp16/bf16 tensor of shape {(N,)}")
     if residual is not None and tuple(residual.shape) != (B, P, N):
         raise ValueError(f"residual must be (B, P, N) = {(B, P, N)}, got {tuple(residual.shape)}")
     M = B * P
@@ -231,6 +249,7 @@ def pointwise_conv(
         tile_m2 if stats else out_scale,
         M, N, K, P, 1.0 / (M - (num_m_tiles - 1) * cfg["BLOCK_M"]),
         a.stride(0), a.stride(1), a.stride(2),
+        w_t.stride(0), w_t.stride(1),
         res.stride(0), res.stride(1), res.stride(2),
         HAS_GATE=gate is not None,
         OUT_GELU=out_gelu, HAS_RESIDUAL=residual is not None, WRITE_STATS=stats,

@@ -15,17 +15,19 @@ Decisions
   each weight tile is at most 4096 fp32 values (32 per thread at 4 warps). Both weight matrices
   are read once per image (from L2 after the first image).
 - The tile-sum reduction is deterministic (fixed order over the T tiles, no atomics).
-- All math in fp32 (fp32 weight copies, fp32 sums), stricter than the reference's low-precision mean.
+- All math in fp32 (weights converted on load, fp32 sums), stricter than the reference's
+  low-precision mean. The weights may be fp32 (eval: the op's cached copies) or the module's
+  own fp16/bf16 tensors (train: no per-step copies).
 
 Resources: registers per thread, sm_80 / sm_90, from the ahead-of-time compile in
 tests/test_mbconv.py::test_aot_compile_maxvit_t_configurations (every configuration the default
 MaxViT-T uses, eval and train; `pytest tests/test_mbconv.py -k aot -s` prints them). Triton 3.9
 toolchain, divisibility-by-16 hints as the runtime specialises them. All LOCAL 0 and STACK 0
 (no spills).
-    R=128 BLOCK_C=32 w4 s3: fp32 64/56
-    R=256 BLOCK_C=16 w4 s3: fp32 64/64
-    R=512 BLOCK_C=8 w4 s3: fp32 80/72
-    R=64 BLOCK_C=64 w4 s3: fp32 64/64
+    R=128 BLOCK_C=32 w4 s3: fp32 64/56, bf16 48/48, fp16 48/47
+    R=256 BLOCK_C=16 w4 s3: fp32 64/64, bf16 56/56, fp16 56/56
+    R=512 BLOCK_C=8 w4 s3: fp32 80/72, bf16 48/54, fp16 48/54
+    R=64 BLOCK_C=64 w4 s3: fp32 64/64, bf16 48/48, fp16 56/48
 GPU speed: not measured (the work is tiny: B programs, 2*R*C MACs each).
 """
 
@@ -88,8 +90,8 @@ def se_gate(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """tile_sum: fp32 (B*T, C) contiguous, image-major; w_reduce (R, C) and w_expand (C, R)
-    fp32 contiguous (the op layer keeps fp32 copies: tiny, and one kernel variant for every
-    activation dtype). Returns the fp32 gate (B, C)."""
+    contiguous, each fp32, fp16 or bf16 (the module's Linear weights as they are: the kernel
+    converts them to fp32 on load, so no per-step copies). Returns the fp32 gate (B, C)."""
     if tile_sum.ndim != 2 or tile_sum.dtype != torch.float32 or not tile_sum.is_contiguous():
         raise ValueError("tile_sum must be a contiguous fp32 (B*T, C) tensor")
     BT, C = tile_sum.shape
@@ -100,8 +102,11 @@ def se_gate(
     R = w_reduce.shape[0]
     if tuple(w_reduce.shape) != (R, C) or tuple(w_expand.shape) != (C, R):
         raise ValueError(f"w_reduce must be (R, {C}) and w_expand ({C}, R), got {tuple(w_reduce.shape)}, {tuple(w_expand.shape)}")
-    if not (w_reduce.is_contiguous() and w_expand.is_contiguous()) or {w_reduce.dtype, w_expand.dtype} != {torch.float32}:
-        raise ValueError("SE weights must be contiguous fp32 tensors")
+    weight_dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    if not (w_reduce.is_contiguous() and w_expand.is_contiguous()) \
+            or w_reduce.dtype not in weight_dtypes or w_expand.dtype not in weight_dtypes:
+        raise ValueError(f"SE weights must be contiguous fp32/fp16/bf16 tensors, "
+                         f"got {w_reduce.dtype} and {w_expand.dtype}")
     if out is None:
         out = torch.empty((B, C), device=tile_sum.device, dtype=torch.float32)
     elif tuple(out.shape) != (B, C) or out.dtype != torch.float32 or not out.is_contiguous():

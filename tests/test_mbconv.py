@@ -530,6 +530,123 @@ def test_depthwise_kernel_tiles_and_sums(stride):
             assert_close_normwise(tile_m2[b * T + t], (block - block.mean(0)).square().sum(0), 1e-5, name="tile m2")
 
 
+# The launchers take the train-mode parameters as the module holds them (no per-step copies):
+# the 1x1 conv weight's (N, K) view transposed, the conv biases, the depthwise (C, 1, 3, 3)
+# weight and the SE weights, in the parameter dtype. The truth is float64 math on the same
+# (already rounded) parameters, so fp32 meets 1e-5 and bf16 only sees the output rounding.
+
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "module"), (torch.bfloat16, "module"),
+                                          (torch.float16, "module"), (torch.float32, "strided")])
+def test_pointwise_conv_kernel_takes_the_module_weight(dtype, layout):
+    from maxvit_fast.kernels.pointwise_conv import pointwise_conv, pointwise_conv_config
+
+    B, P, K, N = 2, 70, 72, 136  # several M tiles, K steps and N tiles in every dtype, partial last ones
+    a = torch.randn(B, P, K).to(dtype)
+    if layout == "module":  # conv.weight (N, K, 1, 1) -> view (N, K) -> .t(): strides (1, K)
+        weight = (torch.randn(N, K, 1, 1) / K**0.5).to(dtype)
+        w_t = weight.view(N, K).t()
+        assert w_t.stride() == (1, K)
+    else:  # neither stride 1
+        w_t = (torch.randn(K, 2 * N) / K**0.5).to(dtype)[:, ::2]
+    bias = torch.randn(N).to(dtype)  # the conv bias in the parameter dtype, as out_shift
+    gate = torch.rand(B, K)
+    cfg = pointwise_conv_config(N, K, dtype, True)
+    tiles = -(-B * P // cfg["BLOCK_M"])
+    out, tile_sum, tile_m2 = pointwise_conv(
+        a, w_t, torch.ones(N), bias, gate=gate, stats=True,
+        out=poison_(torch.empty(B, P, N, dtype=dtype)), tile_sum=poison_(torch.empty(tiles, N)),
+        tile_m2=poison_(torch.empty(tiles, N)),
+    )
+    gated = a.double() * gate.double()[:, None, :]
+    if dtype != torch.float32:  # the kernel rounds the gated tile to the operand dtype for the dot
+        gated = gated.to(dtype).double()
+    y = gated @ w_t.double() + bias.double()
+    # fp16/bf16: one output rounding (half-ulp 2^-9 bf16, 2^-12 fp16 relative); 4e-3 as above
+    assert_close_normwise(out, y, FP32_RTOL if dtype == torch.float32 else 4e-3, name="out")
+    rows = y.reshape(B * P, N)
+    for t in range(tiles):
+        block = rows[t * cfg["BLOCK_M"]:(t + 1) * cfg["BLOCK_M"]]
+        assert_close_normwise(tile_sum[t], block.sum(0), 1e-5, name=f"tile {t} sum")
+        assert_close_normwise(tile_m2[t], (block - block.mean(0)).square().sum(0), 1e-5, name=f"tile {t} m2")
+    # the expand conv of the first block reads NCHW (k strided) with the module weight too
+    a_nchw = torch.randn(B, K, P).to(dtype).transpose(1, 2)
+    out = pointwise_conv(a_nchw, w_t, torch.ones(N), bias, out=poison_(torch.empty(B, P, N, dtype=dtype)))
+    assert_close_normwise(out, a_nchw.double() @ w_t.double() + bias.double(),
+                          FP32_RTOL if dtype == torch.float32 else 4e-3, name="out (NCHW input)")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "module"), (torch.bfloat16, "module"),
+                                          (torch.bfloat16, "taps-view"), (torch.float32, "tap-major-bf16")])
+def test_depthwise_kernel_takes_the_module_weight(stride, dtype, layout):
+    from maxvit_fast.kernels.depthwise_conv import depthwise_conv3x3, depthwise_conv_config
+
+    B, H, W, C = 2, 7, 9, 40  # a partial channel tile, a partial pixel tile
+    x = torch.randn(B, H, W, C).to(dtype)
+    weight = torch.randn(C, 1, 3, 3).to(dtype if layout != "tap-major-bf16" else torch.bfloat16)
+    bias = torch.randn(C).to(weight.dtype)
+    if layout == "module":  # dw.weight as it is
+        w = weight
+    elif layout == "taps-view":  # (9, C) view of it: strides (1, 9)
+        w = weight.view(C, 9).t()
+    else:  # tap-major (9, C) contiguous in bf16 (the eval layout, another dtype)
+        w = weight.reshape(C, 9).t().contiguous()
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    block_p = depthwise_conv_config(C, x.dtype)["BLOCK_P"]
+    T = -(-Ho * Wo // block_p)
+    out, tile_sum, tile_m2 = depthwise_conv3x3(
+        x, w, bias, stride, out_gelu=False, m2=True,
+        out=poison_(torch.empty(B, Ho, Wo, C, dtype=dtype)), tile_sum=poison_(torch.empty(B * T, C)),
+        tile_m2=poison_(torch.empty(B * T, C)),
+    )
+    y = torch.nn.functional.conv2d(x.permute(0, 3, 1, 2).double(), weight.double(), bias.double(), stride, 1,
+                                   groups=C).permute(0, 2, 3, 1)
+    # bf16 output: one rounding (half-ulp 2^-9 relative); the sums are of the fp32 values
+    assert_close_normwise(out, y, FP32_RTOL if dtype == torch.float32 else 4e-3, name="out")
+    pixels = y.reshape(B, Ho * Wo, C)
+    for b in range(B):
+        for t in range(T):
+            block = pixels[b, t * block_p:(t + 1) * block_p]
+            assert_close_normwise(tile_sum[b * T + t], block.sum(0), 1e-5, name="tile sum")
+            assert_close_normwise(tile_m2[b * T + t], (block - block.mean(0)).square().sum(0), 1e-5, name="tile m2")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_se_gate_kernel_takes_low_precision_weights(dtype):
+    from maxvit_fast.kernels.squeeze_excitation import se_gate
+
+    B, T, C, R, num_pixels = 3, 5, 80, 20, 70
+    tile_sum = torch.randn(B * T, C) * 4
+    w_reduce, w_expand = (torch.randn(R, C) / C**0.5).to(dtype), (torch.randn(C, R) / R**0.5).to(dtype)
+    gate = se_gate(tile_sum, B, num_pixels, w_reduce, w_expand, out=poison_(torch.empty(B, C)))
+    mean = tile_sum.double().reshape(B, T, C).sum(1) / num_pixels
+    expected = torch.sigmoid(torch.nn.functional.silu(mean @ w_reduce.double().t()) @ w_expand.double().t())
+    assert_close_normwise(gate, expected, FP32_RTOL, name="gate")  # fp32 math on the same weights
+
+
+def test_weight_layout_launchers_reject_bad_arguments():
+    from maxvit_fast.kernels.depthwise_conv import depthwise_conv3x3
+    from maxvit_fast.kernels.pointwise_conv import pointwise_conv
+    from maxvit_fast.kernels.squeeze_excitation import se_gate
+
+    x = torch.randn(1, 4, 4, 8)
+    with pytest.raises(ValueError, match="w must be"):
+        depthwise_conv3x3(x, torch.randn(8, 9), torch.randn(8), 1)  # (C, 9): use .t() or the 4-D weight
+    with pytest.raises(ValueError, match="one stride"):
+        depthwise_conv3x3(x, torch.randn(8, 1, 3, 3).transpose(2, 3), torch.randn(8), 1)  # taps not kh*3+kw apart
+    with pytest.raises(TypeError, match="fp32, fp16 or bf16"):
+        depthwise_conv3x3(x, torch.randn(8, 1, 3, 3, dtype=torch.float64), torch.randn(8), 1)
+    with pytest.raises(ValueError, match="bias"):
+        depthwise_conv3x3(x, torch.randn(8, 1, 3, 3), torch.randn(8, dtype=torch.float64), 1)
+    a = torch.randn(1, 4, 8)
+    with pytest.raises(ValueError, match="out_shift"):
+        pointwise_conv(a, torch.randn(8, 6), torch.ones(6), torch.randn(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="out_scale"):
+        pointwise_conv(a, torch.randn(8, 6), torch.ones(6, dtype=torch.bfloat16), torch.randn(6))
+    with pytest.raises(ValueError, match="SE weights"):
+        se_gate(torch.randn(2, 8), 1, 4, torch.randn(2, 8, dtype=torch.float64), torch.randn(8, 2))
+
+
 # (stride, batch, height, width, C_in, hidden): C_in != hidden / 4; several pixel tiles (64
 # pixels each), channel tiles (64) and K steps (32 in fp16/bf16, 16 in fp32), partial last ones
 EXPAND_DW_CASES = {
@@ -783,6 +900,46 @@ def test_batchnorm_statistics_kernel(groups, rows, block, C):
         batchnorm_statistics(sums, m2, gamma, beta, eps, block_rows=2 * block, rows_per_group=rows, tiles_per_group=tiles)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_batchnorm_statistics_kernel_updates_running_statistics(dtype):
+    """With ``running``, the kernel returns what nn.BatchNorm2d (train mode, momentum 0.3) makes
+    of running buffers in ``dtype``: (1 - m) * old + m * batch value with the unbiased variance,
+    in fp32 and rounded once. fp32: 1e-6, also against BatchNorm2d itself; fp16/bf16: the exact
+    update rounded to nearest (half an ulp). (BatchNorm2d's CPU kernel in bf16 lands up to a few
+    ulps away: it rounds the batch statistics to bf16 before the update; the model-level tests
+    compare the fused and reference buffers within the reference's own error.) The buffers
+    themselves are not written; the results are new (NaN-poisoned) tensors."""
+    from maxvit_fast.kernels.batchnorm_statistics import batchnorm_statistics
+
+    B, H, W, C, block = 3, 5, 7, 24, 16
+    y = (torch.randn(B, C, H, W) * 2 + 1).to(dtype).float()  # values BatchNorm2d sees in dtype
+    bn = nn.BatchNorm2d(C, momentum=0.3).to(dtype).train()
+    with torch.no_grad():
+        bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2)
+    old = (bn.running_mean.clone(), bn.running_var.clone())
+    rows = y.permute(0, 2, 3, 1).reshape(-1, C).double()
+    tiles = -(-rows.shape[0] // block)
+    sums = torch.stack([rows[t * block:(t + 1) * block].sum(0) for t in range(tiles)]).float()
+    m2 = torch.stack([((c := rows[t * block:(t + 1) * block]) - c.mean(0)).pow(2).sum(0) for t in range(tiles)]).float()
+    new = tuple(poison_(torch.empty(C, dtype=dtype)) for _ in range(2))
+    res = batchnorm_statistics(sums, m2, torch.ones(C), torch.zeros(C), 1e-5, block_rows=block, rows_per_group=rows.shape[0],
+                               running=old, momentum=0.3, new_running=new)
+    assert len(res) == 6 and res[4] is new[0] and res[5] is new[1]
+    assert torch.equal(old[0], bn.running_mean) and torch.equal(old[1], bn.running_var), "buffers were written"
+    bn(y.to(dtype))  # the reference update
+    n = rows.shape[0]
+    exact = (0.7 * old[0].double() + 0.3 * rows.mean(0), 0.7 * old[1].double() + 0.3 * rows.var(0) * 1.0)
+    for got, ref_bn, ref, name in ((new[0], bn.running_mean, exact[0], "running_mean"),
+                                   (new[1], bn.running_var, exact[1], "running_var")):
+        if dtype == torch.float32:
+            assert_close_normwise(got, ref, 1e-6, name=name)
+            assert_close_normwise(got, ref_bn, 1e-6, name=name + " vs BatchNorm2d")
+        else:
+            ulp = torch.finfo(dtype).eps * ref.abs().clamp_min(torch.finfo(dtype).tiny)
+            assert ((got.double() - ref).abs() <= 0.5 * ulp * (1 + 1e-3)).all(), f"{name}: not the rounded value"
+    assert n > 1
+
+
 @pytest.mark.parametrize("variant", ["fp32-buffers", "momentum-none", "bf16-buffers"])
 def test_running_statistics_update_matches_batchnorm(variant):
     """update_running_stats_ (foreach fast path for fp32 buffers and one momentum; one BatchNorm
@@ -856,13 +1013,31 @@ def kernel_requests():
 
     for dtype, t in TORCH_NAMES.items():
         lowp = dtype != torch.float32
-        pw_sig = dict(a_ptr=f"*{t}", w_ptr=f"*{t}", out_ptr=f"*{t}", out_scale_ptr="*fp32", out_shift_ptr="*fp32",
-                      gate_ptr="*fp32", res_ptr=f"*{t}", tile_sum_ptr="*fp32", tile_m2_ptr="*fp32",
-                      M="i32", N="i32", K="i32", P="i32", inv_last_tile_rows="fp32", stride_ab="i32", stride_ap="i32", stride_ak="i32",
-                      stride_rb="i32", stride_rp="i32", stride_rn="i32")
-        dw_sig = dict(x_ptr=f"*{t}", w_ptr="*fp32", bias_ptr="*fp32", out_ptr=f"*{t}", tile_sum_ptr="*fp32",
-                      tile_m2_ptr="*fp32", H="i32", W="i32", Ho="i32", Wo="i32", C="i32", tiles_per_image="i32",
-                      inv_last_tile_pixels="fp32")
+        # Eval passes the op's cached copies: w_t (K, N) contiguous, folded fp32 shift, depthwise
+        # (9, C) fp32 contiguous. Train passes the parameters as they are: the conv weights'
+        # (N, K) views transposed (stride_wk == 1), the conv biases and the depthwise (C, 1, 3, 3)
+        # weight in the parameter dtype (the input's). A stride equal to 1 is a constant at launch.
+        def pw_sig(train):
+            return dict(a_ptr=f"*{t}", w_ptr=f"*{t}", out_ptr=f"*{t}", out_scale_ptr="*fp32",
+                        out_shift_ptr=f"*{t}" if train else "*fp32",
+                        gate_ptr="*fp32", res_ptr=f"*{t}", tile_sum_ptr="*fp32", tile_m2_ptr="*fp32",
+                        M="i32", N="i32", K="i32", P="i32", inv_last_tile_rows="fp32",
+                        stride_ab="i32", stride_ap="i32", stride_ak="i32", stride_wk="i32", stride_wn="i32",
+                        stride_rb="i32", stride_rp="i32", stride_rn="i32")
+
+        def pw_weight(train):  # (constexpr stride, divisible stride)
+            return (dict(stride_wk=1), {"stride_wn"}) if train else (dict(stride_wn=1), {"stride_wk"})
+
+        def dw_sig(train):
+            return dict(x_ptr=f"*{t}", w_ptr=f"*{t}" if train else "*fp32", bias_ptr=f"*{t}" if train else "*fp32",
+                        out_ptr=f"*{t}", tile_sum_ptr="*fp32", tile_m2_ptr="*fp32", H="i32", W="i32", Ho="i32",
+                        Wo="i32", C="i32", tiles_per_image="i32", inv_last_tile_pixels="fp32",
+                        stride_wt="i32", stride_wc="i32")
+
+        def dw_weight(train):  # train: taps contiguous, channels 9 apart; eval: channels contiguous
+            if train:
+                return dict(stride_wt=1, W_TAP_MAJOR=False), set()
+            return dict(stride_wc=1, W_TAP_MAJOR=True), {"stride_wt"}
         edw_sig = dict(x_ptr=f"*{t}", w1_ptr=f"*{t}", scale1_ptr="*fp32", shift1_ptr="*fp32", dw_w_ptr="*fp32",
                        dw_b_ptr="*fp32", out_ptr=f"*{t}", tile_sum_ptr="*fp32", H="i32", W="i32", Ho="i32", Wo="i32",
                        K="i32", N="i32", tiles_per_image="i32", stride_xb="i32", stride_xh="i32", stride_xw="i32",
@@ -887,13 +1062,15 @@ def kernel_requests():
             # train (and eval where not fused): expand, then depthwise; train writes statistics
             # and normalises in a BN1/BN2 + GELU pass, eval applies the folded BN + GELU in place
             for train in (True,) if eval_fused else (False, True):
-                add("pointwise_conv", "pointwise_conv_kernel", pw_sig,
-                    dict(common, HAS_GATE=False, OUT_GELU=not train, HAS_RESIDUAL=False, WRITE_STATS=train,
+                w_const, w_div = pw_weight(train)
+                add("pointwise_conv", "pointwise_conv_kernel", pw_sig(train),
+                    dict(common, **w_const, HAS_GATE=False, OUT_GELU=not train, HAS_RESIDUAL=False, WRITE_STATS=train,
                          A_K_CONTIGUOUS=blk["channels_last_input"], RES_N_CONTIGUOUS=True),
-                    pointwise_conv_config(hidden, blk["dim_in"], dtype, False), div_expand, mma=lowp)
-                add("depthwise_conv", "depthwise_conv3x3_kernel", dw_sig,
-                    dict(STRIDE=blk["stride"], OUT_GELU=not train, WRITE_M2=train, EMULATE_BF16_RTNE=False),
-                    depthwise_conv_config(hidden, dtype), {"C"})
+                    pointwise_conv_config(hidden, blk["dim_in"], dtype, False), div_expand | w_div, mma=lowp)
+                w_const, w_div = dw_weight(train)
+                add("depthwise_conv", "depthwise_conv3x3_kernel", dw_sig(train),
+                    dict(w_const, STRIDE=blk["stride"], OUT_GELU=not train, WRITE_M2=train, EMULATE_BF16_RTNE=False),
+                    depthwise_conv_config(hidden, dtype), {"C"} | w_div)
             for sums in (False, True):  # train: BN1 + GELU, BN2 + GELU with the SE sums
                 add("batchnorm_gelu", "batchnorm_gelu_kernel", bn_sig,
                     dict(APPLY_GELU=True, HAS_RESIDUAL=False, WRITE_SUMS=sums, EMULATE_BF16_RTNE=False),
@@ -904,23 +1081,31 @@ def kernel_requests():
                 batchnorm_gelu_config(blk["dim_out"]), {"C", "stride_rb", "stride_rp"})
             # both modes: the project conv on the gated hidden tensor
             for train in (False, True):
-                add("pointwise_conv", "pointwise_conv_kernel", pw_sig,
-                    dict(common, HAS_GATE=True, OUT_GELU=False, HAS_RESIDUAL=blk["residual"] and not train,
+                w_const, w_div = pw_weight(train)
+                add("pointwise_conv", "pointwise_conv_kernel", pw_sig(train),
+                    dict(common, **w_const, HAS_GATE=True, OUT_GELU=False, HAS_RESIDUAL=blk["residual"] and not train,
                          WRITE_STATS=train, A_K_CONTIGUOUS=True, RES_N_CONTIGUOUS=True),
-                    pointwise_conv_config(blk["dim_out"], hidden, dtype, True), div_cl, mma=lowp)
-    se_sig = dict(tile_sum_ptr="*fp32", w_reduce_ptr="*fp32", w_expand_ptr="*fp32", gate_ptr="*fp32",
-                  T="i32", C="i32", R="i32", inv_num_pixels="fp32")
-    for blk in maxvit_t_blocks():  # fp32 weights and sums for every activation dtype
-        hidden = 4 * blk["dim_out"]
-        add("squeeze_excitation", "se_gate_kernel", se_sig, {}, se_gate_config(hidden, hidden // 4), {"C", "R"})
+                    pointwise_conv_config(blk["dim_out"], hidden, dtype, True), div_cl | w_div, mma=lowp)
+    # fp32 sums; the weights fp32 (eval: the op's copies) or the module's own (train: any dtype)
+    for t in ("fp32", "bf16", "fp16"):
+        se_sig = dict(tile_sum_ptr="*fp32", w_reduce_ptr=f"*{t}", w_expand_ptr=f"*{t}", gate_ptr="*fp32",
+                      T="i32", C="i32", R="i32", inv_num_pixels="fp32")
+        for blk in maxvit_t_blocks():
+            hidden = 4 * blk["dim_out"]
+            add("squeeze_excitation", "se_gate_kernel", se_sig, {}, se_gate_config(hidden, hidden // 4), {"C", "R"})
     # train: batch statistics from the tile partials (fp32 partials, BatchNorm weights fp32 or not)
     from maxvit_fast.kernels import batchnorm_statistics as bn_stats
     for t in ("fp32", "bf16", "fp16"):
+        # (the running buffers share the parameters' dtype in a model cast with .to(dtype))
         stats_sig = dict(tile_sum_ptr="*fp32", tile_m2_ptr="*fp32", gamma_ptr=f"*{t}", beta_ptr=f"*{t}",
-                         mean_ptr="*fp32", var_ptr="*fp32", scale_ptr="*fp32", shift_ptr="*fp32", T="i32", C="i32",
-                         tiles_per_group="i32", rows_per_group="i32", block_rows="i32", inv_total="fp32", eps="fp32")
-        add("batchnorm_statistics", "batchnorm_statistics_kernel", stats_sig, {},
-            dict(BLOCK_T=bn_stats.BLOCK_T, BLOCK_C=bn_stats.BLOCK_C, num_warps=4), {"C"})
+                         mean_ptr="*fp32", var_ptr="*fp32", scale_ptr="*fp32", shift_ptr="*fp32",
+                         running_mean_ptr=f"*{t}", running_var_ptr=f"*{t}", new_mean_ptr=f"*{t}", new_var_ptr=f"*{t}",
+                         T="i32", C="i32", tiles_per_group="i32", rows_per_group="i32", block_rows="i32",
+                         inv_total="fp32", eps="fp32", momentum="fp32", unbias="fp32")
+        for update in (False, True):
+            add("batchnorm_statistics", "batchnorm_statistics_kernel", stats_sig,
+                dict(UPDATE_RUNNING=update, EMULATE_BF16_RTNE=False),
+                dict(BLOCK_T=bn_stats.BLOCK_T, BLOCK_C=bn_stats.BLOCK_C, num_warps=4), {"C"})
     return list(requests.values())
 
 
