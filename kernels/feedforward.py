@@ -23,6 +23,10 @@ Kernels
 * ``ff_fused_mlp_backward_kernel`` (training, the one-pass widths): see "Backward" below.
 * ``ff_dropout_keep_kernel``: regenerates a forward dropout mask for the recompute backward of
   the two-kernel widths (maxvit_fast/ops/feedforward.py).
+* ``linear_dropout_residual`` (launcher, shared): ``ff_down_kernel`` as a plain matmul + dropout +
+  residual, HAS_BIAS off and its own dropout STREAM: the window attention's output projection in
+  training (maxvit_fast/ops/output_projection.py). Its backward takes ``ff_dropout_grad_kernel``
+  (grad * regenerated mask * scale, one launch, no stored mask) and two matmuls.
 
 Dropout: element (token, column) of stream s (0 hidden, 1 output) is kept when the top 24 bits
 of philox(seed; column, token, s, 0) / 2^24 >= p, scaled by 1/(1-p). Token is the row-major
@@ -485,8 +489,12 @@ def ff_down_kernel(
     C: tl.constexpr, HIDDEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DROPOUT_OUT: tl.constexpr, FP32_DOT: tl.constexpr, ROUND_BF16: tl.constexpr,
+    HAS_BIAS: tl.constexpr = True, STREAM: tl.constexpr = STREAM_OUT,
 ):
-    """out[rows, chans] = Dropout(hidden @ W2^T + b2) + x for a (BLOCK_M, BLOCK_N) tile."""
+    """out[rows, chans] = Dropout(hidden @ W2^T + b2) + x for a (BLOCK_M, BLOCK_N) tile.
+
+    Also the window attention's output projection (linear_dropout_residual: hidden = the
+    attention output, HIDDEN = C, no bias, its own dropout STREAM)."""
     # axis 0 walks the output columns, so the programs that share one row tile run together
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -507,10 +515,11 @@ def ff_down_kernel(
         w2 = tl.load(w2_ptr + chans[None, :] * HIDDEN + ks[:, None], mask=k_ok[:, None] & chan_ok[None, :], other=0.0)
         acc = _mma(h, w2, acc, FP32_DOT)
 
-    b2 = tl.load(b2_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
-    y = acc + b2[None, :]
+    y = acc
+    if HAS_BIAS:
+        y += tl.load(b2_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)[None, :]
     if DROPOUT_OUT:
-        y = tl.where(_keep(seed, rows, chans, _STREAM_OUT, p_out), y * scale_out, 0.0)
+        y = tl.where(_keep(seed, rows, chans, STREAM, p_out), y * scale_out, 0.0)
     tile_ok = row_ok[:, None] & chan_ok[None, :]
     x = tl.load(x_ptr + _token_offsets(rows, D1, stride_x0, stride_x1)[:, None] + chans[None, :] * stride_xc,
                 mask=tile_ok, other=0.0)
@@ -536,6 +545,24 @@ def ff_dropout_keep_kernel(
     keep = _keep(tl.load(seed_ptr), rows, cols, STREAM, p)
     ok = (rows < M)[:, None] & (cols < N)[None, :]
     tl.store(keep_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], keep.to(tl.uint8), mask=ok)
+
+
+@triton.jit
+def ff_dropout_grad_kernel(
+    grad_ptr, out_ptr, M, N, D1, stride_g0, stride_g1, stride_gc, seed_ptr, p, scale,
+    STREAM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    """out[row, col] (contiguous (M, N), grad's dtype) = grad * keep * scale: the gradient through
+    the forward's dropout STREAM (the mask regenerated, never stored). grad: (..., N) rows
+    coalesced to two leading dims, as the forward kernels index tokens."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = (rows < M)[:, None] & (cols < N)[None, :]
+    g = tl.load(grad_ptr + _token_offsets(rows, D1, stride_g0, stride_g1)[:, None] + cols[None, :] * stride_gc,
+                mask=ok, other=0.0).to(tl.float32)
+    g = tl.where(_keep(tl.load(seed_ptr), rows, cols, STREAM, p), g * scale, 0.0)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :],
+             to_storage(g, out_ptr.dtype.element_ty, ROUND_BF16), mask=ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -749,7 +776,7 @@ def feedforward_residual(
             M, D1, stride_x0, stride_x1, stride_xc, stride_o0, stride_o1, stride_oc,
             dropout["seed"], dropout["p_out"], dropout["scale_out"],
             C=C, HIDDEN=hidden, **down_cfg, DROPOUT_OUT=p_out > 0, FP32_DOT=use_fp32_dot, ROUND_BF16=round_bf16,
-            num_warps=nw, num_stages=ns,
+            HAS_BIAS=True, STREAM=STREAM_OUT, num_warps=nw, num_stages=ns,
         )
     else:
         raise ValueError(f"path must be 'fused', 'two_pass' or None, got {path!r}")
@@ -857,3 +884,112 @@ def dropout_keep_mask(M: int, N: int, p: float, seed, stream: int, device) -> to
         grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
         ff_dropout_keep_kernel[grid](keep, M, N, seed_pointer(seed, True, keep), float(p), STREAM=stream, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     return keep.view(torch.bool)
+
+
+# --------------------------------------------------------------------------------------------
+# shared launcher: matmul + dropout + residual (ff_down_kernel), and the dropout gradient
+# --------------------------------------------------------------------------------------------
+
+# Stream of the window attention's output dropout for its register rows (tokens use STREAM_OUT).
+# The attention core's philox counters have c2 = 0 (kernels/window_attention.py), so streams >= 1
+# never repeat its random numbers when it shares the seed.
+STREAM_REGISTERS = 2
+
+# ff_down_kernel tiles for linear_dropout_residual by output width (K = N in the attention's
+# projection): 64-wide column tiles at N = 64 (a 128-wide tile would be half masked), else the
+# feed-forward's down-projection tiles. Resource report (HAS_BIAS off, dropout on; Triton 3.9,
+# maxvit_fast.aot, ``pytest tests/test_output_projection.py -k compile -s``), registers sm_80 /
+# sm_90, STACK = LOCAL = 0 in every entry, HMMA on sm_80 and HGMMA on sm_90 for fp16/bf16:
+#   C = 64   64x64x64, 4 warps, 3 stages    fp16/bf16 129 / 103    fp32 (64x32x32, 4 warps) 96 / 80
+#   C = 128-512  64x128x64, 8 warps, 3 st.  fp16 168-170 / 80, bf16 168-173 / 80    fp32 80 / 80
+# ff_dropout_grad_kernel (32 x 64 tile, 4 warps): 71 / 56 registers (fp32 63 / 51), no spills.
+PROJECTION_TILES_N64 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
+def linear_dropout_residual_config(N: int, dtype: torch.dtype) -> dict:
+    if dtype == torch.float32:
+        return dict(DOWN_TILES_FP32)
+    return dict(PROJECTION_TILES_N64 if N <= 64 else DOWN_TILES)
+
+
+def linear_dropout_residual(
+    a: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, p: float = 0.0, seed=None,
+    stream: int = STREAM_OUT, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``Dropout(a @ weight^T + bias) + residual`` per row, one ff_down_kernel launch.
+
+    a (..., K) (rows made contiguous if they are not), weight (N, K), residual (..., N) with any
+    strides (the same leading shape as a). Dropout keeps element (row, column) by
+    philox(seed; column, row, ``stream``), row = the row-major index over the leading dims (the
+    feed-forward's counter formula; :func:`dropout_grad` regenerates it). Returns ``out`` or a
+    new contiguous (..., N) tensor."""
+    K_, N = a.shape[-1], weight.shape[0]
+    if weight.shape != (N, K_) or residual.shape[:-1] != a.shape[:-1] or residual.shape[-1] != N:
+        raise ValueError(f"a {tuple(a.shape)}, weight {tuple(weight.shape)}, residual {tuple(residual.shape)}: "
+                         "expected (..., K), (N, K), (..., N)")
+    for name, t in (("weight", weight), ("residual", residual), ("bias", bias), ("out", out)):
+        if t is not None and (t.dtype != a.dtype or t.device != a.device):
+            raise ValueError(f"{name} is {t.dtype} on {t.device}; a is {a.dtype} on {a.device}")
+    if a.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"a must be float16, bfloat16 or float32, got {a.dtype}")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias must be ({N},), got {tuple(bias.shape)}")
+    if out is None:
+        out = torch.empty(residual.shape, dtype=a.dtype, device=a.device)
+    elif out.shape != residual.shape or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {tuple(residual.shape)} tensor, got {tuple(out.shape)}")
+    M = a.numel() // K_ if K_ else 0
+    if M == 0 or N == 0:
+        return out
+    if M >= 2**31:
+        raise ValueError(f"{M} rows: at most 2**31 - 1 per call")
+    rows = a.reshape(M, K_)
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    sizes, (sr, so) = _coalesce_leading(residual.shape[:-1], residual.stride()[:-1], out.stride()[:-1])
+    if len(sizes) > 2:
+        residual = residual.contiguous()
+        sizes, (sr, so) = _coalesce_leading(residual.shape[:-1], residual.stride()[:-1], out.stride()[:-1])
+    D1, stride_r0, stride_r1 = _two_leading(sizes, sr)
+    _, stride_o0, stride_o1 = _two_leading(sizes, so)
+    dropout = _dropout_args(0.0, p, seed, weight)
+    cfg = linear_dropout_residual_config(N, a.dtype)
+    nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
+    ff_down_kernel[grid](
+        rows, residual, out, weight.contiguous(), weight if bias is None else bias.contiguous(),
+        M, D1, stride_r0, stride_r1, residual.stride(-1), stride_o0, stride_o1, out.stride(-1),
+        dropout["seed"], dropout["p_out"], dropout["scale_out"],
+        C=N, HIDDEN=K_, **cfg, DROPOUT_OUT=p > 0, FP32_DOT=fp32_dot(a.dtype),
+        ROUND_BF16=INTERPRET and a.dtype == torch.bfloat16, HAS_BIAS=bias is not None, STREAM=stream,
+        num_warps=nw, num_stages=ns,
+    )
+    return out
+
+
+def dropout_grad(grad: torch.Tensor, p: float, seed, stream: int = STREAM_OUT,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """``grad * keep * 1/(1-p)`` as a contiguous (rows, N) tensor in grad's dtype, keep the mask
+    the forward kernels drew for dropout ``stream`` (rows = the row-major index over grad's
+    leading dims). One launch; the mask is regenerated, not stored."""
+    N = grad.shape[-1]
+    M = grad.numel() // N if N else 0
+    if out is None:
+        out = torch.empty((M, N), dtype=grad.dtype, device=grad.device)
+    elif out.shape != (M, N) or out.dtype != grad.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous ({M}, {N}) {grad.dtype} tensor, got {tuple(out.shape)} {out.dtype}")
+    if M == 0 or N == 0:
+        return out
+    sizes, (sg,) = _coalesce_leading(grad.shape[:-1], grad.stride()[:-1])
+    if len(sizes) > 2:
+        grad = grad.contiguous()
+        sizes, (sg,) = _coalesce_leading(grad.shape[:-1], grad.stride()[:-1])
+    D1, stride_g0, stride_g1 = _two_leading(sizes, sg)
+    dropout = _dropout_args(0.0, p, seed, grad)
+    BLOCK_M, BLOCK_N = 32, 64
+    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    ff_dropout_grad_kernel[grid](
+        grad, out, M, N, D1, stride_g0, stride_g1, grad.stride(-1), dropout["seed"], float(p), dropout["scale_out"],
+        STREAM=stream, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ROUND_BF16=INTERPRET and grad.dtype == torch.bfloat16,
+    )
+    return out

@@ -35,6 +35,7 @@ ff_op = importlib.import_module("maxvit_fast.ops.feedforward")
 mbconv_op = importlib.import_module("maxvit_fast.ops.mbconv")  # (the package exports a function of that name)
 wa_op = importlib.import_module("maxvit_fast.ops.window_attention")
 ln_op = importlib.import_module("maxvit_fast.ops.layernorm_linear")
+op_op = importlib.import_module("maxvit_fast.ops.output_projection")
 from maxvit_fast.ops.library import custom_op, registry, see_inside
 from maxvit_fast.reference import Attention, MBConv
 
@@ -138,8 +139,21 @@ def layernorm_linear_cases():
     yield ln_op.layernorm_linear_op, (x, None, ln_w, None, w, None, 1e-5, 0)  # no extra rows
 
 
+def output_projection_cases():
+    C = 16
+    weight = (torch.randn(C, C) / C**0.5).requires_grad_()
+    a = torch.randn(2, 3, 5, C, requires_grad=True)
+    residual = torch.randn(2, C, 3, 5).permute(0, 2, 3, 1).requires_grad_()  # strided tokens
+    yield op_op.linear_dropout_residual_op, (a, weight, residual, 0.3, seed_tensor(), 1)
+    regs = torch.randn(1, 1, 1, 2, C, requires_grad=True)  # shared register rows, expanded (stride 0)
+    yield op_op.linear_dropout_residual_op, (torch.randn(2, 2, 3, 2, C, requires_grad=True), weight,
+                                             regs.expand(2, 2, 3, 2, C), 0.3, seed_tensor(), 2)
+    yield op_op.dropout_grad_op, (torch.randn(2, 3, 5, C), 0.3, seed_tensor(), 1)
+
+
 CASE_GROUPS = {"feedforward": (feedforward_cases, 7), "window_attention": (window_attention_cases, 4),
-               "mbconv": (mbconv_cases, 4), "layernorm_linear": (layernorm_linear_cases, 3)}
+               "mbconv": (mbconv_cases, 4), "layernorm_linear": (layernorm_linear_cases, 3),
+               "output_projection": (output_projection_cases, 3)}
 
 
 @functools.cache

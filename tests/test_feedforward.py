@@ -586,7 +586,8 @@ def maxvit_t_requests(dtypes=(torch.float16, torch.bfloat16), widths=(64, 128, 2
         for C in widths:
             hidden = 4 * C
             cfg = K.fused_mlp_config(C, dtype)
-            common = dict(C=C, HIDDEN=hidden, stride_xc=1, FP32_DOT=dtype == torch.float32, ROUND_BF16=False)
+            common = dict(C=C, HIDDEN=hidden, stride_xc=1, FP32_DOT=dtype == torch.float32, ROUND_BF16=False,
+                          HAS_BIAS=True, STREAM=K.STREAM_OUT)  # ff_down_kernel: the feed-forward's bias and stream
             if cfg is not None:
                 launches = [(K.ff_fused_mlp_kernel, dict(cfg, BLOCK_C=triton.next_power_of_2(C), stride_oc=1),
                              ("DROPOUT_HIDDEN", "DROPOUT_OUT", "WRITE_STATS"))]

@@ -17,8 +17,9 @@ step, in eval mode 4 launches (block step) or 3 (grid step):
 1. LayerNorm + qkv projection of the tokens AND the register rows in one Triton launch
    (``maxvit_fast::layernorm_linear``, ``kernels/layernorm_linear.py``): the tokens' q/k/v over the
    whole map, the register rows' once per block when they are shared (q/k/v) or once per image in
-   the grid step (k/v only: their outputs are dropped). Its backward recomputes LayerNorm + Linear
-   with torch ops (exact gradients). Where that kernel cannot run (more rows than its int32
+   the grid step (k/v only: their outputs are dropped). Its backward recomputes the LayerNorm
+   only (not the projection) and runs the linear and LayerNorm backward with torch ops (exact
+   gradients; see ops/layernorm_linear.py). Where that kernel cannot run (more rows than its int32
    indexing allows) LayerNorm + cuBLAS per row set, as before.
 2. The Triton attention core (``maxvit_fast::window_attention_core``, Triton backward). Sequences
    r + w*w > 128 (window >= 12) run the key-loop kernels, whose backward takes delta = rowsum(dO * O):
@@ -28,8 +29,21 @@ step, in eval mode 4 launches (block step) or 3 (grid step):
    window (block step) one ``baddbmm`` with the shared rows as the broadcast residual (no
    per-window copy of them). When autograd records (training), the register rows keep an
    ``addmm`` over an expanded copy of their residual (the baddbmm's weight gradient would be a
-   (windows, C, C) batch summed afterwards), and with output dropout the projection, torch's
-   dropout and the residual add are separate ops, as before.
+   (windows, C, C) batch summed afterwards). With output dropout (training), projection, dropout
+   and residual add are one Triton launch per row set (``maxvit_fast::linear_dropout_residual``,
+   ops/output_projection.py: the feed-forward's ff_down_kernel without bias), the mask drawn in
+   the kernel from the attention core's seed (streams 1 for tokens, 2 for register rows; the
+   core's counters never use those) and regenerated in the backward. Eval keeps cuBLAS (one
+   launch either way, a tuned GEMM).
+
+Training step, counted (``maxvit_fast.traffic``, Triton launches dry-run; MaxViT-T, 224 x 224,
+batch 1; ``TRITON_INTERPRET=1 maxvit-bench --traffic --train --dtype bf16``), attention forward
+sections before -> after: block 143 -> 55 launches, 16.5 -> 9.1 MiB/image; grid 88 -> 44
+launches, 15.7 -> 8.8 MiB/image (fp32: 32.9 -> 18.0 and 31.2 -> 17.4 MiB). Backward section: 132
+fewer launches and 31.0 MiB less (bf16 and autocast; fp32 61.9 MiB less): no qkv recompute, no
+slice_backward, no stored dropout masks, one zero-fill instead of two and no transpose copy for
+the bias-table gradient. One block step at C = 64 (56 x 56, r = 4, bf16): forward 13 -> 5
+launches, backward 39 -> 33. Eval: unchanged (4 / 3 launches per step). GPU speed: not measured.
 """
 
 from __future__ import annotations
@@ -44,6 +58,10 @@ from ..reference import Attention
 from .layernorm_linear import layernorm_linear
 from .layernorm_linear import unsupported_reason as layernorm_linear_unsupported
 from .library import custom_op, draw_seed, seed_tensor
+from .output_projection import linear_dropout_residual
+
+# philox streams of the output dropout (kernels/feedforward.py: STREAM_OUT, STREAM_REGISTERS)
+_STREAM_TOKENS, _STREAM_REGISTERS = 1, 2
 
 
 def window_partition(x: torch.Tensor, window: int, pattern: str) -> torch.Tensor:
@@ -249,20 +267,18 @@ def _draw_seed(device) -> torch.Tensor:
     return draw_seed(device)
 
 
-def _project_residual(o, residual, weight, dropout_p, training):
-    """``residual + dropout(o @ weight^T)``: one addmm with the residual as input when there is
-    no dropout."""
+def _project_residual(o, residual, weight, dropout_p, training, seed=None, stream=None):
+    """``residual + dropout(o @ weight^T)``: with output dropout in training one Triton launch
+    (``maxvit_fast::linear_dropout_residual``: matmul, in-kernel dropout of ``stream`` of ``seed``
+    and the residual add), else one cuBLAS addmm with the residual as input."""
     c = o.shape[-1]
     if training and dropout_p > 0.0:
-        # on (tokens, C) rows: with 4-D rows the compiled backward's native_dropout_backward can
-        # produce strides its view does not accept (seen with torch 2.13, aot_eager)
-        projected = F.linear(o.reshape(-1, c), weight)
-        return F.dropout(projected, dropout_p, True).view(o.shape) + residual
+        return linear_dropout_residual(o, weight, residual, dropout_p, seed, stream)
     flat = torch.addmm(residual.reshape(-1, c), o.reshape(-1, c), weight.t())
     return flat.view(o.shape)
 
 
-def _project_register_rows(o_reg, regs, weight, dropout_p, training):
+def _project_register_rows(o_reg, regs, weight, dropout_p, training, seed=None):
     """``regs + dropout(o_reg @ weight^T)`` for the register rows of every window (B, nX, nY, r, C).
 
     Shared register rows (block step, regs (1, r, C)), no output dropout and no autograd graph:
@@ -272,8 +288,9 @@ def _project_register_rows(o_reg, regs, weight, dropout_p, training):
     batch stride 0 without a copy (read from aten/native/cuda/Blas.cpp; not verified on a GPU in
     this session); on the CPU torch 2.13 does not copy it for fp32/fp16 but makes a contiguous copy
     for bf16 (CPU runs are tests, not a target). With autograd the expanded weight's gradient
-    would be a (windows, C, C) batch summed afterwards, so training keeps the addmm over an
-    expanded copy of the (windows * r, C) residual rows, as with output dropout."""
+    would be a (windows, C, C) batch summed afterwards, so training without output dropout keeps
+    the addmm over an expanded copy of the (windows * r, C) residual rows; with output dropout the
+    Triton projection reads the shared rows through the expanded view (stride 0, no copy)."""
     r, c = regs.shape[-2], regs.shape[-1]
     windows = o_reg.numel() // (r * c)
     needs_graph = torch.is_grad_enabled() and (o_reg.requires_grad or regs.requires_grad or weight.requires_grad)
@@ -281,7 +298,8 @@ def _project_register_rows(o_reg, regs, weight, dropout_p, training):
         out = torch.baddbmm(regs, o_reg.view(windows, r, c), weight.t().expand(windows, c, c))
         return out.view(o_reg.shape)
     b, nx, ny = o_reg.shape[:3]
-    return _project_residual(o_reg, regs[:, None, None].expand(b, nx, ny, r, c), weight, dropout_p, training)
+    return _project_residual(o_reg, regs[:, None, None].expand(b, nx, ny, r, c), weight, dropout_p, training,
+                             seed, _STREAM_REGISTERS)
 
 
 def _fused(x, registers, attn: Attention, pattern: str, need_register_outputs: bool):
@@ -303,19 +321,20 @@ def _fused(x, registers, attn: Attention, pattern: str, need_register_outputs: b
 
     training = attn.training
     attn_p = float(attn.attend[1].p) if training else 0.0
+    out_weight, out_p = attn.to_out[0].weight, (float(attn.to_out[1].p) if training else 0.0)
+    # one seed for the attention dropout and the output dropout (disjoint philox streams)
     seed = None
-    if attn_p > 0.0:
+    if attn_p > 0.0 or out_p > 0.0:
         seed = seed_tensor(_draw_seed(x.device), x.device)
     o, o_reg, _ = window_attention_core_op(
         qkv, reg_qkv, attn.rel_pos_bias.weight, attn.rel_pos_indices, w, r, attn.heads, attn.dim_head, pattern == "grid",
-        register_queries, float(attn.scale), attn_p, seed,
+        register_queries, float(attn.scale), attn_p, seed if attn_p > 0.0 else None,
     )
 
-    out_weight, out_p = attn.to_out[0].weight, float(attn.to_out[1].p)
-    out = _project_residual(o, x, out_weight, out_p, training)
+    out = _project_residual(o, x, out_weight, out_p, training, seed, _STREAM_TOKENS)
     reg_out = None
     if register_queries:
-        reg_out = _project_register_rows(o_reg, regs, out_weight, out_p, training)
+        reg_out = _project_register_rows(o_reg, regs, out_weight, out_p, training, seed)
     return out, reg_out
 
 
