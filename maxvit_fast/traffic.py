@@ -325,12 +325,14 @@ class TrafficCounter:
         mutates = schema.is_mutable or any(
             r.alias_info is not None and r.alias_info.is_write for r in schema.returns
         )
-        if func.is_view:
-            return
-        if not mutates:
+        if func.is_view or not mutates:
+            # A view, or an op that returns (a view of) its input (_unsafe_view, lift_fresh), writes
+            # nothing. Ops whose schema only says the result MAY alias the input (contiguous,
+            # to, reshape: seen as such inside custom ops, where composite ops are not yet
+            # decomposed) count as copies when the result is new memory.
             inputs = {_storage_key(t) for t in _tensors((args, kwargs))}
-            if outputs and all(_storage_key(t) in inputs for t in outputs):
-                return  # returns (a view of) its input, e.g. _unsafe_view, lift_fresh
+            if not outputs or all(_storage_key(t) in inputs for t in outputs):
+                return
         written = 0
         for t in outputs:
             key = _storage_key(t)

@@ -224,12 +224,8 @@ class _Weights:
 
 
 def _layout_weights(p: _Parts) -> _Weights:
-    return _layout_weights_from(p.params())
-
-
-def _layout_weights_from(params) -> _Weights:
-    """Kernel layouts of the block's weights; ``params`` in the order of ``_Parts.params``."""
-    w1, _, _, _, wd, bd, _, _, wr, we, w3, _, _, _ = params
+    """The eval path's kernel layouts of the block's weights (cached with the folded BatchNorm)."""
+    w1, _, _, _, wd, bd, _, _, wr, we, w3, _, _, _ = p.params()
     hidden = w1.shape[0]
     return _Weights(
         w1_t=w1.detach().reshape(hidden, -1).t().contiguous(),
@@ -362,12 +358,13 @@ def _forward_train(x: torch.Tensor, params, running, eps, momentum: float, strid
         return dict(tile_sum=_empty((rows, channels), f32, dev), tile_m2=_empty((rows, channels), f32, dev))
 
     with torch.no_grad():
-        w = _layout_weights_from(params)
+        # the parameters go to the kernels as the module holds them (views, no per-step copies)
+        w1, b1, wd, bd, wr, we, w3, b3 = (t.detach() for t in (w1, b1, wd, bd, wr, we, w3, b3))
 
         # 1. y1 = expand conv + conv bias, with tile statistics -> BN1 batch statistics
         a = _pixels_view(x)
         y1, s1, m1 = pointwise_conv(
-            a, w.w1_t, _ones(hidden, dev), b1.detach().float().contiguous(),
+            a, w1.reshape(hidden, dim_in).t(), _ones(hidden, dev), b1,
             stats=True, out=_empty((B, P1, hidden), dt, dev), **stats_buffers(T1, hidden),
         )
         mean1, var1, scale1, shift1 = bn_statistics(0, s1, m1, g1, be1, block_rows=block_m1, rows_per_group=B * P1)
@@ -376,7 +373,7 @@ def _forward_train(x: torch.Tensor, params, running, eps, momentum: float, strid
 
         # 3. y2 = depthwise conv + conv bias, with tile statistics -> BN2 batch statistics
         y2, s2, m2 = depthwise_conv3x3(
-            h1.view(B, H, W, hidden), w.dw_w, w.dw_b, stride, out_gelu=False, m2=True,
+            h1.view(B, H, W, hidden), wd, bd, stride, out_gelu=False, m2=True,
             out=_empty((B, Ho, Wo, hidden), dt, dev), **stats_buffers(B * T_dw, hidden),
         )
         mean2, var2, scale2, shift2 = bn_statistics(1, s2, m2, g2, be2, block_rows=block_p2, rows_per_group=P2,
@@ -385,11 +382,11 @@ def _forward_train(x: torch.Tensor, params, running, eps, momentum: float, strid
         y2 = y2.view(B, P2, hidden)
         h2, se_sums = batchnorm_gelu(y2, scale2, shift2, out=_empty(y2.shape, dt, dev) if keep else y2, sums=True,
                                      tile_sum=_empty((B * T_bn, hidden), f32, dev))
-        gate = se_gate(se_sums, B, P2, w.se_reduce, w.se_expand, out=_empty((B, hidden), f32, dev))
+        gate = se_gate(se_sums, B, P2, wr, we, out=_empty((B, hidden), f32, dev))
 
         # 6. y3 = project conv on gate * h2 + conv bias, with tile statistics -> BN3 batch statistics
         y3, s3, m3 = pointwise_conv(
-            h2, w.w3_t, _ones(dim_out, dev), b3.detach().float().contiguous(),
+            h2, w3.reshape(dim_out, hidden).t(), _ones(dim_out, dev), b3,
             gate=gate, stats=True, out=_empty((B, P2, dim_out), dt, dev), **stats_buffers(T3, dim_out),
         )
         mean3, var3, scale3, shift3 = bn_statistics(2, s3, m3, g3, be3, block_rows=block_m3, rows_per_group=B * P2)
@@ -584,7 +581,10 @@ def mbconv_train_backward_op(
 ) -> list[torch.Tensor]:
     """[grad x, grads of the 14 params] of the train-mode block (Triton BatchNorm backward
     kernels, cuBLAS/cuDNN for the convs; see _train_gradients)."""
-    return _train_gradients(grad_out, x, params, stats, saved, eps, stride, add_residual)
+    # the op computes in the dtypes it was given: a backward called inside torch.autocast must not
+    # recast its matmuls (the model's fused autocast path runs the whole block in one dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return _train_gradients(grad_out, x, params, stats, saved, eps, stride, add_residual)
 
 
 @mbconv_train_backward_op.register_fake
