@@ -476,6 +476,15 @@ def test_bad_input_raises_clear_errors():
 # Kernels directly, at channel counts that need several tiles and K steps
 # ----------------------------------------------------------------------------------------------
 
+def assert_row_tile_statistics(tile_sum, tile_m2, rows, block_m):
+    """pointwise_conv's per-tile statistics: the sum and centred sum of squares of each run of
+    block_m rows of the (fp64) output rows, at 1e-5."""
+    for t in range(tile_sum.shape[0]):
+        block = rows[t * block_m:(t + 1) * block_m]
+        assert_close_normwise(tile_sum[t], block.sum(0), 1e-5, name=f"tile {t} sum")
+        assert_close_normwise(tile_m2[t], (block - block.mean(0)).square().sum(0), 1e-5, name=f"tile {t} m2")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_pointwise_conv_kernel_tiles_gate_residual_stats(dtype):
     from maxvit_fast.kernels.pointwise_conv import pointwise_conv, pointwise_conv_config
@@ -501,11 +510,7 @@ def test_pointwise_conv_kernel_tiles_gate_residual_stats(dtype):
     # bf16: the output is rounded once (half-ulp 2^-9 relative) and the truth above already
     # holds the operand rounding: 4e-3 normwise is about two output half-ulps.
     assert_close_normwise(out, expected, FP32_RTOL if dtype == torch.float32 else 4e-3, name="out")
-    rows = y.reshape(B * P, N)
-    for t in range(tiles):
-        block = rows[t * cfg["BLOCK_M"]:(t + 1) * cfg["BLOCK_M"]]
-        assert_close_normwise(tile_sum[t], block.sum(0), 1e-5, name=f"tile {t} sum")
-        assert_close_normwise(tile_m2[t], (block - block.mean(0)).square().sum(0), 1e-5, name=f"tile {t} m2")
+    assert_row_tile_statistics(tile_sum, tile_m2, y.reshape(B * P, N), cfg["BLOCK_M"])
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -568,11 +573,7 @@ def test_pointwise_conv_kernel_takes_the_module_weight(dtype, layout):
     y = gated @ w_t.double() + bias.double()
     # fp16/bf16: one output rounding (half-ulp 2^-9 bf16, 2^-12 fp16 relative); 4e-3 as above
     assert_close_normwise(out, y, FP32_RTOL if dtype == torch.float32 else 4e-3, name="out")
-    rows = y.reshape(B * P, N)
-    for t in range(tiles):
-        block = rows[t * cfg["BLOCK_M"]:(t + 1) * cfg["BLOCK_M"]]
-        assert_close_normwise(tile_sum[t], block.sum(0), 1e-5, name=f"tile {t} sum")
-        assert_close_normwise(tile_m2[t], (block - block.mean(0)).square().sum(0), 1e-5, name=f"tile {t} m2")
+    assert_row_tile_statistics(tile_sum, tile_m2, y.reshape(B * P, N), cfg["BLOCK_M"])
     # the expand conv of the first block reads NCHW (k strided) with the module weight too
     a_nchw = torch.randn(B, K, P).to(dtype).transpose(1, 2)
     out = pointwise_conv(a_nchw, w_t, torch.ones(N), bias, out=poison_(torch.empty(B, P, N, dtype=dtype)))
