@@ -28,6 +28,23 @@ Kernels
   training (maxvit_fast/ops/output_projection.py). Its backward takes ``ff_dropout_grad_kernel``
   (grad * regenerated mask * scale, one launch, no stored mask) and two matmuls.
 
+Two row sets in one launch (``extra=``): the block step runs the same feed-forward on its
+(B, H, W, C) tokens and on the register rows of every window ((B, nX, nY, r, C), sliced out of the
+attention's window sequences). The forward kernels take an optional second row set (extra ->
+extra_out, its own coalesced layout), as kernels/layernorm_linear.py does: the grid is x's row
+tiles followed by extra's, the program id picks the set (pointers and strides selected per
+program, one copy of the main loop), and a row tile never straddles the two sets. Tokens are
+numbered x's first, then extra's (token = M + row-major index over extra's leading dims): the
+dropout counters, the two-kernel path's hidden buffer rows ((M + M_extra, 4C)) and the
+statistics columns are indexed by token, so the pair call computes exactly one call on the
+concatenation (masks independent of tiles, never colliding between the sets), without the copy.
+That saves one launch per block step on the one-pass path and two on the two-kernel path. The
+backward kernel stays one row set per launch (two launches for a pair: a second row set would add
+pointer selects to its tightest register budget, 248 of 255 at fp16 C = 64), with ``token0`` (the
+set's first token: dropout counters and statistics columns); both launches write the weight-
+gradient operands (xn, act, dh, dy) into one (M + M_extra)-row buffer, so the weight gradients
+stay one matmul each. Without extra the launcher passes an empty second set (M_extra = 0).
+
 Dropout: element (token, column) of stream s (0 hidden, 1 output) is kept when the top 24 bits
 of philox(seed; column, token, s, 0) / 2^24 >= p, scaled by 1/(1-p). Token is the row-major
 index over x's leading dims, so the mask does not depend on strides, tiles or kernel path, and
@@ -56,11 +73,16 @@ Numbers: sm_80 / sm_90 registers per thread, spills = STACK/LOCAL bytes (LDL/STL
 divisibility-by-16 hints a runtime launch gets for aligned pointers and multiple-of-16 strides
 (tests/test_feedforward.py::test_aot_compile_maxvit_t_configurations prints the full table;
 ``pytest tests/test_feedforward.py -k aot -s``). eval = no dropout, train = both dropouts on.
+The numbers are those of the kernels with the second row set (Triton 3.9; the channel strides
+of both sets specialised to 1, as at a launch on channels-last tokens and register rows); the
+single-set kernels they replaced (same compiler, same hints), in parentheses for the train
+configurations: the per-program pointer and stride selects cost at most 10 registers (sm_80
+train; -6 to +3 elsewhere).
 
   one pass, fp16 (bf16 within 2 registers)     eval            train
-  C=64   BLOCK_M 64, BLOCK_H 32, 4 warps       128 / 123       232 / 137     no spills
-  C=128  BLOCK_M 64, BLOCK_H 64, 8 warps       128 / 156       166 / 241     no spills
-  C=256  BLOCK_M 64, BLOCK_H 32, 8 warps       176 / 206       228 / 230     no spills
+  C=64   BLOCK_M 64, BLOCK_H 32, 4 warps       128 / 121       241 / 137 (233 / 135)   no spills
+  C=128  BLOCK_M 64, BLOCK_H 64, 8 warps       128 / 159       168 / 242 (167 / 241)   no spills
+  C=256  BLOCK_M 64, BLOCK_H 32, 8 warps       174 / 204       227 / 228 (228 / 230)   no spills
   C=512  BLOCK_M 64, any BLOCK_H 16-64, 8 warps: 255 regs + 96-264 B stack on sm_80;
          16 warps: 128 regs + 152-184 B stack on sm_80                         -> spills
   C=512  BLOCK_M 32, BLOCK_H 16-64, 16 warps: 122-126 / 94-122, no spills, but a 32-row tile
@@ -68,8 +90,9 @@ divisibility-by-16 hints a runtime launch gets for aligned pointers and multiple
          from L2 (the whole 2 x 512 x 2048 weights stream through each program)
 
   two kernels, C=512, fp16                      eval            train
-  up    BLOCK_M 64, BLOCK_N 128, BLOCK_K 64, 8 warps   96 / 101   171 / 105     no spills
-  down  BLOCK_M 64, BLOCK_N 128, BLOCK_K 64, 8 warps  114 / 79    166 / 89      no spills
+  up    BLOCK_M 64, BLOCK_N 128, BLOCK_K 64, 8 warps   96 / 102   178 / 105 (171 / 105)   no spills
+  down  BLOCK_M 64, BLOCK_N 128, BLOCK_K 64, 8 warps  116 / 74    168 / 90  (165 / 88)    no spills
+        (bf16: up train 181 / 104 (171 / 104), down train 168 / 90 (166 / 89))
 
 So: one pass for C <= 256 (MaxViT-T stages 1-3, 9 of its 11 blocks' feed-forwards), two
 kernels for C >= 512 (stage 4, 2 blocks, 7x7 maps, where the 4C buffer is small). Larger tiles
@@ -83,7 +106,8 @@ fp32 (exact "ieee" dots run on FMA units with both operands in registers):
   (C=256: 2 MiB) from L2 for 16 tokens: 128 KB of L2 reads per token against the 8 KB per token
   of HBM traffic the two-kernel path's hidden buffer costs. fp32 is bound by FMA throughput
   anyway (16 C^2 FLOP per token), so C >= 128 takes the two-kernel path with small tiles (up
-  64x64x16, down 64x32x32, 4 warps: 128 and 80 registers on sm_80, no spills). (Survey:
+  64x64x16, down 64x32x32, 4 warps: up 108-128 / 128-168, down 80 / 80-112 registers with
+  the second row set (single-set 127-128 / 128-168 and 80 / 78-110), no spills). (Survey:
   maxvit_fast.aot.compile_kernels over BLOCK_M 16-64, BLOCK_H 16-32, 4 or 8 warps; the AOT
   test compiles every configuration in use.)
 The one-pass kernel's second read of x uses a different eviction policy on purpose: otherwise
@@ -145,7 +169,9 @@ per chunk:
          64-176 B stack) or 16 warps (128 regs, 224-944 B stack)
   C=64   BLOCK_H 64: 255 + 56 B stack (4 warps), 255 + 16 B (8 warps, sm_80); C=128 BLOCK_H 64
          8 warps: sm_90 255 + 80 B; C=128 4 warps: 255 + 56-256 B           -> spills
-  fp32 C=64 BLOCK_M 32, BLOCK_H 16, 4 warps    128 / 128       128 / 134     no spills
+  fp32 C=64 BLOCK_M 32, BLOCK_H 16, 4 warps    128 / 134       128 / 134     no spills
+  (with ``token0`` and the statistics row stride: fp16/bf16 within -12 / +0 registers of the
+  table, fp32 train sm_90 134 from 128; the table is the earlier survey's)
   fp32 C=64 BLOCK_M 64: BLOCK_H 16 8 warps p = 0: sm_90 24 B stack; BLOCK_H 32 8 warps train:
          sm_90 255 + 304 B                                                  -> spills
 The forward's WRITE_STATS store costs at most one register (fp16 C=64 train 233 / 135,
@@ -263,33 +289,49 @@ def layernorm_matmul(x_rows, row_ok, stride_xc, ln_w_ptr, ln_b_ptr, eps, w_rows,
 
 @triton.jit
 def ff_fused_mlp_kernel(
-    x_ptr, out_ptr, ln_w_ptr, ln_b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, stats_ptr,
+    x_ptr, out_ptr, extra_ptr, extra_out_ptr, ln_w_ptr, ln_b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, stats_ptr,
     M, D1,
     stride_x0, stride_x1, stride_xc, stride_o0, stride_o1, stride_oc,
-    eps, seed_ptr, p_hidden, p_out, scale_hidden, scale_out,
+    M_extra, D1_extra,  # the second row set (extra -> extra_out), coalesced the same way
+    stride_e0, stride_e1, stride_ec, stride_eo0, stride_eo1, stride_eoc,
+    x_programs, eps, seed_ptr, p_hidden, p_out, scale_hidden, scale_out,
     C: tl.constexpr, HIDDEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
     DROPOUT_HIDDEN: tl.constexpr, DROPOUT_OUT: tl.constexpr, WRITE_STATS: tl.constexpr,
     FP32_DOT: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
-    """One program: BLOCK_M tokens, all C channels (BLOCK_C >= C, masked). The normalised
-    tile is the A operand of every hidden chunk; each (BLOCK_M, BLOCK_H) chunk of the hidden
-    activation goes from the first dot through bias, GELU and dropout straight into the
-    second dot, so the 4C-wide hidden never leaves the SM.
+    """One program: BLOCK_M tokens of one row set, all C channels (BLOCK_C >= C, masked):
+    programs [0, x_programs) take x -> out, the rest extra -> extra_out (token index M + row,
+    for the dropout counters and the statistics). The normalised tile is the A operand of every
+    hidden chunk; each (BLOCK_M, BLOCK_H) chunk of the hidden activation goes from the first dot
+    through bias, GELU and dropout straight into the second dot, so the 4C-wide hidden never
+    leaves the SM.
 
     W1 is (HIDDEN, C) and W2 is (C, HIDDEN), both contiguous (nn.Linear layout). WRITE_STATS
-    (training): the LayerNorm statistics go to stats (fp32, (2, M): mean, then rstd) for the
-    backward kernel."""
+    (training): the LayerNorm statistics go to stats (fp32, (2, M + M_extra): mean, then rstd,
+    by token index) for the backward kernel."""
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    # this program's row set: source and destination rows, their layout, the first token index
+    is_extra = pid >= x_programs
+    src = tl.where(is_extra, extra_ptr, x_ptr)
+    dst = tl.where(is_extra, extra_out_ptr, out_ptr)
+    d1 = tl.where(is_extra, D1_extra, D1)
+    stride_s0 = tl.where(is_extra, stride_e0, stride_x0)
+    stride_s1 = tl.where(is_extra, stride_e1, stride_x1)
+    stride_sc = tl.where(is_extra, stride_ec, stride_xc)
+    stride_d0 = tl.where(is_extra, stride_eo0, stride_o0)
+    stride_d1 = tl.where(is_extra, stride_eo1, stride_o1)
+    stride_dc = tl.where(is_extra, stride_eoc, stride_oc)
+    rows = tl.where(is_extra, pid - x_programs, pid) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < tl.where(is_extra, M_extra, M)
+    tokens = rows + tl.where(is_extra, M, 0)
     chans = tl.arange(0, BLOCK_C)
-    row_ok = rows < M
     if DROPOUT_HIDDEN or DROPOUT_OUT:
         seed = tl.load(seed_ptr)  # once, not in the hidden loop (sm_90 C=256 train spilled with it there)
     chan_ok = chans < C
     tile_ok = row_ok[:, None] & chan_ok[None, :]
 
-    x_tile_ptrs = x_ptr + _token_offsets(rows, D1, stride_x0, stride_x1)[:, None] + chans[None, :] * stride_xc
+    x_tile_ptrs = src + _token_offsets(rows, d1, stride_s0, stride_s1)[:, None] + chans[None, :] * stride_sc
     x = tl.load(x_tile_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
 
     # LayerNorm from the loaded rows: two-pass mean / variance in fp32 (biased, as nn.LayerNorm)
@@ -297,8 +339,8 @@ def ff_fused_mlp_kernel(
     xc = tl.where(tile_ok, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
     if WRITE_STATS:
-        tl.store(stats_ptr + rows, mean, mask=row_ok)
-        tl.store(stats_ptr + M + rows, rstd, mask=row_ok)
+        tl.store(stats_ptr + tokens, mean, mask=row_ok)
+        tl.store(stats_ptr + (M + M_extra) + tokens, rstd, mask=row_ok)
     gamma = tl.load(ln_w_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
     beta = tl.load(ln_b_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
     # padded channels: gamma = beta = 0, so they are 0 in the A operand
@@ -314,7 +356,7 @@ def ff_fused_mlp_kernel(
         pre = _mma(xn, w1, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), FP32_DOT) + b1[None, :]
         act = gelu(pre)  # padded hidden columns: pre = 0 -> GELU 0, and their W2 rows are 0
         if DROPOUT_HIDDEN:
-            act = tl.where(_keep(seed, rows, hid, _STREAM_HIDDEN, p_hidden), act * scale_hidden, 0.0)
+            act = tl.where(_keep(seed, tokens, hid, _STREAM_HIDDEN, p_hidden), act * scale_hidden, 0.0)
         # W2^T chunk (BLOCK_H, BLOCK_C): element (n, c) = W2[c, n]
         w2 = tl.load(w2_ptr + chans[None, :] * HIDDEN + hid[:, None], mask=hid_ok[:, None] & chan_ok[None, :], other=0.0)
         acc = _mma(to_storage(act, w2_ptr.dtype.element_ty, ROUND_BF16), w2, acc, FP32_DOT)
@@ -322,12 +364,12 @@ def ff_fused_mlp_kernel(
     b2 = tl.load(b2_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
     y = acc + b2[None, :]
     if DROPOUT_OUT:
-        y = tl.where(_keep(seed, rows, chans, _STREAM_OUT, p_out), y * scale_out, 0.0)
+        y = tl.where(_keep(seed, tokens, chans, _STREAM_OUT, p_out), y * scale_out, 0.0)
     # residual: reload x (an L2 hit) rather than keep the tile, or its pointers, live across
     # the loop; the different eviction policy keeps the compiler from merging the two loads
-    x_tile_ptrs = x_ptr + _token_offsets(rows, D1, stride_x0, stride_x1)[:, None] + chans[None, :] * stride_xc
+    x_tile_ptrs = src + _token_offsets(rows, d1, stride_s0, stride_s1)[:, None] + chans[None, :] * stride_sc
     y += tl.load(x_tile_ptrs, mask=tile_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    out_ptrs = out_ptr + _token_offsets(rows, D1, stride_o0, stride_o1)[:, None] + chans[None, :] * stride_oc
+    out_ptrs = dst + _token_offsets(rows, d1, stride_d0, stride_d1)[:, None] + chans[None, :] * stride_dc
     tl.store(out_ptrs, to_storage(y, out_ptr.dtype.element_ty, ROUND_BF16), mask=tile_ok)
 
 
@@ -342,14 +384,17 @@ def ff_fused_mlp_backward_kernel(
     xn_ptr, dy_ptr, act_ptr, dh_ptr, partial_ptr,
     M, D1,
     stride_x0, stride_x1, stride_xc, stride_g0, stride_g1, stride_gc, stride_d0, stride_d1, stride_dc,
-    seed_ptr, p_hidden, p_out, scale_hidden, scale_out,
+    token0, stats_cols, seed_ptr, p_hidden, p_out, scale_hidden, scale_out,
     C: tl.constexpr, HIDDEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
     DROPOUT_HIDDEN: tl.constexpr, DROPOUT_OUT: tl.constexpr, FP32_DOT: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     """Gradients of out = Dropout(GELU(LayerNorm(x) W1^T + b1) dropped W2^T + b2) + x for one
     tile of BLOCK_M tokens and all C channels, given grad = d out and the forward's LayerNorm
-    statistics. Writes:
+    statistics. Row r of this launch is token token0 + r of the forward call (its dropout
+    counters; its statistics in column token0 + r of stats, a (2, stats_cols) fp32 tensor: the
+    second row set of a two-set forward is a second launch with token0 = the first set's M).
+    Writes:
 
     * dx (strided like x): LayerNorm backward of dxn plus the residual's grad;
     * xn (M, C): the normalised input as the forward's dot operand (dW1 = dh^T xn);
@@ -375,9 +420,10 @@ def ff_fused_mlp_backward_kernel(
     dense_offsets = rows.to(tl.int64)[:, None] * C + chans[None, :]
     partial_row = partial_ptr + pid.to(tl.int64) * (HIDDEN + 3 * C)
 
+    tokens = token0 + rows
     # xn exactly as the forward formed it (same statistics, same expression, same rounding)
-    mean = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
-    rstd = tl.load(stats_ptr + M + rows, mask=row_ok, other=0.0)
+    mean = tl.load(stats_ptr + tokens, mask=row_ok, other=0.0)
+    rstd = tl.load(stats_ptr + stats_cols + tokens, mask=row_ok, other=0.0)
     x = tl.load(x_ptr + x_offsets, mask=tile_ok, other=0.0).to(tl.float32)
     xhat = tl.where(tile_ok, x - mean[:, None], 0.0) * rstd[:, None]
     gamma = tl.load(ln_w_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
@@ -388,7 +434,7 @@ def ff_fused_mlp_backward_kernel(
     # padded rows load grad 0, so every gradient below is 0 there
     dy = tl.load(grad_ptr + g_offsets, mask=tile_ok, other=0.0).to(tl.float32)
     if DROPOUT_OUT:
-        dy = tl.where(_keep(seed, rows, chans, _STREAM_OUT, p_out), dy * scale_out, 0.0)
+        dy = tl.where(_keep(seed, tokens, chans, _STREAM_OUT, p_out), dy * scale_out, 0.0)
     dy_op = to_storage(dy, w2_ptr.dtype.element_ty, ROUND_BF16)
     if DROPOUT_OUT:
         tl.store(dy_ptr + dense_offsets, dy_op, mask=tile_ok)
@@ -412,7 +458,7 @@ def ff_fused_mlp_backward_kernel(
         cdf = 0.5 * (1.0 + tl.erf(pre * 0.7071067811865476))
         d_gelu = cdf + pre * (0.3989422804014327 * tl.exp(-0.5 * pre * pre))
         if DROPOUT_HIDDEN:
-            keep = _keep(seed, rows, hid, _STREAM_HIDDEN, p_hidden)
+            keep = _keep(seed, tokens, hid, _STREAM_HIDDEN, p_hidden)
             act = tl.where(keep, act * scale_hidden, 0.0)
             d_act = tl.where(keep, d_act * scale_hidden, 0.0)
         hidden_offsets = rows.to(tl.int64)[:, None] * HIDDEN + hid[None, :]
@@ -449,62 +495,74 @@ def ff_fused_mlp_backward_kernel(
 
 @triton.jit
 def ff_up_kernel(
-    x_ptr, hidden_ptr, ln_w_ptr, ln_b_ptr, w1_ptr, b1_ptr,
+    x_ptr, extra_ptr, hidden_ptr, ln_w_ptr, ln_b_ptr, w1_ptr, b1_ptr,
     M, D1,
     stride_x0, stride_x1, stride_xc,
-    eps, seed_ptr, p_hidden, scale_hidden,
+    M_extra, D1_extra, stride_e0, stride_e1, stride_ec,  # the second row set, coalesced the same way
+    x_row_tiles, eps, seed_ptr, p_hidden, scale_hidden,
     C: tl.constexpr, HIDDEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DROPOUT_HIDDEN: tl.constexpr, FP32_DOT: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
-    """hidden[rows, cols] = Dropout(GELU(LayerNorm(x) @ W1^T + b1)) for a (BLOCK_M, BLOCK_N)
-    tile; hidden is a contiguous (M, HIDDEN) buffer in the input dtype."""
+    """hidden[tokens, cols] = Dropout(GELU(LayerNorm(rows) @ W1^T + b1)) for a (BLOCK_M,
+    BLOCK_N) tile of x's rows (row tiles [0, x_row_tiles)) or of extra's (the rest, tokens
+    M + row); hidden is a contiguous (M + M_extra, HIDDEN) buffer in the input dtype, by token."""
     # axis 0 walks the output columns, so the programs that share one row tile run together
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    is_extra = pid_m >= x_row_tiles
+    src = tl.where(is_extra, extra_ptr, x_ptr)
+    rows = tl.where(is_extra, pid_m - x_row_tiles, pid_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < tl.where(is_extra, M_extra, M)
+    tokens = rows + tl.where(is_extra, M, 0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
     if DROPOUT_HIDDEN:
         seed = tl.load(seed_ptr)
     col_ok = cols < HIDDEN
-    x_rows = x_ptr + _token_offsets(rows, D1, stride_x0, stride_x1)
-    acc = layernorm_matmul(x_rows, row_ok, stride_xc, ln_w_ptr, ln_b_ptr, eps, w1_ptr + cols * C, col_ok,
-                           C, BLOCK_K, True, True, FP32_DOT, ROUND_BF16)
+    x_rows = src + _token_offsets(rows, tl.where(is_extra, D1_extra, D1), tl.where(is_extra, stride_e0, stride_x0),
+                                  tl.where(is_extra, stride_e1, stride_x1))
+    acc = layernorm_matmul(x_rows, row_ok, tl.where(is_extra, stride_ec, stride_xc), ln_w_ptr, ln_b_ptr, eps,
+                           w1_ptr + cols * C, col_ok, C, BLOCK_K, True, True, FP32_DOT, ROUND_BF16)
 
     b1 = tl.load(b1_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     act = gelu(acc + b1[None, :])
     if DROPOUT_HIDDEN:
-        act = tl.where(_keep(seed, rows, cols, _STREAM_HIDDEN, p_hidden), act * scale_hidden, 0.0)
-    h_ptrs = hidden_ptr + rows.to(tl.int64)[:, None] * HIDDEN + cols[None, :]
+        act = tl.where(_keep(seed, tokens, cols, _STREAM_HIDDEN, p_hidden), act * scale_hidden, 0.0)
+    h_ptrs = hidden_ptr + tokens.to(tl.int64)[:, None] * HIDDEN + cols[None, :]
     tl.store(h_ptrs, to_storage(act, hidden_ptr.dtype.element_ty, ROUND_BF16), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def ff_down_kernel(
-    hidden_ptr, x_ptr, out_ptr, w2_ptr, b2_ptr,
+    hidden_ptr, x_ptr, out_ptr, extra_ptr, extra_out_ptr, w2_ptr, b2_ptr,
     M, D1,
     stride_x0, stride_x1, stride_xc, stride_o0, stride_o1, stride_oc,
-    seed_ptr, p_out, scale_out,
+    M_extra, D1_extra,  # the second row set (residual extra -> extra_out), coalesced the same way
+    stride_e0, stride_e1, stride_ec, stride_eo0, stride_eo1, stride_eoc,
+    x_row_tiles, seed_ptr, p_out, scale_out,
     C: tl.constexpr, HIDDEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DROPOUT_OUT: tl.constexpr, FP32_DOT: tl.constexpr, ROUND_BF16: tl.constexpr,
     HAS_BIAS: tl.constexpr = True, STREAM: tl.constexpr = STREAM_OUT,
 ):
-    """out[rows, chans] = Dropout(hidden @ W2^T + b2) + x for a (BLOCK_M, BLOCK_N) tile.
+    """out[rows, chans] = Dropout(hidden @ W2^T + b2) + x for a (BLOCK_M, BLOCK_N) tile of x's
+    rows (row tiles [0, x_row_tiles)), or extra_out = ... + extra for one of extra's (the rest,
+    tokens M + row). hidden: contiguous (M + M_extra, HIDDEN), by token.
 
     Also the window attention's output projection (linear_dropout_residual: hidden = the
-    attention output, HIDDEN = C, no bias, its own dropout STREAM)."""
+    attention output, HIDDEN = C, no bias, its own dropout STREAM, no second row set)."""
     # axis 0 walks the output columns, so the programs that share one row tile run together
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    is_extra = pid_m >= x_row_tiles
+    rows = tl.where(is_extra, pid_m - x_row_tiles, pid_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < tl.where(is_extra, M_extra, M)
+    tokens = rows + tl.where(is_extra, M, 0)
     chans = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
     if DROPOUT_OUT:
         seed = tl.load(seed_ptr)
     chan_ok = chans < C
-    h_rows = hidden_ptr + rows.to(tl.int64)[:, None] * HIDDEN
+    h_rows = hidden_ptr + tokens.to(tl.int64)[:, None] * HIDDEN
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, HIDDEN, BLOCK_K):
@@ -519,12 +577,18 @@ def ff_down_kernel(
     if HAS_BIAS:
         y += tl.load(b2_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)[None, :]
     if DROPOUT_OUT:
-        y = tl.where(_keep(seed, rows, chans, STREAM, p_out), y * scale_out, 0.0)
+        y = tl.where(_keep(seed, tokens, chans, STREAM, p_out), y * scale_out, 0.0)
     tile_ok = row_ok[:, None] & chan_ok[None, :]
-    x = tl.load(x_ptr + _token_offsets(rows, D1, stride_x0, stride_x1)[:, None] + chans[None, :] * stride_xc,
+    # the residual rows and the destination of this program's row set
+    d1 = tl.where(is_extra, D1_extra, D1)
+    src = tl.where(is_extra, extra_ptr, x_ptr)
+    x_offsets = _token_offsets(rows, d1, tl.where(is_extra, stride_e0, stride_x0), tl.where(is_extra, stride_e1, stride_x1))
+    x = tl.load(src + x_offsets[:, None] + chans[None, :] * tl.where(is_extra, stride_ec, stride_xc),
                 mask=tile_ok, other=0.0)
     y += x.to(tl.float32)
-    out_ptrs = out_ptr + _token_offsets(rows, D1, stride_o0, stride_o1)[:, None] + chans[None, :] * stride_oc
+    dst = tl.where(is_extra, extra_out_ptr, out_ptr)
+    o_offsets = _token_offsets(rows, d1, tl.where(is_extra, stride_eo0, stride_o0), tl.where(is_extra, stride_eo1, stride_o1))
+    out_ptrs = dst + o_offsets[:, None] + chans[None, :] * tl.where(is_extra, stride_eoc, stride_oc)
     tl.store(out_ptrs, to_storage(y, out_ptr.dtype.element_ty, ROUND_BF16), mask=tile_ok)
 
 
@@ -689,50 +753,85 @@ def _check_params(x, ln_weight, ln_bias, w1, b1, w2, b2=None):
         raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
 
 
+def _io_layout(src: torch.Tensor, dst: torch.Tensor):
+    """Leading dims of a row set's input and output, coalesced jointly to at most two:
+    ``(src, dst, D1, (s0, s1, sc), (d0, d1, dc))``, where src / dst are the tensors the kernel
+    uses (contiguous copies when the leading dims do not coalesce; never for the model's
+    channels-last views and register rows)."""
+    sizes, (ss, sd) = _coalesce_leading(src.shape[:-1], src.stride()[:-1], dst.stride()[:-1])
+    if len(sizes) > 2:
+        src = src.contiguous()
+        dst = dst if dst.is_contiguous() else torch.empty_like(src, memory_format=torch.contiguous_format)
+        sizes, (ss, sd) = _coalesce_leading(src.shape[:-1], src.stride()[:-1], dst.stride()[:-1])
+    D1, s0, s1 = _two_leading(sizes, ss)
+    _, d0, d1 = _two_leading(sizes, sd)
+    return src, dst, D1, (s0, s1, src.stride(-1)), (d0, d1, dst.stride(-1))
+
+
+def _check_out(out, x, name):
+    if out is None:
+        return torch.empty_like(x)
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"{name} is {tuple(out.shape)} {out.dtype} on {out.device}; its input is "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device}")
+    return out
+
+
 def feedforward_residual(
     x: torch.Tensor,
     ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
     w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
     p_hidden: float = 0.0, p_out: float = 0.0, seed=None,
     out: torch.Tensor | None = None, path: str | None = None, stats: torch.Tensor | None = None,
-) -> torch.Tensor:
+    extra: torch.Tensor | None = None, extra_out: torch.Tensor | None = None,
+):
     """``Dropout_out(Linear2(Dropout_hidden(GELU(Linear1(LayerNorm(x)))))) + x`` per token.
 
     x is (..., C) with any strides; the result (``out``, or a new tensor laid out like x) has the
     same shape. ``out`` may be ``x`` itself (in place): each output tile is written by the
-    program that last reads the same x tile. Dropout keeps element (token, column) of each stream by philox(seed; column,
-    token, stream); token is the row-major index over x's leading dims. ``path`` forces
-    "fused" (hidden on chip) or "two_pass"; None picks by width. ``stats`` (one-pass kernel
-    only): a contiguous fp32 (2, M) tensor that receives the LayerNorm mean and rstd of every
-    token (M = tokens), for :func:`feedforward_residual_backward`.
+    program that last reads the same x tile. Dropout keeps element (token, column) of each
+    stream by philox(seed; column, token, stream); token is the row-major index over x's leading
+    dims. ``path`` forces "fused" (hidden on chip) or "two_pass"; None picks by width.
+
+    ``extra`` (..., C), any leading shape and strides: a second row set through the same
+    feed-forward in the same launch(es) (the block step's register rows next to its tokens);
+    its tokens are numbered after x's (M + row-major index), so the dropout masks of the two
+    sets are those of one call on their concatenation. Its result goes to ``extra_out`` (or a
+    new tensor laid out like extra; may be extra itself), and the call returns
+    ``(out, extra_out)``; without ``extra`` it returns ``out``.
+
+    ``stats`` (one-pass kernel only): a contiguous fp32 (2, M + M_extra) tensor that receives
+    the LayerNorm mean and rstd of every token, by token index, for
+    :func:`feedforward_residual_backward`.
     """
     _check_params(x, ln_weight, ln_bias, w1, b1, w2, b2)
     C = x.shape[-1]
     hidden = w1.shape[0]
-    if out is None:
-        out = torch.empty_like(x)
-    elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"out is {tuple(out.shape)} {out.dtype} on {out.device}; x is {tuple(x.shape)} {x.dtype} on {x.device}")
+    out = _check_out(out, x, "out")
+    if extra is not None:
+        if extra.shape[-1:] != x.shape[-1:] or extra.dtype != x.dtype or extra.device != x.device:
+            raise ValueError(f"extra is {tuple(extra.shape)} {extra.dtype} on {extra.device}; x is "
+                             f"{tuple(x.shape)} {x.dtype} on {x.device}")
+        extra_out = _check_out(extra_out, extra, "extra_out")
+    elif extra_out is not None:
+        raise ValueError("extra_out without extra")
+    result = out if extra is None else (out, extra_out)
     M = x.numel() // C if C else 0
-    if M == 0:
-        return out
-    if M >= 2**31:
-        raise ValueError(f"{M} tokens: at most 2**31 - 1 per call")
+    M_extra = extra.numel() // C if extra is not None and C else 0
+    if M + M_extra == 0:
+        return result
+    if M + M_extra >= 2**31:
+        raise ValueError(f"{M + M_extra} tokens: at most 2**31 - 1 per call")
     dropout = _dropout_args(p_hidden, p_out, seed, w2)
     if stats is not None:
-        _check_stats(stats, M, x.device)
+        _check_stats(stats, M + M_extra, x.device)
 
-    # Leading dims coalesced to at most two for x and out together; otherwise go through
-    # contiguous copies (never the case for the model's channels-last views).
-    kernel_x, kernel_out = x, out
-    sizes, (sx, so) = _coalesce_leading(x.shape[:-1], x.stride()[:-1], out.stride()[:-1])
-    if len(sizes) > 2:
-        kernel_x = x.contiguous()
-        kernel_out = out if out.is_contiguous() else torch.empty_like(x, memory_format=torch.contiguous_format)
-        sizes, (sx, so) = _coalesce_leading(x.shape[:-1], kernel_x.stride()[:-1], kernel_out.stride()[:-1])
-    D1, stride_x0, stride_x1 = _two_leading(sizes, sx)
-    _, stride_o0, stride_o1 = _two_leading(sizes, so)
-    stride_xc, stride_oc = kernel_x.stride(-1), kernel_out.stride(-1)
+    kernel_x, kernel_out, D1, (sx0, sx1, sxc), (so0, so1, soc) = _io_layout(x, out)
+    if extra is not None:
+        kernel_e, kernel_eo, D1_e, (se0, se1, sec), (seo0, seo1, seoc) = _io_layout(extra, extra_out)
+    else:  # no second row set: no program reads these
+        kernel_e, kernel_eo, D1_e, (se0, se1, sec), (seo0, seo1, seoc) = kernel_x, kernel_out, 1, (0, 0, sxc), (0, 0, soc)
+    two_sets = (M_extra, D1_e, se0, se1, sec, seo0, seo1, seoc)
 
     ln_weight, ln_bias, w1, b1, w2, b2 = (t.contiguous() for t in (ln_weight, ln_bias, w1, b1, w2, b2))
     use_fp32_dot = fp32_dot(x.dtype)
@@ -746,10 +845,12 @@ def feedforward_residual(
     if path == "fused":
         cfg = dict(fused_cfg or _default_fused_config(C))
         num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
+        x_programs = triton.cdiv(M, cfg["BLOCK_M"])
+        grid = (x_programs + triton.cdiv(M_extra, cfg["BLOCK_M"]),)
         ff_fused_mlp_kernel[grid](
-            kernel_x, kernel_out, ln_weight, ln_bias, w1, b1, w2, b2, x if stats is None else stats,
-            M, D1, stride_x0, stride_x1, stride_xc, stride_o0, stride_o1, stride_oc,
+            kernel_x, kernel_out, kernel_e, kernel_eo, ln_weight, ln_bias, w1, b1, w2, b2,
+            x if stats is None else stats,
+            M, D1, sx0, sx1, sxc, so0, so1, soc, *two_sets, x_programs,
             float(eps), dropout["seed"], dropout["p_hidden"], dropout["p_out"],
             dropout["scale_hidden"], dropout["scale_out"],
             C=C, HIDDEN=hidden, BLOCK_C=triton.next_power_of_2(C), **cfg,
@@ -759,21 +860,24 @@ def feedforward_residual(
         )
     elif path == "two_pass":
         up_cfg, down_cfg = (dict(c) for c in two_pass_configs(C, hidden, x.dtype))
-        hidden_buf = torch.empty((M, hidden), dtype=x.dtype, device=x.device)
+        # the hidden activation of both row sets, by token (x's rows, then extra's)
+        hidden_buf = torch.empty((M + M_extra, hidden), dtype=x.dtype, device=x.device)
         nw, ns = up_cfg.pop("num_warps"), up_cfg.pop("num_stages")
-        grid = (triton.cdiv(hidden, up_cfg["BLOCK_N"]), triton.cdiv(M, up_cfg["BLOCK_M"]))
+        x_row_tiles = triton.cdiv(M, up_cfg["BLOCK_M"])
+        grid = (triton.cdiv(hidden, up_cfg["BLOCK_N"]), x_row_tiles + triton.cdiv(M_extra, up_cfg["BLOCK_M"]))
         ff_up_kernel[grid](
-            kernel_x, hidden_buf, ln_weight, ln_bias, w1, b1,
-            M, D1, stride_x0, stride_x1, stride_xc,
+            kernel_x, kernel_e, hidden_buf, ln_weight, ln_bias, w1, b1,
+            M, D1, sx0, sx1, sxc, M_extra, D1_e, se0, se1, sec, x_row_tiles,
             float(eps), dropout["seed"], dropout["p_hidden"], dropout["scale_hidden"],
             C=C, HIDDEN=hidden, **up_cfg, DROPOUT_HIDDEN=p_hidden > 0, FP32_DOT=use_fp32_dot, ROUND_BF16=round_bf16,
             num_warps=nw, num_stages=ns,
         )
         nw, ns = down_cfg.pop("num_warps"), down_cfg.pop("num_stages")
-        grid = (triton.cdiv(C, down_cfg["BLOCK_N"]), triton.cdiv(M, down_cfg["BLOCK_M"]))
+        x_row_tiles = triton.cdiv(M, down_cfg["BLOCK_M"])
+        grid = (triton.cdiv(C, down_cfg["BLOCK_N"]), x_row_tiles + triton.cdiv(M_extra, down_cfg["BLOCK_M"]))
         ff_down_kernel[grid](
-            hidden_buf, kernel_x, kernel_out, w2, b2,
-            M, D1, stride_x0, stride_x1, stride_xc, stride_o0, stride_o1, stride_oc,
+            hidden_buf, kernel_x, kernel_out, kernel_e, kernel_eo, w2, b2,
+            M, D1, sx0, sx1, sxc, so0, so1, soc, *two_sets, x_row_tiles,
             dropout["seed"], dropout["p_out"], dropout["scale_out"],
             C=C, HIDDEN=hidden, **down_cfg, DROPOUT_OUT=p_out > 0, FP32_DOT=use_fp32_dot, ROUND_BF16=round_bf16,
             HAS_BIAS=True, STREAM=STREAM_OUT, num_warps=nw, num_stages=ns,
@@ -782,13 +886,19 @@ def feedforward_residual(
         raise ValueError(f"path must be 'fused', 'two_pass' or None, got {path!r}")
     if kernel_out is not out:
         out.copy_(kernel_out)
-    return out
+    if extra is not None and kernel_eo is not extra_out:
+        extra_out.copy_(kernel_eo)
+    return result
 
 
-def _check_stats(stats, M, device):
-    if stats.shape != (2, M) or stats.dtype != torch.float32 or not stats.is_contiguous() or stats.device != device:
-        raise ValueError(f"stats must be a contiguous float32 (2, {M}) tensor on {device}, got "
-                         f"{stats.dtype} {tuple(stats.shape)} on {stats.device}")
+def _check_stats(stats, M, device, at_least=False):
+    """stats: contiguous fp32 (2, M), or (2, >= M) with ``at_least`` (the backward of one row
+    set reads its tokens' columns of the whole call's statistics)."""
+    cols_ok = stats.ndim == 2 and (stats.shape[1] >= M if at_least else stats.shape[1] == M)
+    if not cols_ok or stats.shape[0] != 2 or stats.dtype != torch.float32 or not stats.is_contiguous() \
+            or stats.device != device:
+        raise ValueError(f"stats must be a contiguous float32 (2, {'>= ' if at_least else ''}{M}) tensor on {device}, "
+                         f"got {stats.dtype} {tuple(stats.shape)} on {stats.device}")
 
 
 def _dropout_args(p_hidden, p_out, seed, placeholder):
@@ -804,7 +914,7 @@ def _dropout_args(p_hidden, p_out, seed, placeholder):
 def feedforward_residual_backward(
     x: torch.Tensor, grad: torch.Tensor, stats: torch.Tensor,
     ln_weight: torch.Tensor, ln_bias: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-    p_hidden: float = 0.0, p_out: float = 0.0, seed=None, out: tuple | None = None,
+    p_hidden: float = 0.0, p_out: float = 0.0, seed=None, out: tuple | None = None, token0: int = 0,
 ):
     """The backward kernel of :func:`feedforward_residual` (one-pass widths): given x, the
     gradient ``grad`` of the output and the forward's LayerNorm statistics (``stats``), returns
@@ -817,6 +927,10 @@ def feedforward_residual_backward(
     are the gradients of b1, b2, the LayerNorm weight and bias. The weight gradients are
     dW1 = dh^T xn and dW2 = dy^T act (left to a matmul library). ``out``: those six tensors
     preallocated (shapes and dtypes as returned; dy None without output dropout).
+
+    ``token0``: x's first token index in the forward call (0, or M for the ``extra`` row set
+    of a two-set forward): its dropout counters and its statistics columns start there
+    (``stats`` is the call's (2, tokens) tensor).
     """
     _check_params(x, ln_weight, ln_bias, w1, b1, w2)
     C, hidden = x.shape[-1], w1.shape[0]
@@ -826,7 +940,9 @@ def feedforward_residual_backward(
     if cfg is None:
         raise ValueError(f"no backward kernel for width {C} in {x.dtype} (the two-kernel widths)")
     M = x.numel() // C if C else 0
-    _check_stats(stats, M, x.device)
+    if token0 < 0:
+        raise ValueError(f"token0 must be >= 0, got {token0}")
+    _check_stats(stats, token0 + M, x.device, at_least=True)
     cfg = dict(cfg)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     tiles = triton.cdiv(M, cfg["BLOCK_M"])
@@ -863,7 +979,7 @@ def feedforward_residual_backward(
         kernel_x, kernel_g, kernel_dx, stats, ln_weight, ln_bias, w1, b1, w2,
         xn, xn if dy is None else dy, act, dh, partials,
         M, D1, stride_x0, stride_x1, kernel_x.stride(-1), stride_g0, stride_g1, kernel_g.stride(-1),
-        stride_d0, stride_d1, kernel_dx.stride(-1),
+        stride_d0, stride_d1, kernel_dx.stride(-1), token0, stats.shape[1],
         dropout["seed"], dropout["p_hidden"], dropout["p_out"], dropout["scale_hidden"], dropout["scale_out"],
         C=C, HIDDEN=hidden, BLOCK_C=triton.next_power_of_2(C), **cfg,
         DROPOUT_HIDDEN=p_hidden > 0, DROPOUT_OUT=p_out > 0,
@@ -902,6 +1018,8 @@ STREAM_REGISTERS = 2
 # sm_90, STACK = LOCAL = 0 in every entry, HMMA on sm_80 and HGMMA on sm_90 for fp16/bf16:
 #   C = 64   64x64x64, 4 warps, 3 stages    fp16/bf16 129 / 103    fp32 (64x32x32, 4 warps) 96 / 80
 #   C = 128-512  64x128x64, 8 warps, 3 st.  fp16 168-170 / 80, bf16 168-173 / 80    fp32 80 / 80
+# (with the feed-forward's second-row-set arguments, passed empty here: C = 64 130-131 / 101-102,
+# C = 128-512 168-172 / 80, fp32 80 / 80; still no spills)
 # ff_dropout_grad_kernel (32 x 64 tile, 4 warps): 71 / 56 registers (fp32 63 / 51), no spills.
 PROJECTION_TILES_N64 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
@@ -957,8 +1075,9 @@ def linear_dropout_residual(
     nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
     ff_down_kernel[grid](
-        rows, residual, out, weight.contiguous(), weight if bias is None else bias.contiguous(),
+        rows, residual, out, residual, out, weight.contiguous(), weight if bias is None else bias.contiguous(),
         M, D1, stride_r0, stride_r1, residual.stride(-1), stride_o0, stride_o1, out.stride(-1),
+        0, 1, 0, 0, residual.stride(-1), 0, 0, out.stride(-1), grid[1],  # no second row set
         dropout["seed"], dropout["p_out"], dropout["scale_out"],
         C=N, HIDDEN=K_, **cfg, DROPOUT_OUT=p > 0, FP32_DOT=fp32_dot(a.dtype),
         ROUND_BF16=INTERPRET and a.dtype == torch.bfloat16, HAS_BIAS=bias is not None, STREAM=stream,

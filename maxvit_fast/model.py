@@ -184,8 +184,8 @@ class MaxViT(nn.Module):
             x = ops.mbconv(x, conv, fused)
             t = x.permute(0, 2, 3, 1)  # (B, H, W, C) tokens, a view
             t, regs = ops.window_attention_residual(t, registers, block_attn, "block", fused)
-            t = ops.feedforward_residual(t, block_ff, fused)
-            regs = ops.feedforward_residual(regs, block_ff, fused)
+            # tokens and register rows through one feed-forward call (one launch when fused)
+            t, regs = ops.feedforward_residual(t, block_ff, fused, extra=regs)
             image_registers = regs.mean(dim=(1, 2))  # (B, r, C)
             t, _ = ops.window_attention_residual(
                 t, image_registers, grid_attn, "grid", fused, need_register_outputs=False

@@ -516,6 +516,203 @@ def test_in_place(device, path):
 
 
 # ----------------------------------------------------------------------------------------------
+# two row sets in one launch: tokens and the block step's register rows
+# ----------------------------------------------------------------------------------------------
+
+# (x leading shape, register rows (B, nX, nY, r)): odd sizes, r = 3 in 2 x 3 windows, batch 1
+PAIR_SHAPES = [((2, 3, 5), (2, 2, 3, 3)), ((1, 4, 6), (1, 2, 3, 3))]
+
+
+def register_rows(lead, C, dtype=torch.float32, device="cpu"):
+    """(B, nX, nY, r, C) register rows as the attention op leaves them: sliced out of the window
+    sequences (not contiguous; their leading dims coalesce to two)."""
+    B, nx, ny, r = lead
+    return make_tokens((B, nx, ny, r + 5), C, dtype, device)[:, :, :, 5:]
+
+
+def launch_pair(x, extra, ff, path=None, p_hidden=0.0, p_out=0.0, seed=0, stats=None):
+    """The launcher with both row sets, into NaN-poisoned outputs; its Triton launches."""
+    out, extra_out = poison_(torch.empty_like(x)), poison_(torch.empty_like(extra))
+    with triton_launches() as launched:
+        res = K.feedforward_residual(x, ff[0].weight, ff[0].bias, ff[0].eps, ff[1].weight, ff[1].bias,
+                                     ff[4].weight, ff[4].bias, p_hidden, p_out, seed, out=out, path=path,
+                                     stats=stats, extra=extra, extra_out=extra_out)
+    assert res[0] is out and res[1] is extra_out
+    return out, extra_out, dict(launched.counts)
+
+
+PAIR_LAUNCHES = {"fused": {"ff_fused_mlp_kernel": 1}, "two_pass": {"ff_up_kernel": 1, "ff_down_kernel": 1}}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("C,shapes", [(16, PAIR_SHAPES[0]), (48, PAIR_SHAPES[1])])
+def test_pair_fp32_matches_reference(device, C, shapes, path):
+    """Tokens and register rows in one launch (two on the two-kernel path): each set against
+    the reference FeedForward + residual, fp32 1e-5."""
+    ff = make_ff(C, device=device).eval()
+    x = make_input(shapes[0], C, "nchw_view", device=device)
+    regs = register_rows(shapes[1], C, device=device)
+    out, regs_out, launched = launch_pair(x, regs, ff, path)
+    assert launched == PAIR_LAUNCHES[path]
+    with torch.no_grad():
+        assert_close_normwise(out, ff(x) + x, 1e-5, name=f"tokens C={C} {path}")
+        assert_close_normwise(regs_out, ff(regs) + regs, 1e-5, name=f"registers C={C} {path}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pair_low_precision_within_reference_error(device, dtype, path):
+    """Both sets, fp16/bf16: at most 2x the reference module's own error against fp64 (+ half
+    an ulp of the largest output)."""
+    C, shapes = 24, PAIR_SHAPES[0]
+    ff = make_ff(C, dtype, device).eval()
+    ff64 = make_ff(C, torch.float64, device).eval()
+    ff64.load_state_dict({k: v.double() for k, v in ff.state_dict().items()})
+    x = make_input(shapes[0], C, "nchw_view", dtype, device)
+    regs = register_rows(shapes[1], C, dtype, device)
+    outs = launch_pair(x, regs, ff, path)[:2]
+    for name, t, got in (("tokens", x, outs[0]), ("registers", regs, outs[1])):
+        with torch.no_grad():
+            truth = ff64(t.double()) + t.double()
+            ref_lowp = ff(t) + t
+        half_ulp = 0.5 * torch.finfo(dtype).eps * truth.abs().max().item()
+        assert_within_reference_error(got, ref_lowp, truth, factor=2.0, atol=half_ulp, name=f"{name} {dtype} {path}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_pair_dropout_masks_continue_after_the_tokens(device, path):
+    """With dropout, the pair call equals the reference under the masks of one call on the
+    tokens followed by the register rows (token index M + row for the second set), and the
+    register rows' masks are not the tokens' first rows' masks (no counter collision)."""
+    C, shapes, p_hidden, p_out = 24, PAIR_SHAPES[1], 0.3, 0.25
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    ff = set_dropout(make_ff(C, device=device), p_hidden, p_out)
+    x = make_input(shapes[0], C, "nchw_view", device=device)
+    regs = register_rows(shapes[1], C, device=device)
+    out, regs_out, _ = launch_pair(x, regs, ff, path, p_hidden, p_out, seed)
+    params = [p.detach() for p in ff.parameters()]
+    ref, regs_ref = reference_with_masks(x, *params, ff[0].eps, p_hidden, p_out, seed, extra=regs)
+    assert_close_normwise(out, ref, 1e-5, name="tokens")
+    assert_close_normwise(regs_out, regs_ref, 1e-5, name="registers")
+    (_, m_out), (_, m_out_regs) = keep_masks(x, 4 * C, p_hidden, p_out, seed, extra=regs)
+    flat = K.dropout_keep_mask(x.numel() // C + regs.numel() // C, C, p_out, seed, K.STREAM_OUT, device)
+    assert torch.equal(m_out_regs.reshape(-1, C), flat[x.numel() // C:])
+    assert torch.equal(regs_out[~m_out_regs], regs[~m_out_regs])  # dropped: the residual exactly
+    assert not torch.equal(m_out_regs.reshape(-1, C), m_out.reshape(-1, C)[:regs.numel() // C])
+
+
+def pair_gradients(x, regs, ff, grads_out, seed):
+    """Gradients of (x, register rows, every parameter) through the fused op with both row sets,
+    and the Triton launches of its forward and of its backward."""
+    x, regs = x.detach().requires_grad_(), regs.detach().requires_grad_()
+    with triton_launches() as forward:
+        outs = ops.feedforward_residual(x, ff, fused=True, seed=seed, extra=regs)
+    with triton_launches() as backward:
+        grads = torch.autograd.grad(outs, [x, regs, *ff.parameters()], grads_out)
+    return grads, dict(forward.counts), dict(backward.counts)
+
+
+def masked_reference_pair_gradients(x, regs, ff, grads_out, seed, dtype=None):
+    dtype = dtype or x.dtype
+    x, regs = x.detach().to(dtype).requires_grad_(), regs.detach().to(dtype).requires_grad_()
+    params = [p.detach().to(dtype).requires_grad_() for p in ff.parameters()]
+    outs = reference_with_masks(x, *params, ff[0].eps, ff[3].p, ff[5].p, seed, extra=regs)
+    return torch.autograd.grad(outs, [x, regs, *params], [g.to(dtype) for g in grads_out])
+
+
+PAIR_GRAD_NAMES = ("x", "registers", *GRAD_NAMES[1:])
+
+
+@pytest.mark.parametrize("C,p_hidden,p_out,launches", [
+    (24, 0.3, 0.2, ({"ff_fused_mlp_kernel": 1}, {"ff_fused_mlp_backward_kernel": 2})),  # backward kernel per set
+    (48, 0.0, 0.0, ({"ff_fused_mlp_kernel": 1}, {"ff_fused_mlp_backward_kernel": 2})),  # dW2 without output dropout
+    (80, 0.2, 0.1, ({"ff_up_kernel": 1, "ff_down_kernel": 1}, {"ff_dropout_keep_kernel": 2})),  # recompute
+])
+def test_pair_gradients_fp32(device, C, p_hidden, p_out, launches):
+    """Every gradient of both row sets against autograd through the reference under the
+    forward's masks, fp32 1e-5 relative L2; one forward launch for both sets (two on the
+    two-kernel path)."""
+    ff = set_dropout(make_ff(C, device=device), p_hidden, p_out)
+    x = make_input(PAIR_SHAPES[0][0], C, "nchw_view", device=device)
+    regs = register_rows(PAIR_SHAPES[0][1], C, device=device)
+    grads_out = (torch.randn_like(x), torch.randn_like(regs))
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    grads, fwd, bwd = pair_gradients(x, regs, ff, grads_out, seed)
+    assert (fwd, bwd) == launches
+    for name, g, r in zip(PAIR_GRAD_NAMES, grads, masked_reference_pair_gradients(x, regs, ff, grads_out, seed)):
+        assert_close_l2(g, r, 1e-5, name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pair_gradients_low_precision(device, dtype):
+    """fp16/bf16 (backward kernel, dropout on): each gradient within 2x the reference module's
+    own error against fp64 under the same masks (+ half an ulp of its largest entry)."""
+    C, p_hidden, p_out = 64, 0.1, 0.2
+    ff = set_dropout(make_ff(C, dtype, device), p_hidden, p_out)
+    x = make_input(PAIR_SHAPES[1][0], C, "nchw_view", dtype, device)
+    regs = register_rows(PAIR_SHAPES[1][1], C, dtype, device)
+    grads_out = (torch.randn_like(x), torch.randn_like(regs))
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    grads, _, bwd = pair_gradients(x, regs, ff, grads_out, seed)
+    assert bwd == {"ff_fused_mlp_backward_kernel": 2}
+    truth = masked_reference_pair_gradients(x, regs, ff, grads_out, seed, torch.float64)
+    ref_lowp = masked_reference_pair_gradients(x, regs, ff, grads_out, seed)
+    for name, g, r, t in zip(PAIR_GRAD_NAMES, grads, ref_lowp, truth):
+        assert g.dtype == dtype, name
+        half_ulp = 0.5 * torch.finfo(dtype).eps * t.abs().max().item()
+        assert_within_reference_error(g, r, t, factor=2.0, atol=half_ulp, name=f"{dtype} d{name}")
+
+
+def test_pair_one_output_unused_and_reference_path(device):
+    """Only the register rows' output feeds the loss: the tokens get only the residual-free
+    zero contribution (a zero gradient), the rest is exact. The reference path (fused=False)
+    is the reference module on each set."""
+    C = 16
+    ff = make_ff(C, device=device).train()
+    x = make_input((1, 3, 5), C, "contiguous", device=device).requires_grad_()
+    regs = register_rows((1, 1, 3, 3), C, device=device).detach().requires_grad_()
+    out, regs_out = ops.feedforward_residual(x, ff, fused=True, extra=regs)
+    g = torch.randn_like(regs_out)
+    grads = torch.autograd.grad(regs_out, [x, regs, *ff.parameters()], g, allow_unused=True)
+    ref = torch.autograd.grad(ff(regs) + regs, [regs, *ff.parameters()], g)
+    assert grads[0] is None or torch.count_nonzero(grads[0]) == 0
+    for name, a, b in zip(PAIR_GRAD_NAMES[1:], grads[1:], ref):
+        assert_close_l2(a, b, 1e-5, name=name)
+    with torch.no_grad():
+        ref_pair = ops.feedforward_residual(x, ff.eval(), fused=False, extra=regs)
+        assert torch.equal(ref_pair[0], ff(x) + x) and torch.equal(ref_pair[1], ff(regs) + regs)
+
+
+def test_pair_statistics_by_token(device):
+    """The training forward of both sets writes the LayerNorm statistics of every token by token
+    index (x's, then the register rows'); the backward launcher reads the second set's at
+    token0 = M."""
+    C, p_hidden, p_out = 24, 0.2, 0.1
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    ff = set_dropout(make_ff(C, device=device), p_hidden, p_out)
+    x = make_input((1, 3, 5), C, "nchw_view", device=device)
+    regs = register_rows((1, 1, 3, 3), C, device=device)
+    M, M_regs = x.numel() // C, regs.numel() // C
+    stats = poison_(torch.empty(2, M + M_regs, device=device))
+    with torch.no_grad():
+        launch_pair(x, regs, ff, "fused", p_hidden, p_out, seed, stats=stats)
+    rows = torch.cat([x.reshape(-1, C), regs.reshape(-1, C)])
+    assert_close_normwise(stats[0], rows.mean(-1), 1e-5, name="mean")
+    assert_close_normwise(stats[1], torch.rsqrt(rows.var(-1, unbiased=False) + ff[0].eps), 1e-5, name="rstd")
+    params = [p.detach() for p in ff.parameters()]
+    grad = torch.randn_like(regs)
+    with torch.no_grad():
+        dregs = K.feedforward_residual_backward(regs, grad, stats, *params[:5], p_hidden, p_out, seed, token0=M)[0]
+    regs_ref = regs.clone().requires_grad_()
+    _, out_ref = reference_with_masks(x, *params, ff[0].eps, p_hidden, p_out, seed, extra=regs_ref)
+    assert_close_normwise(dregs, torch.autograd.grad(out_ref, regs_ref, grad)[0], 1e-5, name="d registers")
+    with pytest.raises(ValueError, match="stats must be"):
+        K.feedforward_residual_backward(regs, grad, stats, *params[:5], p_hidden, p_out, seed, token0=M + 1)
+    with pytest.raises(ValueError, match="stats must be"):  # the forward takes exactly (2, tokens of both sets)
+        launch_pair(x, regs, ff, "fused", stats=torch.empty(2, M, device=device))
+
+
+# ----------------------------------------------------------------------------------------------
 # in the model: block step (tokens and register rows) and grid step
 # ----------------------------------------------------------------------------------------------
 
@@ -566,7 +763,8 @@ def _signature(kernel, dtype_name):
             sig[name] = "*fp32"
         elif name.endswith("_ptr"):
             sig[name] = f"*{dtype_name}"
-        elif "constexpr" in str(param.annotation) or name in ("stride_xc", "stride_oc", "stride_gc", "stride_dc"):
+        elif "constexpr" in str(param.annotation) or name in ("stride_xc", "stride_oc", "stride_gc", "stride_dc",
+                                                                 "stride_ec", "stride_eoc"):
             sig[name] = "constexpr"
         elif name == "eps" or name.startswith(("p_", "scale_")):
             sig[name] = "fp32"
@@ -586,10 +784,10 @@ def maxvit_t_requests(dtypes=(torch.float16, torch.bfloat16), widths=(64, 128, 2
         for C in widths:
             hidden = 4 * C
             cfg = K.fused_mlp_config(C, dtype)
-            common = dict(C=C, HIDDEN=hidden, stride_xc=1, FP32_DOT=dtype == torch.float32, ROUND_BF16=False,
+            common = dict(C=C, HIDDEN=hidden, stride_xc=1, stride_ec=1, FP32_DOT=dtype == torch.float32, ROUND_BF16=False,
                           HAS_BIAS=True, STREAM=K.STREAM_OUT)  # ff_down_kernel: the feed-forward's bias and stream
             if cfg is not None:
-                launches = [(K.ff_fused_mlp_kernel, dict(cfg, BLOCK_C=triton.next_power_of_2(C), stride_oc=1),
+                launches = [(K.ff_fused_mlp_kernel, dict(cfg, BLOCK_C=triton.next_power_of_2(C), stride_oc=1, stride_eoc=1),
                              ("DROPOUT_HIDDEN", "DROPOUT_OUT", "WRITE_STATS"))]
                 bwd = K.backward_config(C, dtype)
                 if bwd is not None:
@@ -599,7 +797,7 @@ def maxvit_t_requests(dtypes=(torch.float16, torch.bfloat16), widths=(64, 128, 2
             else:
                 up, down = K.two_pass_configs(C, hidden, dtype)
                 launches = [(K.ff_up_kernel, dict(up), ("DROPOUT_HIDDEN",)),
-                            (K.ff_down_kernel, dict(down, stride_oc=1), ("DROPOUT_OUT",))]
+                            (K.ff_down_kernel, dict(down, stride_oc=1, stride_eoc=1), ("DROPOUT_OUT",))]
             for kernel, cfg, flags in launches:
                 for train in (False, True):
                     sig = _signature(kernel, names[dtype])

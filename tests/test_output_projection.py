@@ -205,14 +205,20 @@ def maxvit_t_requests(arch):
         for C in (64, 128, 256, 512):
             cfg = K.linear_dropout_residual_config(C, dtype)
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-            sig = {n: f"*{name}" for n in ("hidden_ptr", "x_ptr", "out_ptr", "w2_ptr", "b2_ptr")}
-            sig.update({n: "i32" for n in ("M", "D1", "stride_x0", "stride_x1", "stride_o0", "stride_o1")},
+            sig = {n: f"*{name}" for n in ("hidden_ptr", "x_ptr", "out_ptr", "extra_ptr", "extra_out_ptr", "w2_ptr",
+                                           "b2_ptr")}
+            sig.update({n: "i32" for n in ("M", "D1", "stride_x0", "stride_x1", "stride_o0", "stride_o1", "M_extra",
+                                           "stride_e0", "stride_e1", "stride_eo0", "stride_eo1", "x_row_tiles")},
                        seed_ptr="*i64", p_out="fp32", scale_out="fp32")
+            # no second row set (the feed-forward's): D1_extra = 1 and its channel strides 1 are
+            # specialised as constants at launch, as the channel strides are
             const = dict(C=C, HIDDEN=C, **cfg, DROPOUT_OUT=True, FP32_DOT=dtype == torch.float32, ROUND_BF16=False,
-                         HAS_BIAS=False, STREAM=K.STREAM_OUT, stride_xc=1, stride_oc=1)
+                         HAS_BIAS=False, STREAM=K.STREAM_OUT, stride_xc=1, stride_oc=1, D1_extra=1, stride_ec=1,
+                         stride_eoc=1)
             requests.append(dict(module="maxvit_fast.kernels.feedforward", kernel="ff_down_kernel", signature=sig,
                                  constexprs=const, arch=arch, num_warps=warps, num_stages=stages,
-                                 divisible=["stride_x0", "stride_x1", "stride_o0", "stride_o1"]))
+                                 divisible=["stride_x0", "stride_x1", "stride_o0", "stride_o1", "stride_e0", "stride_e1",
+                                            "stride_eo0", "stride_eo1", "M_extra"]))
         sig = {"grad_ptr": f"*{name}", "out_ptr": f"*{name}", "seed_ptr": "*i64", "p": "fp32", "scale": "fp32"}
         sig.update({n: "i32" for n in ("M", "N", "D1", "stride_g0", "stride_g1")})
         requests.append(dict(module="maxvit_fast.kernels.feedforward", kernel="ff_dropout_grad_kernel", signature=sig,

@@ -19,6 +19,17 @@ counters as the forward), recompute the feed-forward with the reference torch op
 masks and differentiate that with ``torch.func.vjp``; the gradients are then exactly the
 reference module's for the masks the forward used.
 
+Two row sets (``feedforward_residual(x, ff, fused, extra=regs)``, the block step's tokens and
+register rows): one op call, ``feedforward_residual_op(x, extra, ...)`` -> (out, extra_out,
+statistics of both sets by token), one launch of the forward kernels for both (two on the
+two-kernel path); the dropout masks are those of one call on x's tokens followed by extra's (one
+seed). Backward: the backward kernel once per row set (``token0`` = x's token count for extra),
+writing the weight-gradient operands of both sets into one buffer (one matmul per weight
+gradient; without output dropout dW2 is one mm + one addmm, dy being the two incoming
+gradients); the recompute backward regenerates each mask once for both sets and differentiates
+both reference computations in one vjp. An unused output gets a zero incoming gradient. If
+extra cannot share x's launch (another dtype or device), the two sets run as two calls.
+
 torch.compile: the forward kernels, the backward kernel and the mask kernel are
 ``torch.library`` custom ops (``maxvit_fast::feedforward_residual``,
 ``maxvit_fast::feedforward_residual_backward``, ``maxvit_fast::feedforward_dropout_keep_mask``)
@@ -41,7 +52,7 @@ from ..dispatch import use_kernels
 from .library import custom_op, draw_seed, seed_tensor
 
 
-def _unsupported_reason(x: torch.Tensor, ff: nn.Sequential) -> str | None:
+def _unsupported_reason(x: torch.Tensor, ff: nn.Sequential, extra_rows: int = 0) -> str | None:
     """Why the fused kernels cannot compute ``ff`` on ``x`` (None when they can)."""
     kinds = (nn.LayerNorm, nn.Linear, nn.GELU, nn.Dropout, nn.Linear, nn.Dropout)
     if len(ff) != len(kinds) or not all(type(m) is k for m, k in zip(ff, kinds)):
@@ -60,7 +71,7 @@ def _unsupported_reason(x: torch.Tensor, ff: nn.Sequential) -> str | None:
         return "parameters and input have different dtypes"
     if any(p.device != x.device for p in params):
         return "parameters and input are on different devices"
-    if x.numel() // max(x.shape[-1], 1) >= 2**31:
+    if x.numel() // max(x.shape[-1], 1) + extra_rows >= 2**31:
         return "more than 2**31 - 1 tokens in one call"
     return None
 
@@ -72,147 +83,214 @@ def _dropout_p(module: nn.Dropout) -> float:
 # torch.library ops: the Triton-calling core as one opaque op with a shape-only fake
 # implementation, so torch.compile traces the fused model without graph breaks. The seed is a
 # 1-element int64 tensor on the inputs' device (drawn in the graph by torch.randint), None
-# without dropout.
+# without dropout. ``extra``: an optional second row set through the same launch(es) (its
+# tokens numbered after x's); without it the op returns an empty tensor in its place.
 
 @custom_op("feedforward_residual")
 def feedforward_residual_op(
-    x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
-    w2: torch.Tensor, b2: torch.Tensor, eps: float, p_hidden: float, p_out: float, seed: Optional[torch.Tensor],
-    save_stats: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ff(x) + x, LayerNorm statistics): with ``save_stats`` (only at widths with a backward
-    kernel, :func:`has_backward_kernel`) the statistics as fp32 (2, tokens): mean, rstd, for
-    the backward kernel; else an empty tensor, and the backward recomputes."""
+    x: torch.Tensor, extra: Optional[torch.Tensor], ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+    w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, eps: float, p_hidden: float,
+    p_out: float, seed: Optional[torch.Tensor], save_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ff(x) + x, ff(extra) + extra or an empty tensor, LayerNorm statistics): with
+    ``save_stats`` (only at widths with a backward kernel, :func:`has_backward_kernel`) the
+    statistics as fp32 (2, tokens of x and extra): mean, rstd, for the backward kernel; else an
+    empty tensor, and the backward recomputes."""
     from ..kernels import feedforward as kernels
 
-    stats = _new_stats(x, save_stats)
-    out = kernels.feedforward_residual(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, p_hidden, p_out, seed,
-                                       stats=stats if save_stats else None)
-    return out, stats
+    stats = _new_stats(x, extra, save_stats)
+    res = kernels.feedforward_residual(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, p_hidden, p_out, seed,
+                                       stats=stats if save_stats else None, extra=extra)
+    if extra is None:
+        return res, x.new_empty((0,)), stats
+    return res[0], res[1], stats
 
 
 @feedforward_residual_op.register_fake
-def _(x, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden, p_out, seed, save_stats=False):
-    return torch.empty_like(x), _new_stats(x, save_stats)  # what the launcher allocates
+def _(x, extra, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden, p_out, seed, save_stats=False):
+    # what the launcher allocates
+    extra_out = x.new_empty((0,)) if extra is None else torch.empty_like(extra)
+    return torch.empty_like(x), extra_out, _new_stats(x, extra, save_stats)
 
 
-def _new_stats(x: torch.Tensor, save_stats: bool) -> torch.Tensor:
-    shape = (2, x.numel() // x.shape[-1]) if save_stats else (0,)
+def _rows(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() // t.shape[-1]
+
+
+def _new_stats(x: torch.Tensor, extra: torch.Tensor | None, save_stats: bool) -> torch.Tensor:
+    shape = (2, _rows(x) + _rows(extra)) if save_stats else (0,)
     return x.new_empty(shape, dtype=torch.float32)
 
 
-def has_backward_kernel(x: torch.Tensor) -> bool:
+def has_backward_kernel(x: torch.Tensor, extra: torch.Tensor | None = None) -> bool:
     """Whether the Triton backward kernel covers tokens like ``x`` (the one-pass widths)."""
     from ..kernels import feedforward as kernels
 
-    return x.numel() > 0 and kernels.backward_config(int(x.shape[-1]), x.dtype) is not None
+    return x.numel() + (0 if extra is None else extra.numel()) > 0 and \
+        kernels.backward_config(int(x.shape[-1]), x.dtype) is not None
 
 
 @custom_op("feedforward_residual_backward")
 def feedforward_residual_backward_op(
-    x: torch.Tensor, grad: torch.Tensor, stats: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-    w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, p_hidden: float, p_out: float, seed: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward kernel and the sum of its per-tile partial sums: (dx, xn, dy, act, dh,
-    sums), the first five as ``kernels.feedforward.feedforward_residual_backward`` returns them
-    (dy an empty tensor without output dropout: dy is then grad), sums = fp32 [db1 | db2 |
-    d ln_weight | d ln_bias]."""
+    x: torch.Tensor, grad: torch.Tensor, extra: Optional[torch.Tensor], grad_extra: Optional[torch.Tensor],
+    stats: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+    w2: torch.Tensor, p_hidden: float, p_out: float, seed: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward kernel, once per row set (x, then extra with token0 = x's token count), and
+    the sum of its per-tile partial sums: (dx, d extra (empty without extra), xn, dy, act, dh,
+    sums). xn, dy, act and dh hold both row sets, x's tokens first (one matmul per weight
+    gradient), as ``kernels.feedforward.feedforward_residual_backward`` returns them (dy an empty
+    tensor without output dropout: dy is then grad); sums = fp32 [db1 | db2 | d ln_weight |
+    d ln_bias] over both sets."""
     from ..kernels import feedforward as kernels
 
-    dx, xn, dy, act, dh, partials = kernels.feedforward_residual_backward(
-        x, grad, stats, ln_weight, ln_bias, w1, b1, w2, p_hidden, p_out, seed)
-    return dx, xn, x.new_empty((0,)) if dy is None else dy, act, dh, partials.sum(0)
+    if (extra is None) != (grad_extra is None):
+        raise ValueError("extra and grad_extra go together (both or neither)")
+    C, hidden = x.shape[-1], w1.shape[0]
+    sets = [(x, grad)] + ([] if extra is None else [(extra, grad_extra)])
+    M_total = sum(_rows(t) for t, _ in sets)
+    block_m = kernels.backward_config(C, x.dtype)["BLOCK_M"]
+    tiles = [-(-_rows(t) // block_m) for t, _ in sets]
+    xn, act, dh = x.new_empty((M_total, C)), x.new_empty((M_total, hidden)), x.new_empty((M_total, hidden))
+    dy = x.new_empty((M_total, C)) if p_out > 0 else None
+    partials = x.new_empty((sum(tiles), hidden + 3 * C), dtype=torch.float32)
+    d_inputs, row0, tile0 = [], 0, 0
+    for (t, g), n_tiles in zip(sets, tiles):
+        rows = slice(row0, row0 + _rows(t))
+        out = (torch.empty_like(t), xn[rows], None if dy is None else dy[rows], act[rows], dh[rows],
+               partials[tile0:tile0 + n_tiles])
+        d_inputs.append(kernels.feedforward_residual_backward(
+            t, g, stats, ln_weight, ln_bias, w1, b1, w2, p_hidden, p_out, seed, out=out, token0=row0)[0])
+        row0, tile0 = rows.stop, tile0 + n_tiles
+    d_extra = d_inputs[1] if extra is not None else x.new_empty((0,))
+    return d_inputs[0], d_extra, xn, x.new_empty((0,)) if dy is None else dy, act, dh, partials.sum(0)
 
 
 @feedforward_residual_backward_op.register_fake
-def _(x, grad, stats, ln_weight, ln_bias, w1, b1, w2, p_hidden, p_out, seed):
+def _(x, grad, extra, grad_extra, stats, ln_weight, ln_bias, w1, b1, w2, p_hidden, p_out, seed):
     C, hidden = x.shape[-1], w1.shape[0]
-    M = x.numel() // C
-    return (torch.empty_like(x), x.new_empty((M, C)), x.new_empty((M, C) if p_out > 0 else (0,)),
+    M = _rows(x) + _rows(extra)
+    return (torch.empty_like(x), x.new_empty((0,)) if extra is None else torch.empty_like(extra),
+            x.new_empty((M, C)), x.new_empty((M, C) if p_out > 0 else (0,)),
             x.new_empty((M, hidden)), x.new_empty((M, hidden)), x.new_empty((hidden + 3 * C,), dtype=torch.float32))
 
 
 @custom_op("feedforward_dropout_keep_mask")
-def dropout_keep_mask_op(x: torch.Tensor, width: int, p: float, seed: torch.Tensor, stream: int) -> torch.Tensor:
-    """The (..., width) bool keep mask of dropout ``stream`` the forward kernels used for tokens x."""
+def dropout_keep_mask_op(x: torch.Tensor, width: int, p: float, seed: torch.Tensor, stream: int,
+                         extra_rows: int = 0) -> torch.Tensor:
+    """The (tokens, width) bool keep mask of dropout ``stream`` the forward kernels used for
+    tokens x and, after them, ``extra_rows`` tokens of a second row set (tokens counted
+    row-major over x's leading dims, then the second set's)."""
     from ..kernels import feedforward as kernels
 
-    C = x.shape[-1]
-    mask = kernels.dropout_keep_mask(x.numel() // C, width, p, seed, stream, x.device)
-    return mask.view(*x.shape[:-1], width)
+    return kernels.dropout_keep_mask(_rows(x) + extra_rows, width, p, seed, stream, x.device)
 
 
 @dropout_keep_mask_op.register_fake
-def _(x, width, p, seed, stream):
-    return x.new_empty((*x.shape[:-1], width), dtype=torch.bool)
+def _(x, width, p, seed, stream, extra_rows=0):
+    return x.new_empty((_rows(x) + extra_rows, width), dtype=torch.bool)
 
 
 def _ff_setup_context(ctx, inputs, output):
-    *tensors, eps, p_hidden, p_out, seed, save_stats = inputs
-    stats = output[1]
+    x, extra, *weights, eps, p_hidden, p_out, seed, save_stats = inputs
+    extra_out, stats = output[1], output[2]
     ctx.mark_non_differentiable(stats)
+    if extra is None:
+        ctx.mark_non_differentiable(extra_out)  # the empty placeholder
     ctx.set_materialize_grads(False)  # no zero gradient for the statistics
     ctx.kernel_backward = save_stats
-    ctx.save_for_backward(*tensors, stats)
+    ctx.has_extra = extra is not None
+    ctx.save_for_backward(x, extra, *weights, stats)
     ctx.eps, ctx.p_hidden, ctx.p_out, ctx.seed = eps, p_hidden, p_out, seed
 
 
-def _ff_backward(ctx, grad_out, _grad_stats):
-    if grad_out is None:  # out unused: nothing for x, the 6 parameters and the 5 other inputs
-        return (None,) * 12
-    x, *weights, stats = ctx.saved_tensors
+def _ff_backward(ctx, grad_out, grad_extra_out, _grad_stats):
+    x, extra, *weights, stats = ctx.saved_tensors
+    if not ctx.has_extra:
+        extra, grad_extra_out = None, None
+    if grad_out is None and grad_extra_out is None:  # no output used: nothing for the 13 inputs
+        return (None,) * 13
+    # an unused output of a row set contributes nothing: a zero gradient for it
+    if grad_out is None:
+        grad_out = torch.zeros_like(x)
+    if extra is not None and grad_extra_out is None:
+        grad_extra_out = torch.zeros_like(extra)
     if ctx.kernel_backward:
-        grads = _kernel_backward(ctx, grad_out, x, weights, stats)
+        grads = _kernel_backward(ctx, grad_out, grad_extra_out, x, extra, weights, stats)
     else:
-        grads = _recompute_backward(ctx, grad_out, x, weights)
+        grads = _recompute_backward(ctx, grad_out, grad_extra_out, x, extra, weights)
     return (*grads, None, None, None, None, None)
 
 
-def _kernel_backward(ctx, grad_out, x, weights, stats):
-    """The Triton backward kernel (and the sum of its per-tile partial sums: the bias and
-    LayerNorm-parameter gradients), then the weight gradients as two matmuls."""
+def _kernel_backward(ctx, grad_out, grad_extra_out, x, extra, weights, stats):
+    """The Triton backward kernel per row set (and the sum of its per-tile partial sums: the
+    bias and LayerNorm-parameter gradients), then the weight gradients as two matmuls over
+    both row sets' operands."""
     ln_weight, ln_bias, w1, b1, w2, _ = weights
     C, hidden = x.shape[-1], w1.shape[0]
-    dx, xn, dy, act, dh, sums = feedforward_residual_backward_op(
-        x, grad_out, stats, ln_weight, ln_bias, w1, b1, w2, ctx.p_hidden, ctx.p_out, ctx.seed)
-    if ctx.p_out == 0:
-        dy = grad_out.reshape(-1, C)
+    dx, d_extra, xn, dy, act, dh, sums = feedforward_residual_backward_op(
+        x, grad_out, extra, grad_extra_out, stats, ln_weight, ln_bias, w1, b1, w2, ctx.p_hidden, ctx.p_out, ctx.seed)
     db1, db2, d_ln_weight, d_ln_bias = sums.to(x.dtype).split([hidden, C, C, C])
     need = ctx.needs_input_grad
-    dw1 = dh.t().mm(xn) if need[3] else None
-    dw2 = dy.t().mm(act) if need[5] else None
-    return dx, d_ln_weight, d_ln_bias, dw1, db1, dw2, db2
+    dw1 = dh.t().mm(xn) if need[4] else None
+    dw2 = None
+    if need[6]:
+        if ctx.p_out > 0:
+            dw2 = dy.t().mm(act)
+        else:  # dy is grad: one product per row set (no concatenated copy of the gradients)
+            M = _rows(x)
+            dw2 = grad_out.reshape(-1, C).t().mm(act[:M])
+            if extra is not None:
+                dw2 = dw2.addmm(grad_extra_out.reshape(-1, C).t(), act[M:])
+    return dx, (d_extra if extra is not None else None), d_ln_weight, d_ln_bias, dw1, db1, dw2, db2
 
 
-def _recompute_backward(ctx, grad_out, x, weights):
+def _recompute_backward(ctx, grad_out, grad_extra_out, x, extra, weights):
     # Recompute with the reference torch ops under the forward's masks (regenerated from the
     # seed) and differentiate them. torch.func.vjp rather than torch.autograd.grad: under
     # torch.compile AOTAutograd traces this function into the backward graph.
-    masks = _keep_masks(x, weights[2].shape[0], ctx.p_hidden, ctx.p_out, ctx.seed)
-    _, vjp = torch.func.vjp(
-        lambda *t: _reference_under_masks(*t, ctx.eps, ctx.p_hidden, ctx.p_out, *masks), x, *weights
-    )
-    return vjp(grad_out)
+    masks = _keep_masks(x, weights[2].shape[0], ctx.p_hidden, ctx.p_out, ctx.seed, extra)
+    if extra is None:
+        _, vjp = torch.func.vjp(
+            lambda *t: _reference_under_masks(*t, ctx.eps, ctx.p_hidden, ctx.p_out, *masks[0]), x, *weights
+        )
+        dx, *d_weights = vjp(grad_out)
+        return (dx, None, *d_weights)
+
+    def both(x, extra, *w):
+        return (_reference_under_masks(x, *w, ctx.eps, ctx.p_hidden, ctx.p_out, *masks[0]),
+                _reference_under_masks(extra, *w, ctx.eps, ctx.p_hidden, ctx.p_out, *masks[1]))
+
+    _, vjp = torch.func.vjp(both, x, extra, *weights)
+    return vjp((grad_out, grad_extra_out))
 
 
 feedforward_residual_op.register_autograd(_ff_backward, setup_context=_ff_setup_context)
 
 
-def keep_masks(x: torch.Tensor, hidden: int, p_hidden: float, p_out: float, seed: int):
+def keep_masks(x: torch.Tensor, hidden: int, p_hidden: float, p_out: float, seed: int, extra: torch.Tensor | None = None):
     """The fused forward's dropout keep masks for tokens ``x`` (..., C): (hidden mask
-    (..., hidden) or None, output mask (..., C) or None)."""
-    return _keep_masks(x, hidden, p_hidden, p_out, seed_tensor(seed, x.device))
+    (..., hidden) or None, output mask (..., C) or None). With ``extra`` (the second row set of
+    the same call): ((x's two masks), (extra's two masks))."""
+    masks = _keep_masks(x, hidden, p_hidden, p_out, seed_tensor(seed, x.device), extra)
+    return masks[0] if extra is None else masks
 
 
-def _keep_masks(x: torch.Tensor, hidden: int, p_hidden: float, p_out: float, seed: torch.Tensor | None):
+def _keep_masks(x: torch.Tensor, hidden: int, p_hidden: float, p_out: float, seed: torch.Tensor | None,
+                extra: torch.Tensor | None = None):
+    """((x's hidden mask, x's output mask), (extra's, or (None, None))), each None without that
+    dropout: one mask launch per dropout for both row sets, split by token."""
     from ..kernels import feedforward as kernels
 
-    m_hidden = m_out = None
-    if p_hidden > 0:
-        m_hidden = dropout_keep_mask_op(x, hidden, p_hidden, seed, kernels.STREAM_HIDDEN)
-    if p_out > 0:
-        m_out = dropout_keep_mask_op(x, x.shape[-1], p_out, seed, kernels.STREAM_OUT)
-    return m_hidden, m_out
+    sets = [x] + ([] if extra is None else [extra])
+    masks = [[None, None] for _ in range(2)]
+    for i, (p, width, stream) in enumerate(((p_hidden, hidden, kernels.STREAM_HIDDEN),
+                                            (p_out, x.shape[-1], kernels.STREAM_OUT))):
+        if p > 0:
+            flat = dropout_keep_mask_op(x, width, p, seed, stream, _rows(extra))
+            for j, (t, part) in enumerate(zip(sets, flat.split([_rows(t) for t in sets]))):
+                masks[j][i] = part.view(*t.shape[:-1], width)
+    return tuple(masks[0]), tuple(masks[1])
 
 
 def _apply_dropout(t: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
@@ -223,11 +301,15 @@ def _apply_dropout(t: torch.Tensor, keep: torch.Tensor | None, p: float) -> torc
     return t * keep * (1.0 / (1.0 - p))
 
 
-def reference_with_masks(x, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden, p_out, seed):
+def reference_with_masks(x, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden, p_out, seed, extra=None):
     """The feed-forward + residual in reference torch ops, with the fused kernels' dropout
-    masks for ``seed`` (what the backward differentiates, and what tests compare to)."""
-    return _reference_under_masks(x, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden, p_out,
-                                  *keep_masks(x, w1.shape[0], p_hidden, p_out, seed))
+    masks for ``seed`` (what the backward differentiates, and what tests compare to). With
+    ``extra``: (x's result, extra's result) of the two-set call."""
+    masks = _keep_masks(x, w1.shape[0], p_hidden, p_out, seed_tensor(seed, x.device), extra)
+    ref = _reference_under_masks(x, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden, p_out, *masks[0])
+    if extra is None:
+        return ref
+    return ref, _reference_under_masks(extra, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden, p_out, *masks[1])
 
 
 def _reference_under_masks(x, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden, p_out, m_hidden, m_out):
@@ -237,16 +319,27 @@ def _reference_under_masks(x, ln_weight, ln_bias, w1, b1, w2, b2, eps, p_hidden,
 
 
 def feedforward_residual(
-    x: torch.Tensor, ff: nn.Sequential, fused: bool = False, seed: int | None = None
-) -> torch.Tensor:
+    x: torch.Tensor, ff: nn.Sequential, fused: bool = False, seed: int | None = None,
+    extra: torch.Tensor | None = None,
+):
     """``ff(x) + x`` for tokens ``x`` of shape (..., C), a new tensor of x's shape.
 
     The feed-forward is per token, so it runs on the whole feature map at once: the window
     partition of the reference does not change its result. ``seed`` (fused path, training
     only) fixes the dropout masks; by default it is drawn from torch's default generator.
+
+    ``extra`` (..., C): a second row set through the same feed-forward (the block step's
+    register rows next to its tokens); returns ``(ff(x) + x, ff(extra) + extra)``. Fused, both
+    sets go through one launch of the kernels (two on the two-kernel path), with one seed; the
+    dropout masks are those of one call on the tokens of x followed by those of extra.
     """
-    if not use_kernels(x, fused, unsupported=_unsupported_reason(x, ff)):
-        return ff(x) + x
+    if extra is not None:
+        if extra.dtype != x.dtype or extra.device != x.device or extra.shape[-1:] != x.shape[-1:]:
+            # the two sets cannot share a launch: each on its own (each dispatched, each checked)
+            return (feedforward_residual(x, ff, fused, seed),
+                    feedforward_residual(extra, ff, fused, None if seed is None else seed + 1))
+    if not use_kernels(x, fused, unsupported=_unsupported_reason(x, ff, 0 if extra is None else _rows(extra))):
+        return ff(x) + x if extra is None else (ff(x) + x, ff(extra) + extra)
     norm, lin1, _, drop_hidden, lin2, drop_out = ff
     if x.shape[-1] != norm.weight.shape[0]:
         raise ValueError(f"tokens have {x.shape[-1]} channels, the feed-forward expects {norm.weight.shape[0]}")
@@ -257,6 +350,8 @@ def feedforward_residual(
         seed_t = draw_seed(x.device) if seed is None else seed_tensor(seed, x.device)
     params = (norm.weight, norm.bias, lin1.weight, lin1.bias, lin2.weight, lin2.bias)
     # the LayerNorm statistics for the backward kernel, only when a backward will run
-    save_stats = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)) and has_backward_kernel(x)
-    out, _ = feedforward_residual_op(x, *params, float(norm.eps), p_hidden, p_out, seed_t, save_stats)
-    return out
+    inputs = (x,) if extra is None else (x, extra)
+    save_stats = torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *params)) and \
+        has_backward_kernel(x, extra)
+    out, extra_out, _ = feedforward_residual_op(x, extra, *params, float(norm.eps), p_hidden, p_out, seed_t, save_stats)
+    return out if extra is None else (out, extra_out)
