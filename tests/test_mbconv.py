@@ -476,6 +476,18 @@ def test_bad_input_raises_clear_errors():
 # Kernels directly, at channel counts that need several tiles and K steps
 # ----------------------------------------------------------------------------------------------
 
+def assert_image_tile_statistics(tile_sum, tile_m2, pixels, block_p):
+    """Per-image tilings (depthwise conv): tile b*T + t holds the sum and centred sum of squares
+    of pixels [t*block_p, (t+1)*block_p) of image b of the (fp64) output ``pixels`` (B, P, C)."""
+    B, P, _ = pixels.shape
+    T = -(-P // block_p)
+    for b in range(B):
+        for t in range(T):
+            block = pixels[b, t * block_p:(t + 1) * block_p]
+            assert_close_normwise(tile_sum[b * T + t], block.sum(0), 1e-5, name="tile sum")
+            assert_close_normwise(tile_m2[b * T + t], (block - block.mean(0)).square().sum(0), 1e-5, name="tile m2")
+
+
 def assert_row_tile_statistics(tile_sum, tile_m2, rows, block_m):
     """pointwise_conv's per-tile statistics: the sum and centred sum of squares of each run of
     block_m rows of the (fp64) output rows, at 1e-5."""
@@ -532,12 +544,7 @@ def test_depthwise_kernel_tiles_and_sums(stride):
     y = torch.nn.functional.conv2d(x.permute(0, 3, 1, 2).double(), w.double(), bias.double(), stride, 1, groups=C)
     y = torch.nn.functional.gelu(y).permute(0, 2, 3, 1)
     assert_close_normwise(out, y, FP32_RTOL, name="out")
-    pixels = y.reshape(B, Ho * Wo, C)
-    for b in range(B):
-        for t in range(T):
-            block = pixels[b, t * block_p:(t + 1) * block_p]
-            assert_close_normwise(tile_sum[b * T + t], block.sum(0), 1e-5, name="tile sum")
-            assert_close_normwise(tile_m2[b * T + t], (block - block.mean(0)).square().sum(0), 1e-5, name="tile m2")
+    assert_image_tile_statistics(tile_sum, tile_m2, y.reshape(B, Ho * Wo, C), block_p)
 
 
 # The launchers take the train-mode parameters as the module holds them (no per-step copies):
@@ -609,12 +616,7 @@ def test_depthwise_kernel_takes_the_module_weight(stride, dtype, layout):
                                    groups=C).permute(0, 2, 3, 1)
     # bf16 output: one rounding (half-ulp 2^-9 relative); the sums are of the fp32 values
     assert_close_normwise(out, y, FP32_RTOL if dtype == torch.float32 else 4e-3, name="out")
-    pixels = y.reshape(B, Ho * Wo, C)
-    for b in range(B):
-        for t in range(T):
-            block = pixels[b, t * block_p:(t + 1) * block_p]
-            assert_close_normwise(tile_sum[b * T + t], block.sum(0), 1e-5, name="tile sum")
-            assert_close_normwise(tile_m2[b * T + t], (block - block.mean(0)).square().sum(0), 1e-5, name="tile m2")
+    assert_image_tile_statistics(tile_sum, tile_m2, y.reshape(B, Ho * Wo, C), block_p)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
