@@ -99,9 +99,17 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-@functools.lru_cache(maxsize=64)
 def _ones(n: int, device: torch.device) -> torch.Tensor:
-    """fp32 ones (the unit epilogue scale of the train-mode convs), made once per size and device."""
+    """fp32 ones (the unit epilogue scale of the train-mode convs), made once per size and device.
+    Not cached while a CUDA graph is being captured: a tensor filled inside a capture holds its
+    values only once the graph has been replayed."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.ones(n, dtype=torch.float32, device=device)
+    return _cached_ones(n, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_ones(n: int, device: torch.device) -> torch.Tensor:
     return torch.ones(n, dtype=torch.float32, device=device)
 
 
