@@ -834,6 +834,65 @@ def test_se_gate_kernel(C, R):
     assert_close_normwise(gate, expected, FP32_RTOL, name="gate")
 
 
+# (B, C, R, mean tiles, dL/dgate tiles, weight dtype): C masked in its last channel block (40 and
+# 96 with BLOCK_C 64, 200 with BLOCK_C 32 over 7 blocks), R masked in BLOCK_R, tile counts odd
+# and above the 16-row tile block
+SE_BACKWARD_CASES = [(3, 40, 10, 5, 7, torch.float32), (2, 96, 24, 17, 3, torch.bfloat16),
+                     (3, 200, 50, 1, 19, torch.float32)]
+
+
+@pytest.mark.parametrize("B,C,R,T_mean,T_gate,dtype", SE_BACKWARD_CASES)
+def test_se_gate_backward_kernel(B, C, R, T_mean, T_gate, dtype):
+    """Against float64 autograd of mean -> sigmoid(W_e silu(W_r mean)) on the same (possibly bf16)
+    weights; the kernel's math is fp32, so fp32 tolerance for every dtype."""
+    from maxvit_fast.kernels.squeeze_excitation import se_gate_backward
+
+    num_pixels = 123
+    # the forward's tile sums, read through a non-contiguous view (channel stride != 1)
+    mean_tile_sum = (torch.randn(C, B * T_mean) * 4).t()
+    # dL/dgate partials: column 4 of the BN backward's (rows, 5, C) sums, a strided view
+    gate_tile_sum = torch.randn(B * T_gate, 5, C)[:, 4]
+    w_reduce, w_expand = (torch.randn(R, C) / C**0.5).to(dtype), (torch.randn(C, R) / R**0.5).to(dtype)
+
+    mean = (mean_tile_sum.double().reshape(B, T_mean, C).sum(1) / num_pixels).requires_grad_()
+    wr, we = (w.double().requires_grad_() for w in (w_reduce, w_expand))
+    s = mean @ wr.t()
+    hidden = torch.nn.functional.silu(s)
+    logit = hidden @ we.t()
+    gate = torch.sigmoid(logit)
+    for t in (s, logit):
+        t.retain_grad()
+    d_gate = gate_tile_sum.double().reshape(B, T_gate, C).sum(1)
+    (gate * d_gate).sum().backward()
+
+    out = tuple(poison_(torch.empty(shape)) for shape in ((B, C),) * 3 + ((B, R),) * 2)
+    dm, d_logit, mean_k, hidden_k, d_reduced = se_gate_backward(
+        mean_tile_sum, gate_tile_sum, gate.detach().float(), num_pixels, w_reduce, w_expand, out=out)
+    for name, actual, expected in (("dm", dm, mean.grad / num_pixels), ("d_logit", d_logit, logit.grad),
+                                   ("mean", mean_k, mean), ("hidden", hidden_k, hidden), ("d_reduced", d_reduced, s.grad)):
+        assert_close_normwise(actual, expected, FP32_RTOL, name=name)
+    # the weight gradients as the op forms them from the kernel's outputs
+    assert_close_normwise(d_logit.t() @ hidden_k, we.grad, FP32_RTOL, name="d w_expand")
+    assert_close_normwise(d_reduced.t() @ mean_k, wr.grad, FP32_RTOL, name="d w_reduce")
+
+
+def test_se_gate_backward_rejects_bad_arguments():
+    from maxvit_fast.kernels.squeeze_excitation import se_gate_backward
+
+    B, C, R = 2, 8, 2
+    sums, gate, wr, we = torch.randn(B * 3, C), torch.rand(B, C), torch.randn(R, C), torch.randn(C, R)
+    with pytest.raises(ValueError, match="gate must be"):
+        se_gate_backward(sums, sums, gate.double(), 4, wr, we)
+    with pytest.raises(ValueError, match="gate_tile_sum must be"):
+        se_gate_backward(sums, sums[:5], gate, 4, wr, we)
+    with pytest.raises(ValueError, match="w_reduce must be"):
+        se_gate_backward(sums, sums, gate, 4, wr, we.t())
+    with pytest.raises(ValueError, match="SE weights"):
+        se_gate_backward(sums, sums, gate, 4, wr.double(), we)
+    with pytest.raises(ValueError, match="out must be"):
+        se_gate_backward(sums, sums, gate, 4, wr, we, out=(torch.empty(B, C),) * 5)
+
+
 def test_batchnorm_gelu_kernel_in_place_with_sums():
     from maxvit_fast.kernels.batchnorm_gelu import batchnorm_gelu, batchnorm_gelu_config
 
@@ -1008,7 +1067,7 @@ def kernel_requests():
     from maxvit_fast.kernels.batchnorm_gelu import batchnorm_gelu_config
     from maxvit_fast.kernels.depthwise_conv import depthwise_conv_config
     from maxvit_fast.kernels.pointwise_conv import pointwise_conv_config
-    from maxvit_fast.kernels.squeeze_excitation import se_gate_config
+    from maxvit_fast.kernels.squeeze_excitation import se_gate_backward_config, se_gate_config
 
     requests = {}
 
@@ -1101,6 +1160,16 @@ def kernel_requests():
         for blk in maxvit_t_blocks():
             hidden = 4 * blk["dim_out"]
             add("squeeze_excitation", "se_gate_kernel", se_sig, {}, se_gate_config(hidden, hidden // 4), {"C", "R"})
+        # train backward: the forward's SE tile sums (contiguous) and column 4 of the BN2
+        # backward's (rows, 5, C) sums (row stride 5 C), channel strides 1
+        se_bwd_sig = dict(mean_sum_ptr="*fp32", gate_sum_ptr="*fp32", gate_ptr="*fp32", w_reduce_ptr=f"*{t}",
+                          w_expand_ptr=f"*{t}", dm_ptr="*fp32", d_logit_ptr="*fp32", mean_ptr="*fp32",
+                          hidden_ptr="*fp32", d_reduced_ptr="*fp32", T_mean="i32", T_gate="i32", C="i32", R="i32",
+                          inv_num_pixels="fp32", stride_mt="i32", stride_mc="i32", stride_gt="i32", stride_gc="i32")
+        for blk in maxvit_t_blocks():
+            hidden = 4 * blk["dim_out"]
+            add("squeeze_excitation", "se_gate_backward_kernel", se_bwd_sig, dict(stride_mc=1, stride_gc=1),
+                se_gate_backward_config(hidden, hidden // 4), {"C", "R", "stride_mt", "stride_gt"})
     # train: batch statistics from the tile partials (fp32 partials, BatchNorm weights fp32 or not)
     from maxvit_fast.kernels import batchnorm_statistics as bn_stats
     for t in ("fp32", "bf16", "fp16"):

@@ -45,12 +45,24 @@ Backward, train mode (``mbconv_train_backward``, see _train_gradients): per Batc
 Triton launches from kernels/batchnorm_backward.py (per-tile sums, per-channel coefficients and
 the gamma/beta gradients, then dy with the GELU derivative, and for BN2 the SE gate and SE-mean
 terms, applied on the fly), cuBLAS for the 1x1 convs' matmuls, aten's depthwise convolution
-backward (cuDNN on a GPU), and small (B x hidden) torch ops for the SE MLP. Nothing of the
+backward (cuDNN on a GPU), and for the SE MLP one launch (kernels/squeeze_excitation.py
+se_gate_backward: the SE mean from the forward's tile sums, dL/dgate from column 4 of the BN2
+backward sums read in place, sigmoid' and silu' exact, fp32; it writes dm for the BN2 backward
+and the vectors of the weight gradients) plus two matmuls for d W_e and d W_r (cast to the
+weights' dtype with the other parameter gradients). It replaced 14 small torch ops per block
+(two sums, two divisions, two fp32 copies of the SE weights, five matmuls, sigmoid_backward,
+silu, silu_backward): traffic model (``TRITON_INTERPRET=1 maxvit-bench --traffic --train --dtype
+bf16``, MaxViT-T, batch 1, 224) backward 1397 -> 1276 launches (-11 per block x 11 blocks),
+293.2 -> 265.8 MiB (the fp32 weight copies, 27.3 MiB); the whole step 1696 -> 1575 launches,
+69.5% of the reference's (was 74.9%), bytes 54.9% (was 59.3%). Nothing of the
 forward is recomputed but GELU and BN inside the kernels. The conv biases in front of the
 train-mode BatchNorms get exact zeros (their gradient is zero: BN subtracts the batch mean;
 the reference returns the rounding noise of that cancelling sum). Counted per block (traffic
 model, bf16, dim 64, 56x56, batch 1): backward 7.6 MiB written, the recompute-and-vjp backward
-it replaces 30.1 MiB, the reference's own autograd 17.7 MiB.
+it replaces 30.1 MiB, the reference's own autograd 17.7 MiB. (Counted with
+``count_traffic(lambda: y.backward(g), execute_triton=False)`` after a fused forward of
+``MBConv(64, 64, downsample=False)`` in bf16 on 1x64x56x56, the SE change alone: 42 -> 31
+launches, 6.50 -> 6.37 MiB.)
 
 Backward, eval mode (rare: gradients through frozen BatchNorm): the autograd registered below
 recomputes the reference function with torch ops (F.conv2d, F.batch_norm with the forward's
@@ -407,18 +419,6 @@ def _forward_train(x: torch.Tensor, params, running, eps, momentum: float, strid
         return out.view(B, Ho, Wo, dim_out), stats, saved, new_running
 
 
-def _squeeze_excitation_backward(d_gate, gate, mean, w_reduce, w_expand):
-    """Backward of gate = sigmoid(W_e silu(W_r mean)) per image, in fp32 (B, hidden) rows:
-    (d mean, d W_r, d W_e). Small (B x hidden) torch ops; the forward's se_gate kernel also
-    computes in fp32."""
-    wr, we = w_reduce.float(), w_expand.float()
-    s = mean @ wr.t()                                              # (B, R)
-    d_t = torch.ops.aten.sigmoid_backward(d_gate, gate)            # d (W_e silu(s))
-    d_we = d_t.t() @ F.silu(s)
-    d_s = torch.ops.aten.silu_backward(d_t @ we, s)
-    return d_s @ wr, d_s.t() @ mean, d_we
-
-
 def _train_gradients(grad_out, x, params, stats, saved, eps, stride: int, add_residual: bool):
     """[grad x, grads of the 14 params] of the train-mode block from what its forward saved.
 
@@ -426,10 +426,14 @@ def _train_gradients(grad_out, x, params, stats, saved, eps, stride: int, add_re
     BN backward needs, one launch that turns them into per-channel coefficients (and the gamma /
     beta gradients), one elementwise pass writing the gradient of the BN input (in place over
     the incoming gradient where that is a temporary), with the GELU derivative and, for BN2, the
-    SE gate and SE mean terms applied on the fly. The conv biases' gradients are exact zeros. Between them cuBLAS / cuDNN for the matmuls and
-    the depthwise conv backward, and small torch ops for the SE MLP (B x hidden rows)."""
+    SE gate and SE mean terms applied on the fly. The conv biases' gradients are exact zeros.
+    The SE MLP's backward is one launch (kernels/squeeze_excitation.py se_gate_backward, from
+    the forward's SE tile sums and the dL/dgate partials of the BN2 sums) plus two matmuls for
+    its weight gradients. Between them cuBLAS / cuDNN for the convs' matmuls and the depthwise
+    conv backward."""
     from ..kernels.batchnorm_backward import (batchnorm_backward_apply, batchnorm_backward_coefficients,
                                               batchnorm_backward_sums)
+    from ..kernels.squeeze_excitation import se_gate_backward
 
     (w1, b1, g1, be1, wd, bd, g2, be2, wr, we, w3, b3, g3, be3) = params
     mean1, var1, mean2, var2, mean3, var3 = stats
@@ -463,12 +467,16 @@ def _train_gradients(grad_out, x, params, stats, saved, eps, stride: int, add_re
         # BN2 + GELU + SE: the sums pass also gives d gate (sum over pixels of dA * h2); the SE
         # backward turns it into d mean; then the coefficients and dy2 (in place over dA)
         sums2 = batchnorm_backward_sums(d_a, y2, mean2, var2, eps[1], scale2, shift2, gelu=True, se=True)
-        T2 = sums2.shape[0] // B
-        d_gate = sums2[:, 4].reshape(B, T2, hidden).sum(1)
-        se_mean = se_sums.view(B, -1, hidden).sum(1) / P2
-        d_mean, dwr, dwe = _squeeze_excitation_backward(d_gate, gate, se_mean, wr, we)
+        # SE MLP backward, one launch from the tile sums (column 4 of sums2: the dL/dgate
+        # partials, read in place); then its two weight gradients as matmuls over the batch
+        R = wr.shape[0]
+        dm, d_logit, se_mean, se_hidden, d_reduced = se_gate_backward(
+            se_sums, sums2[:, 4], gate, P2, wr, we,
+            out=tuple(_empty(s, torch.float32, dev) for s in ((B, hidden),) * 3 + ((B, R),) * 2))
+        dwe = torch.mm(d_logit.t(), se_hidden)
+        dwr = torch.mm(d_reduced.t(), se_mean)
         dy2, dg2, dbe2 = bn_backward(d_a, y2, mean2, var2, eps[1], scale2, shift2, B * P2, gelu=True,
-                                          out=d_a, gate=gate, dm=d_mean / P2, sums=sums2)
+                                          out=d_a, gate=gate, dm=dm, sums=sums2)
         # depthwise conv backward (cuDNN on a GPU): channels-last views of dy2 and h1
         dh1, dwd, _ = torch.ops.aten.convolution_backward(
             dy2.view(B, Ho, Wo, hidden).permute(0, 3, 1, 2), h1.view(B, H, W, hidden).permute(0, 3, 1, 2), wd,
