@@ -24,9 +24,11 @@ Kernels
 * ``ff_dropout_keep_kernel``: regenerates a forward dropout mask for the recompute backward of
   the two-kernel widths (maxvit_fast/ops/feedforward.py).
 * ``linear_dropout_residual`` (launcher, shared): ``ff_down_kernel`` as a plain matmul + dropout +
-  residual, HAS_BIAS off and its own dropout STREAM: the window attention's output projection in
-  training (maxvit_fast/ops/output_projection.py). Its backward takes ``ff_dropout_grad_kernel``
-  (grad * regenerated mask * scale, one launch, no stored mask) and two matmuls.
+  residual, HAS_BIAS off: the window attention's output projection in training
+  (maxvit_fast/ops/output_projection.py), the tokens and the block step's register rows (second
+  row set, residual the shared rows expanded with stride 0) in one launch. Its backward takes
+  ``ff_dropout_grad_kernel`` (grad * regenerated mask * scale, both row sets in one launch, no
+  stored mask) and matmuls.
 
 Two row sets in one launch (``extra=``): the block step runs the same feed-forward on its
 (B, H, W, C) tokens and on the register rows of every window ((B, nX, nY, r, C), sliced out of the
@@ -35,8 +37,9 @@ extra_out, its own coalesced layout), as kernels/layernorm_linear.py does: the g
 tiles followed by extra's, the program id picks the set (pointers and strides selected per
 program, one copy of the main loop), and a row tile never straddles the two sets. Tokens are
 numbered x's first, then extra's (token = M + row-major index over extra's leading dims): the
-dropout counters, the two-kernel path's hidden buffer rows ((M + M_extra, 4C)) and the
-statistics columns are indexed by token, so the pair call computes exactly one call on the
+dropout counters, the two-kernel path's hidden buffer rows ((M + M_extra, 4C); ff_down_kernel
+takes its two halves as two A-operand pointers, hidden and extra_hidden, so the output
+projection can pass two separate tensors) and the statistics columns are indexed by token, so the pair call computes exactly one call on the
 concatenation (masks independent of tiles, never colliding between the sets), without the copy.
 That saves one launch per block step on the one-pass path and two on the two-kernel path. The
 backward kernel stays one row set per launch (two launches for a pair: a second row set would add
@@ -106,8 +109,9 @@ fp32 (exact "ieee" dots run on FMA units with both operands in registers):
   (C=256: 2 MiB) from L2 for 16 tokens: 128 KB of L2 reads per token against the 8 KB per token
   of HBM traffic the two-kernel path's hidden buffer costs. fp32 is bound by FMA throughput
   anyway (16 C^2 FLOP per token), so C >= 128 takes the two-kernel path with small tiles (up
-  64x64x16, down 64x32x32, 4 warps: up 108-128 / 128-168, down 80 / 80-112 registers with
-  the second row set (single-set 127-128 / 128-168 and 80 / 78-110), no spills). (Survey:
+  64x64x16, down 64x32x32, 4 warps: up 108-128 / 128-168, down 80 / 80-116 registers with
+  the second row set (single-set 127-128 / 128-168 and 80 / 78-110; down 80 / 80-112 before its
+  second A-operand pointer, extra_hidden), no spills). (Survey:
   maxvit_fast.aot.compile_kernels over BLOCK_M 16-64, BLOCK_H 16-32, 4 or 8 warps; the AOT
   test compiles every configuration in use.)
 The one-pass kernel's second read of x uses a different eviction policy on purpose: otherwise
@@ -534,7 +538,7 @@ def ff_up_kernel(
 
 @triton.jit
 def ff_down_kernel(
-    hidden_ptr, x_ptr, out_ptr, extra_ptr, extra_out_ptr, w2_ptr, b2_ptr,
+    hidden_ptr, x_ptr, out_ptr, extra_hidden_ptr, extra_ptr, extra_out_ptr, w2_ptr, b2_ptr,
     M, D1,
     stride_x0, stride_x1, stride_xc, stride_o0, stride_o1, stride_oc,
     M_extra, D1_extra,  # the second row set (residual extra -> extra_out), coalesced the same way
@@ -546,11 +550,14 @@ def ff_down_kernel(
     HAS_BIAS: tl.constexpr = True, STREAM: tl.constexpr = STREAM_OUT,
 ):
     """out[rows, chans] = Dropout(hidden @ W2^T + b2) + x for a (BLOCK_M, BLOCK_N) tile of x's
-    rows (row tiles [0, x_row_tiles)), or extra_out = ... + extra for one of extra's (the rest,
-    tokens M + row). hidden: contiguous (M + M_extra, HIDDEN), by token.
+    rows (row tiles [0, x_row_tiles)), or extra_out = Dropout(extra_hidden @ W2^T + b2) + extra
+    for one of extra's (the rest, tokens M + row: the dropout counters). hidden: contiguous
+    (M, HIDDEN), extra_hidden contiguous (M_extra, HIDDEN), by row of their set (the feed-forward
+    passes the two halves of its (M + M_extra, HIDDEN) buffer).
 
     Also the window attention's output projection (linear_dropout_residual: hidden = the
-    attention output, HIDDEN = C, no bias, its own dropout STREAM, no second row set)."""
+    attention output of the tokens, extra_hidden that of the register rows, HIDDEN = C, no
+    bias)."""
     # axis 0 walks the output columns, so the programs that share one row tile run together
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -562,7 +569,7 @@ def ff_down_kernel(
     if DROPOUT_OUT:
         seed = tl.load(seed_ptr)
     chan_ok = chans < C
-    h_rows = hidden_ptr + tokens.to(tl.int64)[:, None] * HIDDEN
+    h_rows = tl.where(is_extra, extra_hidden_ptr, hidden_ptr) + rows.to(tl.int64)[:, None] * HIDDEN
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, HIDDEN, BLOCK_K):
@@ -613,19 +620,29 @@ def ff_dropout_keep_kernel(
 
 @triton.jit
 def ff_dropout_grad_kernel(
-    grad_ptr, out_ptr, M, N, D1, stride_g0, stride_g1, stride_gc, seed_ptr, p, scale,
+    grad_ptr, extra_grad_ptr, out_ptr, M, N, D1, stride_g0, stride_g1, stride_gc,
+    M_extra, D1_extra, stride_e0, stride_e1, stride_ec,  # the second row set, coalesced the same way
+    x_row_tiles, seed_ptr, p, scale,
     STREAM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
-    """out[row, col] (contiguous (M, N), grad's dtype) = grad * keep * scale: the gradient through
-    the forward's dropout STREAM (the mask regenerated, never stored). grad: (..., N) rows
-    coalesced to two leading dims, as the forward kernels index tokens."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """out[token, col] (contiguous (M + M_extra, N), grad's dtype) = grad * keep * scale: the
+    gradient through the forward's dropout STREAM (the mask regenerated, never stored). Row
+    tiles [0, x_row_tiles) read grad (tokens 0..M-1), the rest extra_grad (tokens M + row), as
+    ff_down_kernel numbers its two row sets; both (..., N) with rows coalesced to two leading
+    dims."""
+    pid_m = tl.program_id(0)
+    is_extra = pid_m >= x_row_tiles
+    rows = tl.where(is_extra, pid_m - x_row_tiles, pid_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tokens = rows + tl.where(is_extra, M, 0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = (rows < M)[:, None] & (cols < N)[None, :]
-    g = tl.load(grad_ptr + _token_offsets(rows, D1, stride_g0, stride_g1)[:, None] + cols[None, :] * stride_gc,
+    ok = (rows < tl.where(is_extra, M_extra, M))[:, None] & (cols < N)[None, :]
+    offsets = _token_offsets(rows, tl.where(is_extra, D1_extra, D1), tl.where(is_extra, stride_e0, stride_g0),
+                             tl.where(is_extra, stride_e1, stride_g1))
+    src = tl.where(is_extra, extra_grad_ptr, grad_ptr)
+    g = tl.load(src + offsets[:, None] + cols[None, :] * tl.where(is_extra, stride_ec, stride_gc),
                 mask=ok, other=0.0).to(tl.float32)
-    g = tl.where(_keep(tl.load(seed_ptr), rows, cols, STREAM, p), g * scale, 0.0)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :],
+    g = tl.where(_keep(tl.load(seed_ptr), tokens, cols, STREAM, p), g * scale, 0.0)
+    tl.store(out_ptr + tokens.to(tl.int64)[:, None] * N + cols[None, :],
              to_storage(g, out_ptr.dtype.element_ty, ROUND_BF16), mask=ok)
 
 
@@ -876,7 +893,7 @@ def feedforward_residual(
         x_row_tiles = triton.cdiv(M, down_cfg["BLOCK_M"])
         grid = (triton.cdiv(C, down_cfg["BLOCK_N"]), x_row_tiles + triton.cdiv(M_extra, down_cfg["BLOCK_M"]))
         ff_down_kernel[grid](
-            hidden_buf, kernel_x, kernel_out, kernel_e, kernel_eo, w2, b2,
+            hidden_buf, kernel_x, kernel_out, hidden_buf[M:] if M_extra else hidden_buf, kernel_e, kernel_eo, w2, b2,
             M, D1, sx0, sx1, sxc, so0, so1, soc, *two_sets, x_row_tiles,
             dropout["seed"], dropout["p_out"], dropout["scale_out"],
             C=C, HIDDEN=hidden, **down_cfg, DROPOUT_OUT=p_out > 0, FP32_DOT=use_fp32_dot, ROUND_BF16=round_bf16,
@@ -1006,21 +1023,17 @@ def dropout_keep_mask(M: int, N: int, p: float, seed, stream: int, device) -> to
 # shared launcher: matmul + dropout + residual (ff_down_kernel), and the dropout gradient
 # --------------------------------------------------------------------------------------------
 
-# Stream of the window attention's output dropout for its register rows (tokens use STREAM_OUT).
-# The attention core's philox counters have c2 = 0 (kernels/window_attention.py), so streams >= 1
-# never repeat its random numbers when it shares the seed.
-STREAM_REGISTERS = 2
-
 # ff_down_kernel tiles for linear_dropout_residual by output width (K = N in the attention's
 # projection): 64-wide column tiles at N = 64 (a 128-wide tile would be half masked), else the
-# feed-forward's down-projection tiles. Resource report (HAS_BIAS off, dropout on; Triton 3.9,
-# maxvit_fast.aot, ``pytest tests/test_output_projection.py -k compile -s``), registers sm_80 /
-# sm_90, STACK = LOCAL = 0 in every entry, HMMA on sm_80 and HGMMA on sm_90 for fp16/bf16:
-#   C = 64   64x64x64, 4 warps, 3 stages    fp16/bf16 129 / 103    fp32 (64x32x32, 4 warps) 96 / 80
-#   C = 128-512  64x128x64, 8 warps, 3 st.  fp16 168-170 / 80, bf16 168-173 / 80    fp32 80 / 80
-# (with the feed-forward's second-row-set arguments, passed empty here: C = 64 130-131 / 101-102,
-# C = 128-512 168-172 / 80, fp32 80 / 80; still no spills)
-# ff_dropout_grad_kernel (32 x 64 tile, 4 warps): 71 / 56 registers (fp32 63 / 51), no spills.
+# feed-forward's down-projection tiles. Resource report with the second row set in use (the
+# register rows; HAS_BIAS off, dropout on; Triton 3.9, maxvit_fast.aot, ``pytest
+# tests/test_output_projection.py -k compile -s``), registers sm_80 / sm_90, STACK = LOCAL = 0
+# in every entry, HMMA on sm_80 and HGMMA on sm_90 for fp16/bf16:
+#   C = 64   64x64x64, 4 warps, 3 stages    fp16/bf16 130-131 / 101    fp32 (64x32x32, 4 warps) 80 / 80
+#   C = 128-512  64x128x64, 8 warps, 3 st.  fp16 168-170 / 80, bf16 168 / 80    fp32 80 / 80
+# (one row set per launch, before: C = 64 129 / 103, C = 128-512 168-173 / 80, fp32 80-96 / 80)
+# ff_dropout_grad_kernel (32 x 64 tile, 4 warps, two row sets): 68 / 50 registers (fp32 64 / 51;
+# one set: 71 / 56, fp32 63 / 51), no spills.
 PROJECTION_TILES_N64 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
@@ -1030,85 +1043,145 @@ def linear_dropout_residual_config(N: int, dtype: torch.dtype) -> dict:
     return dict(PROJECTION_TILES_N64 if N <= 64 else DOWN_TILES)
 
 
+def _row_layout(t: torch.Tensor, *others: torch.Tensor):
+    """(t, D1, (stride0, stride1)) of t's leading dims coalesced jointly with ``others``' (same
+    leading shape) to at most two; t made contiguous where they do not coalesce (never for the
+    model's channels-last maps and expanded register rows)."""
+    sizes, (st, *_) = _coalesce_leading(t.shape[:-1], t.stride()[:-1], *(o.stride()[:-1] for o in others))
+    if len(sizes) > 2:
+        t = t.contiguous()
+        sizes, (st, *_) = _coalesce_leading(t.shape[:-1], t.stride()[:-1], *(o.stride()[:-1] for o in others))
+    D1, s0, s1 = _two_leading(sizes, st)
+    return t, D1, (s0, s1)
+
+
+def _matmul_rows(a: torch.Tensor, K_: int) -> torch.Tensor:
+    rows = a.reshape(-1, K_)
+    return rows if rows.is_contiguous() else rows.contiguous()
+
+
 def linear_dropout_residual(
     a: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, p: float = 0.0, seed=None,
     stream: int = STREAM_OUT, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    a_extra: torch.Tensor | None = None, residual_extra: torch.Tensor | None = None,
+    extra_out: torch.Tensor | None = None,
+):
     """``Dropout(a @ weight^T + bias) + residual`` per row, one ff_down_kernel launch.
 
     a (..., K) (rows made contiguous if they are not), weight (N, K), residual (..., N) with any
     strides (the same leading shape as a). Dropout keeps element (row, column) by
     philox(seed; column, row, ``stream``), row = the row-major index over the leading dims (the
     feed-forward's counter formula; :func:`dropout_grad` regenerates it). Returns ``out`` or a
-    new contiguous (..., N) tensor."""
+    new contiguous (..., N) tensor.
+
+    ``a_extra`` (..., K) with ``residual_extra`` (..., N) (any strides, e.g. shared rows expanded
+    with stride 0): a second row set in the same launch, its rows numbered after a's (row = M +
+    row-major index over its leading dims: the dropout counters, so its masks are those of one
+    call on the concatenation and never repeat a's). Its result goes to ``extra_out`` (contiguous)
+    or a new tensor, and the call returns ``(out, extra_out)``."""
     K_, N = a.shape[-1], weight.shape[0]
     if weight.shape != (N, K_) or residual.shape[:-1] != a.shape[:-1] or residual.shape[-1] != N:
         raise ValueError(f"a {tuple(a.shape)}, weight {tuple(weight.shape)}, residual {tuple(residual.shape)}: "
                          "expected (..., K), (N, K), (..., N)")
-    for name, t in (("weight", weight), ("residual", residual), ("bias", bias), ("out", out)):
+    if (a_extra is None) != (residual_extra is None):
+        raise ValueError("a_extra and residual_extra come together")
+    if a_extra is None and extra_out is not None:
+        raise ValueError("extra_out without a_extra")
+    if a_extra is not None and (a_extra.shape[-1] != K_ or residual_extra.shape[:-1] != a_extra.shape[:-1]
+                                or residual_extra.shape[-1] != N):
+        raise ValueError(f"a_extra {tuple(a_extra.shape)}, residual_extra {tuple(residual_extra.shape)}: expected "
+                         f"(..., {K_}), (..., {N})")
+    for name, t in (("weight", weight), ("residual", residual), ("bias", bias), ("out", out), ("a_extra", a_extra),
+                    ("residual_extra", residual_extra), ("extra_out", extra_out)):
         if t is not None and (t.dtype != a.dtype or t.device != a.device):
             raise ValueError(f"{name} is {t.dtype} on {t.device}; a is {a.dtype} on {a.device}")
     if a.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"a must be float16, bfloat16 or float32, got {a.dtype}")
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias must be ({N},), got {tuple(bias.shape)}")
-    if out is None:
-        out = torch.empty(residual.shape, dtype=a.dtype, device=a.device)
-    elif out.shape != residual.shape or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {tuple(residual.shape)} tensor, got {tuple(out.shape)}")
+
+    def output(t, res, name):
+        if t is None:
+            return torch.empty(res.shape, dtype=a.dtype, device=a.device)
+        if t.shape != res.shape or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous {tuple(res.shape)} tensor, got {tuple(t.shape)}")
+        return t
+
+    out = output(out, residual, "out")
+    extra = a_extra is not None
+    if extra:
+        extra_out = output(extra_out, residual_extra, "extra_out")
+    result = (out, extra_out) if extra else out
     M = a.numel() // K_ if K_ else 0
-    if M == 0 or N == 0:
-        return out
-    if M >= 2**31:
-        raise ValueError(f"{M} rows: at most 2**31 - 1 per call")
-    rows = a.reshape(M, K_)
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
-    sizes, (sr, so) = _coalesce_leading(residual.shape[:-1], residual.stride()[:-1], out.stride()[:-1])
-    if len(sizes) > 2:
-        residual = residual.contiguous()
-        sizes, (sr, so) = _coalesce_leading(residual.shape[:-1], residual.stride()[:-1], out.stride()[:-1])
-    D1, stride_r0, stride_r1 = _two_leading(sizes, sr)
-    _, stride_o0, stride_o1 = _two_leading(sizes, so)
+    M_extra = a_extra.numel() // K_ if extra and K_ else 0
+    if M + M_extra == 0 or N == 0:
+        return result
+    if M + M_extra >= 2**31:
+        raise ValueError(f"{M + M_extra} rows: at most 2**31 - 1 per call")
+    rows = _matmul_rows(a, K_)
+    residual, D1, (stride_r0, stride_r1) = _row_layout(residual, out)
+    _, _, (stride_o0, stride_o1) = _row_layout(out, residual)
+    if extra:
+        rows_e = _matmul_rows(a_extra, K_)
+        residual_e, D1_e, (stride_e0, stride_e1) = _row_layout(residual_extra, extra_out)
+        _, _, (stride_eo0, stride_eo1) = _row_layout(extra_out, residual_e)
+        out_e = extra_out
+    else:  # no second row set: no program reads these
+        rows_e, residual_e, out_e, D1_e, stride_e0, stride_e1, stride_eo0, stride_eo1 = rows, residual, out, 1, 0, 0, 0, 0
     dropout = _dropout_args(0.0, p, seed, weight)
     cfg = linear_dropout_residual_config(N, a.dtype)
     nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
+    x_row_tiles = triton.cdiv(M, cfg["BLOCK_M"])
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), x_row_tiles + triton.cdiv(M_extra, cfg["BLOCK_M"]))
     ff_down_kernel[grid](
-        rows, residual, out, residual, out, weight.contiguous(), weight if bias is None else bias.contiguous(),
+        rows, residual, out, rows_e, residual_e, out_e, weight.contiguous(),
+        weight if bias is None else bias.contiguous(),
         M, D1, stride_r0, stride_r1, residual.stride(-1), stride_o0, stride_o1, out.stride(-1),
-        0, 1, 0, 0, residual.stride(-1), 0, 0, out.stride(-1), grid[1],  # no second row set
-        dropout["seed"], dropout["p_out"], dropout["scale_out"],
+        M_extra, D1_e, stride_e0, stride_e1, residual_e.stride(-1), stride_eo0, stride_eo1, out_e.stride(-1),
+        x_row_tiles, dropout["seed"], dropout["p_out"], dropout["scale_out"],
         C=N, HIDDEN=K_, **cfg, DROPOUT_OUT=p > 0, FP32_DOT=fp32_dot(a.dtype),
         ROUND_BF16=INTERPRET and a.dtype == torch.bfloat16, HAS_BIAS=bias is not None, STREAM=stream,
         num_warps=nw, num_stages=ns,
     )
-    return out
+    return result
 
 
 def dropout_grad(grad: torch.Tensor, p: float, seed, stream: int = STREAM_OUT,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, grad_extra: torch.Tensor | None = None) -> torch.Tensor:
     """``grad * keep * 1/(1-p)`` as a contiguous (rows, N) tensor in grad's dtype, keep the mask
     the forward kernels drew for dropout ``stream`` (rows = the row-major index over grad's
-    leading dims). One launch; the mask is regenerated, not stored."""
+    leading dims). ``grad_extra`` (..., N): the gradient of a second row set numbered after
+    grad's rows (``linear_dropout_residual``'s ``a_extra``), in the same launch; its rows follow
+    grad's in the (M + M_extra, N) result. One launch; the mask is regenerated, not stored."""
     N = grad.shape[-1]
+    if grad_extra is not None and (grad_extra.shape[-1] != N or grad_extra.dtype != grad.dtype
+                                   or grad_extra.device != grad.device):
+        raise ValueError(f"grad_extra is {tuple(grad_extra.shape)} {grad_extra.dtype} on {grad_extra.device}; grad "
+                         f"is {tuple(grad.shape)} {grad.dtype} on {grad.device}")
     M = grad.numel() // N if N else 0
+    M_extra = grad_extra.numel() // N if grad_extra is not None and N else 0
     if out is None:
-        out = torch.empty((M, N), dtype=grad.dtype, device=grad.device)
-    elif out.shape != (M, N) or out.dtype != grad.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous ({M}, {N}) {grad.dtype} tensor, got {tuple(out.shape)} {out.dtype}")
-    if M == 0 or N == 0:
+        out = torch.empty((M + M_extra, N), dtype=grad.dtype, device=grad.device)
+    elif out.shape != (M + M_extra, N) or out.dtype != grad.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous ({M + M_extra}, {N}) {grad.dtype} tensor, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    if M + M_extra == 0 or N == 0:
         return out
-    sizes, (sg,) = _coalesce_leading(grad.shape[:-1], grad.stride()[:-1])
-    if len(sizes) > 2:
-        grad = grad.contiguous()
-        sizes, (sg,) = _coalesce_leading(grad.shape[:-1], grad.stride()[:-1])
-    D1, stride_g0, stride_g1 = _two_leading(sizes, sg)
+    if M + M_extra >= 2**31:
+        raise ValueError(f"{M + M_extra} rows: at most 2**31 - 1 per call")
+    grad, D1, (stride_g0, stride_g1) = _row_layout(grad)
+    if grad_extra is not None:
+        grad_e, D1_e, (stride_e0, stride_e1) = _row_layout(grad_extra)
+    else:  # no second row set: no program reads these
+        grad_e, D1_e, stride_e0, stride_e1 = grad, 1, 0, 0
     dropout = _dropout_args(0.0, p, seed, grad)
     BLOCK_M, BLOCK_N = 32, 64
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    x_row_tiles = triton.cdiv(M, BLOCK_M)
+    grid = (x_row_tiles + triton.cdiv(M_extra, BLOCK_M), triton.cdiv(N, BLOCK_N))
     ff_dropout_grad_kernel[grid](
-        grad, out, M, N, D1, stride_g0, stride_g1, grad.stride(-1), dropout["seed"], float(p), dropout["scale_out"],
+        grad, grad_e, out, M, N, D1, stride_g0, stride_g1, grad.stride(-1),
+        M_extra, D1_e, stride_e0, stride_e1, grad_e.stride(-1), x_row_tiles,
+        dropout["seed"], float(p), dropout["scale_out"],
         STREAM=stream, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ROUND_BF16=INTERPRET and grad.dtype == torch.bfloat16,
     )
     return out

@@ -153,16 +153,18 @@ def output_projection_cases():
     weight = (torch.randn(C, C) / C**0.5).requires_grad_()
     a = torch.randn(2, 3, 5, C, requires_grad=True)
     residual = torch.randn(2, C, 3, 5).permute(0, 2, 3, 1).requires_grad_()  # strided tokens
-    yield op_op.linear_dropout_residual_op, (a, weight, residual, 0.3, seed_tensor(), 1)
+    yield op_op.linear_dropout_residual_op, (a, weight, residual, 0.3, seed_tensor(), 1)  # grid step: tokens
     regs = torch.randn(1, 1, 1, 2, C, requires_grad=True)  # shared register rows, expanded (stride 0)
-    yield op_op.linear_dropout_residual_op, (torch.randn(2, 2, 3, 2, C, requires_grad=True), weight,
-                                             regs.expand(2, 2, 3, 2, C), 0.3, seed_tensor(), 2)
+    a_regs = torch.randn(2, 2, 3, 2, C, requires_grad=True)
+    yield op_op.linear_dropout_residual_op, (a, weight, residual, 0.3, seed_tensor(), 1, a_regs,
+                                             regs.expand(2, 2, 3, 2, C))  # block step: both row sets
     yield op_op.dropout_grad_op, (torch.randn(2, 3, 5, C), 0.3, seed_tensor(), 1)
+    yield op_op.dropout_grad_op, (torch.randn(2, 3, 5, C), 0.3, seed_tensor(), 1, torch.randn(2, 2, 3, 2, C))
 
 
 CASE_GROUPS = {"feedforward": (feedforward_cases, 8), "window_attention": (window_attention_cases, 4),
                "mbconv": (mbconv_cases, 6), "layernorm_linear": (layernorm_linear_cases, 3),
-               "output_projection": (output_projection_cases, 3)}
+               "output_projection": (output_projection_cases, 4)}
 
 
 @functools.cache

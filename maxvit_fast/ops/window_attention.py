@@ -30,20 +30,30 @@ step, in eval mode 4 launches (block step) or 3 (grid step):
    per-window copy of them). When autograd records (training), the register rows keep an
    ``addmm`` over an expanded copy of their residual (the baddbmm's weight gradient would be a
    (windows, C, C) batch summed afterwards). With output dropout (training), projection, dropout
-   and residual add are one Triton launch per row set (``maxvit_fast::linear_dropout_residual``,
-   ops/output_projection.py: the feed-forward's ff_down_kernel without bias), the mask drawn in
-   the kernel from the attention core's seed (streams 1 for tokens, 2 for register rows; the
-   core's counters never use those) and regenerated in the backward. Eval keeps cuBLAS (one
-   launch either way, a tuned GEMM).
+   and residual add of the tokens AND (block step) the register rows of every window are one
+   Triton launch (``maxvit_fast::linear_dropout_residual``, ops/output_projection.py: the
+   feed-forward's ff_down_kernel without bias, the register rows as its second row set, their
+   residual the shared (1, r, C) rows expanded over the windows with stride 0, no copy); the
+   mask is drawn in the kernel from the attention core's seed on stream 1 (the core's counters
+   never use it), the register rows numbered after the tokens (rows B*H*W + i), and regenerated
+   in the backward: one dropout_grad launch for both sets, one mm for both input gradients and
+   mm + in-place addmm_ for the weight gradient. Eval keeps cuBLAS (one launch either way, a
+   tuned GEMM).
 
 Training step, counted (``maxvit_fast.traffic``, Triton launches dry-run; MaxViT-T, 224 x 224,
 batch 1; ``TRITON_INTERPRET=1 maxvit-bench --traffic --train --dtype bf16``), attention forward
-sections before -> after: block 143 -> 55 launches, 16.5 -> 9.1 MiB/image; grid 88 -> 44
-launches, 15.7 -> 8.8 MiB/image (fp32: 32.9 -> 18.0 and 31.2 -> 17.4 MiB). Backward section: 132
-fewer launches and 31.0 MiB less (bf16 and autocast; fp32 61.9 MiB less): no qkv recompute, no
-slice_backward, no stored dropout masks, one zero-fill instead of two and no transpose copy for
-the bias-table gradient. One block step at C = 64 (56 x 56, r = 4, bf16): forward 13 -> 5
-launches, backward 39 -> 33. Eval: unchanged (4 / 3 launches per step). GPU speed: not measured.
+sections before -> after the fused path: block 143 -> 44 launches, 16.5 -> 9.1 MiB/image; grid
+88 -> 44 launches, 15.7 -> 8.8 MiB/image (fp32: 32.9 -> 18.0 and 31.2 -> 17.4 MiB). Backward
+section: 165 fewer launches and 32.7 MiB less (bf16; fp32 61.9 MiB less before the one-launch
+output projection, not recounted): no qkv recompute, no slice_backward, no stored dropout
+masks, one zero-fill instead of two, no transpose copy for the bias-table gradient, and the
+output projection's two row sets in one launch. That last change alone (block step, training
+with output dropout): forward 55 -> 44 launches, 9.07 -> 9.07 MiB/image (the same outputs
+written, one launch instead of two); backward 1397 -> 1364 launches, 293.16 -> 291.45
+MiB/image (per block step: dropout_grad 2 -> 1, matmuls 4 -> 3 (mm, mm, in-place addmm_), the
+add of the two weight gradients gone: -3 launches and the (C, C) add's output).
+One block step at C = 64 (56 x 56, r = 4, bf16): forward 13 -> 4 launches, backward 39 -> 30.
+Eval: unchanged (4 / 3 launches per step). GPU speed: not measured.
 """
 
 from __future__ import annotations
@@ -60,8 +70,9 @@ from .layernorm_linear import unsupported_reason as layernorm_linear_unsupported
 from .library import custom_op, draw_seed, seed_tensor
 from .output_projection import linear_dropout_residual
 
-# philox streams of the output dropout (kernels/feedforward.py: STREAM_OUT, STREAM_REGISTERS)
-_STREAM_TOKENS, _STREAM_REGISTERS = 1, 2
+# philox stream of the output dropout (kernels/feedforward.py: STREAM_OUT), tokens and register
+# rows alike: the register rows are numbered after the tokens (rows M + i, M = B*H*W)
+_STREAM_OUT = 1
 
 
 def window_partition(x: torch.Tensor, window: int, pattern: str) -> torch.Tensor:
@@ -267,39 +278,40 @@ def _draw_seed(device) -> torch.Tensor:
     return draw_seed(device)
 
 
-def _project_residual(o, residual, weight, dropout_p, training, seed=None, stream=None):
-    """``residual + dropout(o @ weight^T)``: with output dropout in training one Triton launch
-    (``maxvit_fast::linear_dropout_residual``: matmul, in-kernel dropout of ``stream`` of ``seed``
-    and the residual add), else one cuBLAS addmm with the residual as input."""
+def _project_residual(o, residual, weight):
+    """``residual + o @ weight^T``: one cuBLAS addmm with the residual as input (no dropout)."""
     c = o.shape[-1]
-    if training and dropout_p > 0.0:
-        return linear_dropout_residual(o, weight, residual, dropout_p, seed, stream)
     flat = torch.addmm(residual.reshape(-1, c), o.reshape(-1, c), weight.t())
     return flat.view(o.shape)
 
 
-def _project_register_rows(o_reg, regs, weight, dropout_p, training, seed=None):
-    """``regs + dropout(o_reg @ weight^T)`` for the register rows of every window (B, nX, nY, r, C).
+def _expand_registers(regs, o_reg):
+    """The (1 or B, r, C) register rows as the (B, nX, nY, r, C) residual of every window: an
+    expanded view (stride 0 over the windows), no copy."""
+    b, nx, ny, r, c = o_reg.shape
+    return regs[:, None, None].expand(b, nx, ny, r, c)
 
-    Shared register rows (block step, regs (1, r, C)), no output dropout and no autograd graph:
-    one ``baddbmm`` over the windows with the (1, r, C) rows as the broadcast input and the weight
-    expanded over the window batch (batch stride 0), so the residual rows are never copied per
-    window. On CUDA, torch's baddbmm passes the expanded weight to cuBLAS strided-batched GEMM as
-    batch stride 0 without a copy (read from aten/native/cuda/Blas.cpp; not verified on a GPU in
-    this session); on the CPU torch 2.13 does not copy it for fp32/fp16 but makes a contiguous copy
+
+def _project_register_rows(o_reg, regs, weight):
+    """``regs + o_reg @ weight^T`` for the register rows of every window (B, nX, nY, r, C), no
+    output dropout.
+
+    Shared register rows (block step, regs (1, r, C)) and no autograd graph: one ``baddbmm``
+    over the windows with the (1, r, C) rows as the broadcast input and the weight expanded over
+    the window batch (batch stride 0), so the residual rows are never copied per window. On
+    CUDA, torch's baddbmm passes the expanded weight to cuBLAS strided-batched GEMM as batch
+    stride 0 without a copy (read from aten/native/cuda/Blas.cpp; not verified on a GPU in this
+    session); on the CPU torch 2.13 does not copy it for fp32/fp16 but makes a contiguous copy
     for bf16 (CPU runs are tests, not a target). With autograd the expanded weight's gradient
-    would be a (windows, C, C) batch summed afterwards, so training without output dropout keeps
-    the addmm over an expanded copy of the (windows * r, C) residual rows; with output dropout the
-    Triton projection reads the shared rows through the expanded view (stride 0, no copy)."""
+    would be a (windows, C, C) batch summed afterwards, so training keeps the addmm over an
+    expanded copy of the (windows * r, C) residual rows."""
     r, c = regs.shape[-2], regs.shape[-1]
     windows = o_reg.numel() // (r * c)
     needs_graph = torch.is_grad_enabled() and (o_reg.requires_grad or regs.requires_grad or weight.requires_grad)
-    if regs.shape[0] == 1 and not (training and dropout_p > 0.0) and not needs_graph:
+    if regs.shape[0] == 1 and not needs_graph:
         out = torch.baddbmm(regs, o_reg.view(windows, r, c), weight.t().expand(windows, c, c))
         return out.view(o_reg.shape)
-    b, nx, ny = o_reg.shape[:3]
-    return _project_residual(o_reg, regs[:, None, None].expand(b, nx, ny, r, c), weight, dropout_p, training,
-                             seed, _STREAM_REGISTERS)
+    return _project_residual(o_reg, _expand_registers(regs, o_reg), weight)
 
 
 def _fused(x, registers, attn: Attention, pattern: str, need_register_outputs: bool):
@@ -331,10 +343,17 @@ def _fused(x, registers, attn: Attention, pattern: str, need_register_outputs: b
         register_queries, float(attn.scale), attn_p, seed if attn_p > 0.0 else None,
     )
 
-    out = _project_residual(o, x, out_weight, out_p, training, seed, _STREAM_TOKENS)
-    reg_out = None
-    if register_queries:
-        reg_out = _project_register_rows(o_reg, regs, out_weight, out_p, training, seed)
+    if out_p > 0.0:
+        # training with output dropout: projection, dropout and residual add of the tokens and
+        # (block step) the register rows of every window in one Triton launch, the register
+        # rows' residual the shared rows expanded (stride 0) and their dropout rows numbered
+        # after the tokens'; one dropout_grad launch for both in the backward
+        if not register_queries:
+            return linear_dropout_residual(o, out_weight, x, out_p, seed, _STREAM_OUT), None
+        return linear_dropout_residual(o, out_weight, x, out_p, seed, _STREAM_OUT, o_reg,
+                                       _expand_registers(regs, o_reg))
+    out = _project_residual(o, x, out_weight)
+    reg_out = _project_register_rows(o_reg, regs, out_weight) if register_queries else None
     return out, reg_out
 
 
