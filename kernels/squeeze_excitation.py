@@ -92,10 +92,15 @@ def se_gate_kernel(
         tl.store(gate_ptr + image * C + offs_c, 1.0 / (1.0 + tl.exp(-logit)), mask=mask_c)
 
 
-def se_gate_config(C: int, R: int) -> dict:
+def _weight_tile_config(C: int, R: int, tile_values: int) -> dict:
+    """All R rows of a weight matrix by as many channels as fit in ``tile_values`` values."""
     block_r = max(16, triton.next_power_of_2(max(R, 1)))
-    block_c = max(1, min(triton.next_power_of_2(C), 4096 // block_r))
+    block_c = max(1, min(triton.next_power_of_2(C), tile_values // block_r))
     return dict(BLOCK_T=16, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4)
+
+
+def se_gate_config(C: int, R: int) -> dict:
+    return _weight_tile_config(C, R, 4096)
 
 
 def se_gate(
@@ -203,9 +208,7 @@ def se_gate_backward_kernel(
 
 def se_gate_backward_config(C: int, R: int) -> dict:
     # pass 1 holds a w_reduce and a w_expand tile: 2 * 2048 fp32 values (32 per thread at 4 warps)
-    block_r = max(16, triton.next_power_of_2(max(R, 1)))
-    block_c = max(1, min(triton.next_power_of_2(C), 2048 // block_r))
-    return dict(BLOCK_T=16, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4)
+    return _weight_tile_config(C, R, 2048)
 
 
 def se_gate_backward(
