@@ -453,9 +453,7 @@ def _train_gradients(grad_out, x, params, stats, saved, eps, stride: int, add_re
         return dy, d_gamma, d_beta
 
     with torch.no_grad():
-        grad = grad_out.reshape(B, P2, dim_out)
-        if not grad.is_contiguous():
-            grad = grad.contiguous()
+        grad = grad_out.reshape(B, P2, dim_out).contiguous()
         # BN3 (no activation): dy3 = d(conv3 output), a new tensor (grad_out is not ours to overwrite)
         dy3, dg3, dbe3 = bn_backward(grad, y3, mean3, var3, eps[2], scale3, shift3, B * P2, gelu=False,
                                           out=_empty(grad.shape, dt, dev))
@@ -481,9 +479,7 @@ def _train_gradients(grad_out, x, params, stats, saved, eps, stride: int, add_re
         dh1, dwd, _ = torch.ops.aten.convolution_backward(
             dy2.view(B, Ho, Wo, hidden).permute(0, 3, 1, 2), h1.view(B, H, W, hidden).permute(0, 3, 1, 2), wd,
             None, [stride, stride], [1, 1], [1, 1], False, [0, 0], hidden, [True, True, False])
-        dh1 = dh1.permute(0, 2, 3, 1).reshape(B, P1, hidden)
-        if not dh1.is_contiguous():
-            dh1 = dh1.contiguous()
+        dh1 = dh1.permute(0, 2, 3, 1).reshape(B, P1, hidden).contiguous()  # no copy when cuDNN returns channels-last
         # BN1 + GELU, dy1 in place over dh1
         dy1, dg1, dbe1 = bn_backward(dh1, y1, mean1, var1, eps[0], scale1, shift1, B * P1, gelu=True, out=dh1)
         # expand conv: dx (+ the residual's gradient in the same matmul) and dW1
