@@ -12,6 +12,16 @@ import os
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def interpreter_upcasts_dot(dtype) -> bool:
+    """Whether a kernel's tl.dot operands of this dtype must be upcast to fp32: only bf16 under the
+    interpreter (its bf16 tl.dot multiplies raw bit patterns, triton issue 11584). Its fp16 dot
+    is right (numpy matmul into the fp32 accumulator), so fp16 runs the GPU's code path under
+    test too."""
+    import torch
+
+    return INTERPRET and dtype == torch.bfloat16
+
+
 def seed_pointer(seed, dropout: bool, placeholder):
     """The dropout seed as the kernels take it: a 1-element int64 tensor on the kernels' device,
     read in the kernel (so a captured CUDA graph uses each replay's seed). ``seed`` is such a

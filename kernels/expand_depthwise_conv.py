@@ -55,7 +55,7 @@ Trade-off: recomputation instead of memory traffic
 Numerics
 - fp32: the dot uses ``input_precision="ieee"`` (no TF32), so the fused path meets 1e-5.
 - fp16/bf16: tensor-core dots (HMMA on sm_80, HMMA/HGMMA on sm_90) with fp32 accumulation.
-- Under the Triton interpreter ``UPCAST_DOT`` upcasts the dot operands to fp32 (bf16 tl.dot is
+- Under the Triton interpreter ``UPCAST_DOT`` upcasts bf16 dot operands to fp32 (bf16 tl.dot is
   wrong there, triton issue 11584) and ``EMULATE_BF16_RTNE`` rounds bf16 to nearest even
   (the interpreter's cast truncates; see kernels/numerics.py). Both are off on a GPU.
 
@@ -89,7 +89,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, interpreter_upcasts_dot
 from .depthwise_conv import output_tile
 from .numerics import dot_accumulate, gelu, to_storage
 
@@ -235,7 +235,7 @@ def expand_depthwise_conv3x3(
         H, W, Ho, Wo, K, N, T,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         STRIDE=stride, X_K_CONTIGUOUS=x.stride(3) == 1,
-        FP32_IEEE=x.dtype == torch.float32, UPCAST_DOT=INTERPRET,
+        FP32_IEEE=x.dtype == torch.float32, UPCAST_DOT=interpreter_upcasts_dot(x.dtype),
         EMULATE_BF16_RTNE=INTERPRET and x.dtype == torch.bfloat16,
         **cfg,
     )

@@ -193,7 +193,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, seed_pointer
+from . import INTERPRET, interpreter_upcasts_dot, seed_pointer
 from .numerics import gelu, to_storage
 
 
@@ -656,7 +656,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def fp32_dot(dtype: torch.dtype) -> bool:
     """Whether the kernels multiply in fp32 ("ieee"): fp32 inputs, and bf16 under the
     interpreter (its bf16 tl.dot is wrong, triton issue 11584)."""
-    return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
+    return dtype == torch.float32 or interpreter_upcasts_dot(dtype)
 
 
 # One-pass kernel tiles by BLOCK_C = next_power_of_2(C), for fp16/bf16 (the header gives the

@@ -37,7 +37,7 @@ def to_storage(x, dtype: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr):
 
 @triton.jit
 def dot_accumulate(a, b, acc, UPCAST_DOT: tl.constexpr, FP32_IEEE: tl.constexpr):
-    """acc + a @ b with fp32 accumulation. UPCAST_DOT (set only under the interpreter): operands
+    """acc + a @ b with fp32 accumulation. UPCAST_DOT (set only under the interpreter, for bf16): operands
     upcast to fp32 first (the interpreter's bf16 tl.dot is wrong, triton issue 11584).
     FP32_IEEE (fp32 inputs): exact fp32 products, no TF32."""
     if UPCAST_DOT:

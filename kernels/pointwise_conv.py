@@ -28,7 +28,7 @@ Decisions
   tensor-core dot): the gated hidden tensor is never written.
 - fp32 inputs use ``input_precision="ieee"`` (no TF32) so the fp32 path meets 1e-5 relative;
   fp16/bf16 use tensor cores (HMMA on sm_80, HMMA/HGMMA on sm_90) with fp32 accumulation.
-- Under the Triton interpreter ``UPCAST_DOT`` upcasts the dot operands to fp32 (bf16 tl.dot is
+- Under the Triton interpreter ``UPCAST_DOT`` upcasts bf16 dot operands to fp32 (bf16 tl.dot is
   wrong there, triton issue 11584); on a GPU it is off.
 - Triton matmul vs cuBLAS (torch.matmul) + a separate epilogue: NOT MEASURED (no GPU in this
   session). The Triton kernel is the default for both 1x1 convs because the alternative needs
@@ -81,7 +81,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, interpreter_upcasts_dot
 from .numerics import dot_accumulate, gelu, to_storage
 
 
@@ -254,7 +254,7 @@ def pointwise_conv(
         HAS_GATE=gate is not None,
         OUT_GELU=out_gelu, HAS_RESIDUAL=residual is not None, WRITE_STATS=stats,
         A_K_CONTIGUOUS=a.stride(2) == 1, RES_N_CONTIGUOUS=res.stride(2) == 1,
-        FP32_IEEE=a.dtype == torch.float32, UPCAST_DOT=INTERPRET,
+        FP32_IEEE=a.dtype == torch.float32, UPCAST_DOT=interpreter_upcasts_dot(a.dtype),
         EMULATE_BF16_RTNE=INTERPRET and a.dtype == torch.bfloat16,
         **cfg,
     )

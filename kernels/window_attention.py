@@ -74,8 +74,8 @@ per element instead (tl.rand) cost ~100 more registers in the forward (sm_80: 25
 
 Numerics: fp32 accumulation; scores in base 2 (q.k * scale * log2(e) + bias * log2(e), exp2); P is
 rounded to the input dtype before P @ V and dS before dQ/dK (as flash attention does). fp32 inputs
-use input_precision="ieee" dots (no TF32), so fp32 meets 1e-5. Under the Triton interpreter
-(UPCAST_DOT) the dot operands are upcast to fp32 after rounding to the input dtype, because the
+use input_precision="ieee" dots (no TF32), so fp32 meets 1e-5. Under the Triton interpreter, for
+bf16 only (UPCAST_DOT; fp16 runs the GPU's code path there), the dot operands are upcast to fp32 after rounding to the input dtype, because the
 interpreter's bf16 tl.dot is wrong (triton issue 11584), and fp32 -> bf16 rounding is done on the
 bits, because the interpreter's conversion truncates (measured: half of 4096 random values
 differ from torch's round-to-nearest-even; it made the interpreted bf16 attention output 2.5x less
@@ -195,7 +195,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, seed_pointer
+from . import INTERPRET, interpreter_upcasts_dot, seed_pointer
 from .numerics import round_fp32_to_bf16_nearest_even
 
 LOG2E = 1.4426950408889634
@@ -980,7 +980,7 @@ def window_attention_forward(
     constexprs = dict(
         WINDOW=window, NUM_REG=num_registers, HEAD_DIM=head_dim, Q_START=cfg["q_start"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GRID_PATTERN=bool(grid_pattern),
-        DROPOUT=threshold > 0, ALIGN=align, UPCAST_DOT=INTERPRET, DOT_PRECISION=_dot_precision(dtype),
+        DROPOUT=threshold > 0, ALIGN=align, UPCAST_DOT=interpreter_upcasts_dot(dtype), DOT_PRECISION=_dot_precision(dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["fwd_stages"],
     )
     if cfg["long"]:  # one window per program, a loop over key tiles
@@ -1071,7 +1071,7 @@ def window_attention_backward(
         float(scale) * LOG2E, float(scale), seed_pointer(seed, threshold > 0, table), threshold, keep_scale,
         WINDOW=window, NUM_REG=num_registers, HEAD_DIM=head_dim, Q_START=q_start,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, GRID_PATTERN=bool(grid_pattern),
-        DROPOUT=threshold > 0, ALIGN=align, UPCAST_DOT=INTERPRET, DOT_PRECISION=_dot_precision(dtype),
+        DROPOUT=threshold > 0, ALIGN=align, UPCAST_DOT=interpreter_upcasts_dot(dtype), DOT_PRECISION=_dot_precision(dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["bwd_stages"],
     )
     if q_tiles > 1:
@@ -1147,7 +1147,7 @@ def _long_backward(qkv, reg_qkv, table, lse, d_out, d_reg_out_v, d_reg_out_strid
     constexprs = dict(
         WINDOW=window, NUM_REG=num_registers, HEAD_DIM=head_dim, Q_START=q_start,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GRID_PATTERN=bool(grid_pattern),
-        DROPOUT=threshold > 0, ALIGN=align, UPCAST_DOT=INTERPRET, DOT_PRECISION=_dot_precision(dtype),
+        DROPOUT=threshold > 0, ALIGN=align, UPCAST_DOT=interpreter_upcasts_dot(dtype), DOT_PRECISION=_dot_precision(dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["bwd_stages"],
     )
     window_attention_long_bwd_dq_kernel[(num_windows, heads, cfg["q_tiles"])](
