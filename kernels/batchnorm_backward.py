@@ -26,7 +26,8 @@ Passes:
    with gate, dm constant per image, the first four give sum g and sum g * xhat once gate and
    dm are known, without a second pass over the tensors.
 2. ``batchnorm_backward_coefficients``: one launch over channel blocks, looping over the tile
-   rows: dbeta, dgamma and the per-channel terms w = -scale * dbeta / N, q = -scale * dgamma / N.
+   rows: dbeta, dgamma (stored in the BatchNorm parameters' dtype) and the per-channel terms
+   w = -scale * dbeta / N, q = -scale * dgamma / N (fp32).
 3. ``batchnorm_backward_apply``: dy = scale * g + w + q * xhat, g recomputed from dh and y; out
    may be dh itself (each element is read and written by the same program).
 
@@ -49,7 +50,8 @@ toolchain, C divisible by 16 as the runtime specialises it. All LOCAL 0 and STAC
     apply plain w4:            fp16 56/64,   bf16 62/64,   fp32 60/64
     apply gelu  w4:            fp16 83/85,   bf16 84/84,   fp32 72/72
     apply se    w4:            fp16 107/110, bf16 108/110, fp32 96/95
-    coefficients w4 (32 rows x 64 channels): plain/gelu 48/54, se 96/96
+    coefficients w4 (32 rows x 64 channels; dgamma/dbeta fp16, bf16, fp32): plain/gelu 56/52,
+                 56/52, 48/54; se 96/96 for all three
 (8 warps, i.e. 8 values per thread, would bring the SE kernels to 60..76 registers; 4 warps kept
 as in batchnorm_gelu.py, the choice is for a GPU measurement.)
 GPU speed: not measured.
@@ -138,7 +140,7 @@ def batchnorm_backward_sums_kernel(
 def batchnorm_backward_coefficients_kernel(
     sums_ptr, scale_ptr, gate_ptr, dm_ptr, w_ptr, q_ptr, dgamma_ptr, dbeta_ptr,
     rows, C, tiles_per_image, inv_count,
-    SE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    SE: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
@@ -169,8 +171,9 @@ def batchnorm_backward_coefficients_kernel(
             sum_gx += tl.sum(s1, axis=0)
 
     scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
-    tl.store(dbeta_ptr + offs_c, sum_g, mask=mask_c)
-    tl.store(dgamma_ptr + offs_c, sum_gx, mask=mask_c)
+    # dgamma / dbeta in the parameters' dtype (one rounding of the fp32 sums); w, q stay fp32
+    tl.store(dbeta_ptr + offs_c, to_storage(sum_g, dbeta_ptr.dtype.element_ty, EMULATE_BF16_RTNE), mask=mask_c)
+    tl.store(dgamma_ptr + offs_c, to_storage(sum_gx, dgamma_ptr.dtype.element_ty, EMULATE_BF16_RTNE), mask=mask_c)
     tl.store(w_ptr + offs_c, -scale * sum_g * inv_count, mask=mask_c)
     tl.store(q_ptr + offs_c, -scale * sum_gx * inv_count, mask=mask_c)
 
@@ -230,15 +233,20 @@ def _check_activation(name, t, shape=None):
         raise ValueError(f"{name} must be contiguous")
 
 
-def _check_fp32(name, t, shape, device):
+def _check_vector(name, t, shape, dtype, device):
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(getattr(t, 'shape', ())) or type(t)}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name} must be fp32, got {t.dtype}")
+    if t.dtype != dtype:
+        names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+        raise TypeError(f"{name} must be {names.get(dtype, dtype)}, got {t.dtype}")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+def _check_fp32(name, t, shape, device):
+    _check_vector(name, t, shape, torch.float32, device)
 
 
 def _check_inputs(dh, y, mean, var, scale, shift):
@@ -286,11 +294,13 @@ def batchnorm_backward_sums(dh, y, mean, var, eps: float, scale, shift, *, gelu:
 
 
 def batchnorm_backward_coefficients(sums, scale, *, images: int, count: int, gate=None, dm=None,
+                                    param_dtype: torch.dtype = torch.float32,
                                     out: tuple[torch.Tensor, ...] | None = None):
-    """(w, q, dgamma, dbeta), each (C,) fp32, from the tile sums of ``batchnorm_backward_sums``
-    (rows = images * T, row r a tile of image r // T). ``count`` = N = B * P, the rows the
+    """(w, q, dgamma, dbeta), each (C,), from the tile sums of ``batchnorm_backward_sums`` (rows =
+    images * T, row r a tile of image r // T): w, q fp32, dgamma and dbeta in ``param_dtype``
+    (the BatchNorm weight's: no cast launches after). ``count`` = N = B * P, the rows the
     BatchNorm normalised. SE sums (K = 5) need ``gate`` and ``dm`` (images, C) fp32.
-    ``out``: four preallocated (C,) fp32 tensors."""
+    ``out``: four preallocated (C,) tensors of those dtypes."""
     if not isinstance(sums, torch.Tensor) or sums.ndim != 3 or sums.shape[1] not in (2, 5):
         raise ValueError(f"sums must be a (rows, 2 or 5, C) tensor, got {getattr(sums, 'shape', type(sums))}")
     if sums.dtype != torch.float32:
@@ -305,13 +315,16 @@ def batchnorm_backward_coefficients(sums, scale, *, images: int, count: int, gat
     _check_se(gate, dm, images, C, sums.device)
     if se != (gate is not None):
         raise ValueError("SE sums (K = 5) need gate and dm, plain/GELU sums (K = 2) take neither")
+    if param_dtype not in _DTYPES:
+        raise TypeError(f"param_dtype must be fp16, bf16 or fp32, got {param_dtype}")
+    dtypes = (torch.float32, torch.float32, param_dtype, param_dtype)
     if out is None:
-        out = tuple(torch.empty(C, dtype=torch.float32, device=sums.device) for _ in range(4))
+        out = tuple(torch.empty(C, dtype=dt, device=sums.device) for dt in dtypes)
     else:
         if len(out) != 4:
-            raise ValueError("out must be four (C,) fp32 tensors (w, q, dgamma, dbeta)")
-        for name, t in zip(("w", "q", "dgamma", "dbeta"), out):
-            _check_fp32(f"out {name}", t, (C,), sums.device)
+            raise ValueError("out must be four (C,) tensors (w, q fp32; dgamma, dbeta in param_dtype)")
+        for name, t, dt in zip(("w", "q", "dgamma", "dbeta"), out, dtypes):
+            _check_vector(f"out {name}", t, (C,), dt, sums.device)
     w, q, dgamma, dbeta = out
     if C > 0:
         cfg = batchnorm_backward_coefficients_config()
@@ -320,7 +333,7 @@ def batchnorm_backward_coefficients(sums, scale, *, images: int, count: int, gat
         batchnorm_backward_coefficients_kernel[grid](
             sums, scale, gate if se else scale, dm if se else scale, w, q, dgamma, dbeta,
             rows, C, tiles_per_image, 1.0 / count if count > 0 else 0.0,
-            SE=se, **cfg,
+            SE=se, EMULATE_BF16_RTNE=INTERPRET and param_dtype == torch.bfloat16, **cfg,
         )
     return w, q, dgamma, dbeta
 

@@ -139,6 +139,42 @@ def test_backward_matches_autograd(shape, mode, dtype):
     assert torch.equal(dy_in_place, dy)
 
 
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode", ["gelu", "se"])
+def test_parameter_gradients_in_the_parameter_dtype(mode, param_dtype):
+    """dgamma / dbeta stored in the BatchNorm parameters' dtype (param_dtype), w and q in fp32:
+    the fp32 sums rounded once to nearest even, so each element within half an ulp of the
+    float64 value (+ 1e-5 of the largest for the fp32 sums); w, q unchanged (the fp32 path)."""
+    t = make_inputs(3, 135, 96, param_dtype, mode)
+    B, P, C = t["y"].shape
+    T = bnb.batchnorm_backward_tiles_per_image(P)
+    sums = bnb.batchnorm_backward_sums(t["dh"], t["y"], t["mean"], t["var"], t["eps"], t["scale"], t["shift"],
+                                       gelu=True, se=mode == "se")
+    dtypes = (torch.float32, torch.float32, param_dtype, param_dtype)
+    w, q, dgamma, dbeta = bnb.batchnorm_backward_coefficients(
+        sums, t["scale"], images=B, count=B * P, gate=t.get("gate"), dm=t.get("dm"), param_dtype=param_dtype,
+        out=tuple(poison_(torch.empty(C, dtype=dt, device=DEVICE)) for dt in dtypes))
+    w32, q32, dgamma32, dbeta32 = bnb.batchnorm_backward_coefficients(
+        sums, t["scale"], images=B, count=B * P, gate=t.get("gate"), dm=t.get("dm"))
+    assert (w.dtype, q.dtype, dgamma.dtype, dbeta.dtype) == dtypes
+    assert torch.equal(w, w32) and torch.equal(q, q32)
+    _, ref_dgamma, ref_dbeta, _ = reference(t, mode)
+    assert T > 1
+    for name, got, ref in (("dgamma", dgamma, ref_dgamma), ("dbeta", dbeta, ref_dbeta)):
+        _, exponent = torch.frexp(ref)
+        half_ulp = 0.5 * EPS_OF[param_dtype] * torch.exp2(exponent.double() - 1)
+        bound = half_ulp + 1e-5 * ref.abs().max()
+        err = (got.double() - ref).abs()
+        assert (err <= bound).all(), f"{name}: error {(err - bound).max():.3e} above half an ulp"
+    with pytest.raises(TypeError, match="param_dtype"):
+        bnb.batchnorm_backward_coefficients(sums, t["scale"], images=B, count=B * P, gate=t.get("gate"),
+                                            dm=t.get("dm"), param_dtype=torch.float64)
+    with pytest.raises(TypeError, match="dgamma must be"):
+        bnb.batchnorm_backward_coefficients(sums, t["scale"], images=B, count=B * P, gate=t.get("gate"),
+                                            dm=t.get("dm"), param_dtype=param_dtype,
+                                            out=tuple(torch.empty(C, device=DEVICE) for _ in range(4)))
+
+
 def test_mixed_dtypes_and_rounding_of_the_stored_h():
     """dh fp32 with bf16 y: dy is fp32; with SE, dL/dgate uses h rounded to y's dtype (the
     forward's stored value), so it matches the float64 sum over that rounded h to fp32 accuracy."""
@@ -235,11 +271,13 @@ def kernel_requests():
                 cfg = bnb.batchnorm_backward_config(C)
                 add("batchnorm_backward_sums_kernel", sums_sig, flags, cfg)
                 add("batchnorm_backward_apply_kernel", apply_sig, flags, cfg)
-    coef_sig = dict(sums_ptr="*fp32", scale_ptr="*fp32", gate_ptr="*fp32", dm_ptr="*fp32", w_ptr="*fp32",
-                    q_ptr="*fp32", dgamma_ptr="*fp32", dbeta_ptr="*fp32", rows="i32", C="i32",
-                    tiles_per_image="i32", inv_count="fp32")
-    for se in (False, True):
-        add("batchnorm_backward_coefficients_kernel", coef_sig, dict(SE=se), bnb.batchnorm_backward_coefficients_config())
+    for t in NAMES.values():  # dgamma / dbeta in the BatchNorm parameters' dtype
+        coef_sig = dict(sums_ptr="*fp32", scale_ptr="*fp32", gate_ptr="*fp32", dm_ptr="*fp32", w_ptr="*fp32",
+                        q_ptr="*fp32", dgamma_ptr=f"*{t}", dbeta_ptr=f"*{t}", rows="i32", C="i32",
+                        tiles_per_image="i32", inv_count="fp32")
+        for se in (False, True):
+            add("batchnorm_backward_coefficients_kernel", coef_sig, dict(SE=se, EMULATE_BF16_RTNE=False),
+                bnb.batchnorm_backward_coefficients_config())
     return list(requests.values())
 
 
@@ -249,7 +287,8 @@ def test_aot_compile_configurations():
     for k in compile_kernels(requests):
         req = k.request
         flags = {n: v for n, v in req["constexprs"].items() if not n.startswith("EMULATE")}
-        line = f"{k.summary()} {req['signature'].get('dh_ptr', '')} {flags} warps={req['num_warps']}"
+        line = (f"{k.summary()} {req['signature'].get('dh_ptr', req['signature'].get('dgamma_ptr'))} {flags} "
+                f"warps={req['num_warps']}")
         table.append(line)
         if k.spills:
             failures.append("spills: " + line)

@@ -62,7 +62,10 @@ model, bf16, dim 64, 56x56, batch 1): backward 7.6 MiB written, the recompute-an
 it replaces 30.1 MiB, the reference's own autograd 17.7 MiB. (Counted with
 ``count_traffic(lambda: y.backward(g), execute_triton=False)`` after a fused forward of
 ``MBConv(64, 64, downsample=False)`` in bf16 on 1x64x56x56, the SE change alone: 42 -> 31
-launches, 6.50 -> 6.37 MiB.)
+launches, 6.50 -> 6.37 MiB.) Then 30 -> 22 launches (same block, ``zero_grad(set_to_none=True)``
+before the backward, as a training loop does): the coefficients kernel stores dgamma / dbeta in
+the BatchNorm parameters' dtype (six casts gone in bf16), and the three zero bias gradients are
+views of one zero-filled buffer, made outside the custom op (its outputs may not alias).
 
 Backward, eval mode (rare: gradients through frozen BatchNorm): the autograd registered below
 recomputes the reference function with torch ops (F.conv2d, F.batch_norm with the forward's
@@ -420,7 +423,8 @@ def _forward_train(x: torch.Tensor, params, running, eps, momentum: float, strid
 
 
 def _train_gradients(grad_out, x, params, stats, saved, eps, stride: int, add_residual: bool):
-    """[grad x, grads of the 14 params] of the train-mode block from what its forward saved.
+    """[grad x, grads of the 11 params other than the three conv biases] of the train-mode
+    block from what its forward saved (the biases' gradients are exact zeros: _BIAS_INDICES).
 
     Per BatchNorm, kernels/batchnorm_backward.py: one read-only pass for the per-tile sums the
     BN backward needs, one launch that turns them into per-channel coefficients (and the gamma /
@@ -445,17 +449,18 @@ def _train_gradients(grad_out, x, params, stats, saved, eps, stride: int, add_re
     Ho, Wo = -(-H // stride), -(-W // stride)
     dt, dev = x.dtype, x.device
 
-    def bn_backward(dh, y, mean, var, bn_eps, scale, shift, count, *, gelu, out, gate=None, dm=None, sums=None):
+    def bn_backward(dh, y, mean, var, bn_eps, scale, shift, count, gamma, *, gelu, out, gate=None, dm=None, sums=None):
         if sums is None:
             sums = batchnorm_backward_sums(dh, y, mean, var, bn_eps, scale, shift, gelu=gelu, se=False)
-        w, q, d_gamma, d_beta = batchnorm_backward_coefficients(sums, scale, images=B, count=count, gate=gate, dm=dm)
+        w, q, d_gamma, d_beta = batchnorm_backward_coefficients(sums, scale, images=B, count=count, gate=gate, dm=dm,
+                                                                param_dtype=gamma.dtype)
         dy = batchnorm_backward_apply(dh, y, mean, var, bn_eps, scale, shift, w, q, gelu=gelu, gate=gate, dm=dm, out=out)
         return dy, d_gamma, d_beta
 
     with torch.no_grad():
         grad = grad_out.reshape(B, P2, dim_out).contiguous()
         # BN3 (no activation): dy3 = d(conv3 output), a new tensor (grad_out is not ours to overwrite)
-        dy3, dg3, dbe3 = bn_backward(grad, y3, mean3, var3, eps[2], scale3, shift3, B * P2, gelu=False,
+        dy3, dg3, dbe3 = bn_backward(grad, y3, mean3, var3, eps[2], scale3, shift3, B * P2, g3, gelu=False,
                                           out=_empty(grad.shape, dt, dev))
         dy3_rows = dy3.view(B * P2, dim_out)
         # project conv: the gradient of its input A = gate * h2, and of its weight (A rebuilt once)
@@ -473,7 +478,7 @@ def _train_gradients(grad_out, x, params, stats, saved, eps, stride: int, add_re
             out=tuple(_empty(s, torch.float32, dev) for s in ((B, hidden),) * 3 + ((B, R),) * 2))
         dwe = torch.mm(d_logit.t(), se_hidden)
         dwr = torch.mm(d_reduced.t(), se_mean)
-        dy2, dg2, dbe2 = bn_backward(d_a, y2, mean2, var2, eps[1], scale2, shift2, B * P2, gelu=True,
+        dy2, dg2, dbe2 = bn_backward(d_a, y2, mean2, var2, eps[1], scale2, shift2, B * P2, g2, gelu=True,
                                           out=d_a, gate=gate, dm=dm, sums=sums2)
         # depthwise conv backward (cuDNN on a GPU): channels-last views of dy2 and h1
         dh1, dwd, _ = torch.ops.aten.convolution_backward(
@@ -481,7 +486,8 @@ def _train_gradients(grad_out, x, params, stats, saved, eps, stride: int, add_re
             None, [stride, stride], [1, 1], [1, 1], False, [0, 0], hidden, [True, True, False])
         dh1 = dh1.permute(0, 2, 3, 1).reshape(B, P1, hidden).contiguous()  # no copy when cuDNN returns channels-last
         # BN1 + GELU, dy1 in place over dh1
-        dy1, dg1, dbe1 = bn_backward(dh1, y1, mean1, var1, eps[0], scale1, shift1, B * P1, gelu=True, out=dh1)
+        dy1, dg1, dbe1 = bn_backward(dh1, y1, mean1, var1, eps[0], scale1, shift1, B * P1, g1, gelu=True,
+                                      out=dh1)
         # expand conv: dx (+ the residual's gradient in the same matmul) and dW1
         dy1_rows = dy1.view(B * P1, hidden)
         x_rows = _pixels_view(x).reshape(B * P1, dim_in)
@@ -491,16 +497,38 @@ def _train_gradients(grad_out, x, params, stats, saved, eps, stride: int, add_re
         else:
             dx = torch.mm(dy1_rows, w1_mat)
         dw1 = torch.mm(dy1_rows.t(), x_rows)
-        # The conv biases feed train-mode BatchNorms, which subtract the batch mean: their
-        # gradient is exactly zero (sum over rows of dy = scale * (sum g - N m1 - m2 sum xhat) = 0).
-        # Zeros, not the rounding noise of that cancelling sum (what the reference returns).
-        db1, dbd, db3 = (torch.zeros_like(b) for b in (b1, bd, b3))
 
-    def like(g, p):
+    def like(g, p):  # no launch where g already has p's dtype (all but the SE weights' fp32 matmuls)
         return g.reshape(p.shape).to(p.dtype)
 
-    grads = [dw1, db1, dg1, dbe1, dwd, dbd, dg2, dbe2, dwr, dwe, dw3, db3, dg3, dbe3]
-    return [dx.view(B, H, W, dim_in).permute(0, 3, 1, 2)] + [like(g, p) for g, p in zip(grads, params)]
+    grads = [dw1, dg1, dbe1, dwd, dg2, dbe2, dwr, dwe, dw3, dg3, dbe3]
+    return [dx.view(B, H, W, dim_in).permute(0, 3, 1, 2)] + [like(g, p) for g, p in zip(grads, _weight_params(params))]
+
+
+# positions of conv1.bias, dw.bias and conv3.bias in the 14 params (_Parts.params order)
+_BIAS_INDICES = (1, 5, 11)
+
+
+def _weight_params(params):
+    return [p for i, p in enumerate(params) if i not in _BIAS_INDICES]
+
+
+def _with_zero_bias_gradients(weight_grads, params):
+    """The 14 parameter gradients: the op's 11 and, for the conv biases, exact zeros. The biases
+    feed train-mode BatchNorms, which subtract the batch mean: their gradient is exactly zero
+    (sum over rows of dy = scale * (sum g - N m1 - m2 sum xhat) = 0); zeros, not the rounding noise
+    of that cancelling sum (what the reference returns). Views of one zero-filled buffer (one
+    launch; outside the custom op, whose outputs must not alias each other)."""
+    biases = [params[i] for i in _BIAS_INDICES]
+    if len({b.dtype for b in biases}) == 1:
+        zeros = torch.zeros(sum(b.numel() for b in biases), dtype=biases[0].dtype, device=biases[0].device)
+        zeros = [z.view(b.shape) for z, b in zip(zeros.split([b.numel() for b in biases]), biases)]
+    else:
+        zeros = [torch.zeros_like(b) for b in biases]
+    grads = list(weight_grads)
+    for i, z in zip(_BIAS_INDICES, zeros):
+        grads.insert(i, z)
+    return grads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -591,8 +619,8 @@ def mbconv_train_backward_op(
     grad_out: torch.Tensor, x: torch.Tensor, params: list[torch.Tensor], stats: list[torch.Tensor],
     saved: list[torch.Tensor], eps: list[float], stride: int, add_residual: bool,
 ) -> list[torch.Tensor]:
-    """[grad x, grads of the 14 params] of the train-mode block (Triton BatchNorm backward
-    kernels, cuBLAS/cuDNN for the convs; see _train_gradients)."""
+    """[grad x, grads of the 11 params other than the conv biases] of the train-mode block (Triton
+    BatchNorm backward kernels, cuBLAS/cuDNN for the convs; see _train_gradients)."""
     # the op computes in the dtypes it was given: a backward called inside torch.autocast must not
     # recast its matmuls (the model's fused autocast path runs the whole block in one dtype)
     with torch.autocast(x.device.type, enabled=False):
@@ -602,7 +630,7 @@ def mbconv_train_backward_op(
 @mbconv_train_backward_op.register_fake
 def _(grad_out, x, params, stats, saved, eps, stride, add_residual):
     B, C, H, W = x.shape
-    return [x.new_empty((B, H, W, C)).permute(0, 3, 1, 2)] + [torch.empty_like(p) for p in params]
+    return [x.new_empty((B, H, W, C)).permute(0, 3, 1, 2)] + [torch.empty_like(p) for p in _weight_params(params)]
 
 
 def _backward(ctx, grad_out, x, params, bn_stats):
@@ -655,7 +683,7 @@ def _backward_train(ctx, grad_out, _grad_stats, _grad_saved, _grad_running):
         return None, [None] * len(params), no_running, None, None, None, None, None
     eps, stride, _, add_residual = ctx.config
     grads = mbconv_train_backward_op(grad_out, x, params, stats, saved, eps, stride, add_residual)
-    return grads[0], list(grads[1:]), no_running, None, None, None, None, None
+    return grads[0], _with_zero_bias_gradients(grads[1:], params), no_running, None, None, None, None, None
 
 
 mbconv_eval_op.register_autograd(_backward_eval, setup_context=_setup_eval)
