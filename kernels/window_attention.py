@@ -48,12 +48,14 @@ pixels of dqkv (with several query tiles dK/dV go to per-tile fp32 partials that
 register rows' dQ/dK/dV go per window to an fp32 buffer that torch sums over the windows sharing
 them (all windows in the block step, those of one image in the grid step).
 Bias gradient: dS (fp32) is atomically added (relaxed, fire-and-forget `red`) into one of 32
-partial (heads, queries, keys) sums chosen by window % 32; torch sums the slots and scatters the
-result into the table (scatter_ without accumulation is deterministic here: for a fixed token
-query row the token keys hit distinct table entries; pairs with a register all go to the last
-entry). The slots and the scatter buffer come from one zero-filled allocation (one launch), and
-the scatter buffer is laid out (queries, entries, heads) so its sum over queries is the table
-gradient itself (no transpose copy): 44 fewer launches per MaxViT-T training step. The order of the atomic adds is not fixed, so the bias-table gradient is NOT bitwise
+partial (heads, queries, keys) sums chosen by window % 32 (zero-filled by one torch.zeros); then
+one launch of bias_table_gradient_kernel, one program per (table entry, head), sums the slots over
+the (query, key) pairs of its entry, found by inverting the forward's index formula (token entry
+(dx, dy): query token (a, b), key token (a - dx, b - dy); the last entry: every pair with a
+register), and stores the table gradient in the table's dtype. It replaced a torch chain (sum over
+slots, a zero-filled scatter buffer, scatter_, a sum over query rows, two register sums, two adds,
+the cast: 8 launches per attention step, 176 per MaxViT-T training step) and the (n, n)
+index map as an input of the ops. The order of the atomic adds is not fixed, so the bias-table gradient is NOT bitwise
 deterministic (fp32 rounding-level differences between runs); every other gradient is.
 Why atomics and not per-program partials over a loop of windows (the deterministic design):
 with a window loop the (BLOCK_M x BLOCK_N) fp32 dS accumulator is live across iterations and
@@ -152,13 +154,11 @@ AOT report of the default model's kernels is identical before and after this add
   min(windows, 32, DBIAS_LONG_BUDGET (32 MiB) // (heads (n - q0) n 4 B)), at least 1
   (long_dbias_slots). n = 148, 2 heads: 32 slots, 5.6 MB; n = 148, 16 heads: 23 slots, 32 MB;
   n = 260, 16 heads: 7 slots, 30 MB; n = 272, 16 heads: 7 slots, 33 MB (32 slots would be 151 MB).
-  Not bitwise deterministic (the order of the atomic adds), as in the one-tile path. The
-  scatter into the table (bias_table_gradient) takes a transient (heads, n - r, (2w-1)^2 + 1)
-  fp32 buffer: 16 MB at w = 16, 16 heads. The atomics are the dQ kernel's largest register cost:
-  with them 194 registers (sm_80, fp16, no dropout), 128 without.
+  Not bitwise deterministic (the order of the atomic adds), as in the one-tile path; the
+  reduction into the table is the same bias_table_gradient kernel. The atomics are the dQ
+  kernel's largest register cost: with them 194 registers (sm_80, fp16, no dropout), 128 without.
 - Limit: MAX_LONG_SEQ = 640 (w <= 25); nothing in the kernels depends on n beyond loop counts, the
-  limit bounds the n^2 bias-gradient buffers (one slot at n = 640, 16 heads: 26 MB; the scatter
-  buffer at w = 25: 96 MB). Tested (interpreter) at n = 129, 148, 260; AOT-checked at n = 148 and 260.
+  limit bounds the n^2 bias-gradient buffers (one slot at n = 640, 16 heads: 26 MB). Tested (interpreter) at n = 129, 148, 260; AOT-checked at n = 148 and 260.
 - Tiles (ahead-of-time survey with maxvit_fast.aot, Triton 3.9; w = 12 and 16, r = 4, dim_head 32,
   block and grid step, forward eval/dropout, both backward kernels with dropout):
   fp16/bf16: BLOCK_M = 64 queries, BLOCK_N = 32 keys, 4 warps, 2 stages (cp.async prefetch of the
@@ -438,8 +438,8 @@ def _recompute_probs(q_op, k_op, do_op, v_op, bias, lse, qk_scale_log2, seed_ptr
 @triton.jit
 def _add_bias_grad(dbias_head, stride_dbias_q, seq_q, seq_k, ds, Q_START: tl.constexpr, SEQ: tl.constexpr):
     """Bias gradient: fp32 atomic adds of dS (query rows seq_q, keys seq_k) into one window's slot
-    of the partial (heads, n - Q_START, n) sums, dbias_head pointing at its head; torch then sums
-    the slots and scatters them into the table. The order of the adds into a slot is not fixed, so
+    of the partial (heads, n - Q_START, n) sums, dbias_head pointing at its head;
+    bias_table_gradient_kernel then sums the slots into the table. The order of the adds into a slot is not fixed, so
     this gradient is not bitwise deterministic (everything else is)."""
     offsets = (seq_q - Q_START)[:, None] * stride_dbias_q + seq_k[None, :]
     tl.atomic_add(dbias_head + offsets, ds, mask=(seq_q < SEQ)[:, None] & (seq_k < SEQ)[None, :], sem="relaxed")
@@ -786,6 +786,69 @@ def window_attention_long_bwd_dkv_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# bias-table gradient: the partial dS sums -> the (table_size, heads) table gradient
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def bias_table_gradient_kernel(
+    dbias_ptr, stride_slot, stride_head, stride_q, slots,
+    out_ptr, stride_out_t, stride_out_h,
+    WINDOW: tl.constexpr, NUM_REG: tl.constexpr, Q_START: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    EMULATE_BF16_RTNE: tl.constexpr,
+):
+    # One program per (table entry, head): the sum, over the slots and over every (query, key)
+    # pair whose bias is that entry, of dbias[slot, head, query - Q_START, key]. The pairs of an
+    # entry follow from _bias_tile's index formula, inverted: token entry e is the offset
+    # (dx, dy) = (e // span, e % span) - (w - 1) between query token (a, b) and key token
+    # (a - dx, b - dy); the last entry takes every pair with a register query or key. Fixed
+    # summation order: deterministic.
+    entry = tl.program_id(0)
+    head = tl.program_id(1)
+    span: tl.constexpr = 2 * WINDOW - 1
+    SEQ: tl.constexpr = NUM_REG + WINDOW * WINDOW
+    base = dbias_ptr + head.to(tl.int64) * stride_head
+    if entry < span * span:
+        dx = entry // span - (WINDOW - 1)
+        dy = entry % span - (WINDOW - 1)
+        t = tl.arange(0, BLOCK_T)  # the query token (a, b) = (t // w, t % w)
+        ka = t // WINDOW - dx
+        kb = t % WINDOW - dy
+        valid = (t < WINDOW * WINDOW) & (ka >= 0) & (ka < WINDOW) & (kb >= 0) & (kb < WINDOW)
+        offsets = (NUM_REG + t - Q_START) * stride_q + NUM_REG + ka * WINDOW + kb
+        acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for slot in range(0, slots):
+            acc += tl.load(base + slot * stride_slot + offsets, mask=valid, other=0.0)
+        total = tl.sum(acc, axis=0)
+    else:
+        # register keys of every query row, then (with register queries, Q_START = 0) the token
+        # keys of the register query rows
+        r = tl.arange(0, BLOCK_R)
+        acc_keys = tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.float32)
+        for q0 in range(Q_START, SEQ, BLOCK_Q):
+            q = q0 + tl.arange(0, BLOCK_Q)
+            offsets = (q - Q_START)[:, None] * stride_q + r[None, :]
+            mask = (q < SEQ)[:, None] & (r < NUM_REG)[None, :]
+            for slot in range(0, slots):
+                acc_keys += tl.load(base + slot * stride_slot + offsets, mask=mask, other=0.0)
+        total = tl.sum(tl.sum(acc_keys, axis=1), axis=0)
+        if Q_START < NUM_REG:
+            acc_queries = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+            for k0 in range(NUM_REG, SEQ, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                offsets = (r - Q_START)[:, None] * stride_q + k[None, :]
+                mask = (r < NUM_REG)[:, None] & (k < SEQ)[None, :]
+                for slot in range(0, slots):
+                    acc_queries += tl.load(base + slot * stride_slot + offsets, mask=mask, other=0.0)
+            total += tl.sum(tl.sum(acc_queries, axis=1), axis=0)
+    value = total.to(tl.float32)
+    if EMULATE_BF16_RTNE:
+        value = round_fp32_to_bf16_nearest_even(value)
+    tl.store(out_ptr + entry * stride_out_t + head * stride_out_h, value.to(out_ptr.dtype.element_ty))
+
+
+# ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
 
@@ -994,7 +1057,7 @@ def window_attention_forward(
 
 
 def window_attention_backward(
-    qkv, reg_qkv, table, lse, d_out, d_reg_out, rel_pos_indices, *, window, num_registers,
+    qkv, reg_qkv, table, lse, d_out, d_reg_out, *, window, num_registers,
     heads, head_dim, grid_pattern, register_queries, scale, dropout_p=0.0, seed=None, dqkv=None,
     out=None, reg_out=None,
 ):
@@ -1004,8 +1067,7 @@ def window_attention_backward(
     register queries, ``reg_out`` (delta = rowsum(dO * O)); the one-tile kernel ignores them.
 
     Returns (dqkv (B, H, W, 3C) in qkv's dtype, d_reg (reg_qkv's shape, fp32: summed over the
-    windows sharing each row), d_table (table's shape, fp32)). ``rel_pos_indices`` is the
-    (n, n) table-index map used to scatter the summed score gradients into the table.
+    windows sharing each row), d_table (table's shape and dtype)).
     """
     (B, H, W, C, nX, nY, num_windows), cfg, (q_off, k_off, v_off) = _launch_geometry(
         qkv, reg_qkv, table, window, num_registers, heads, head_dim, register_queries)
@@ -1018,7 +1080,7 @@ def window_attention_backward(
         dqkv = _alloc((B, H, W, 3 * C), dtype, dev)
     if num_windows == 0:
         return dqkv.zero_(), torch.zeros(reg_qkv.shape, dtype=torch.float32, device=dev), \
-            torch.zeros(table.shape, dtype=torch.float32, device=dev)
+            torch.zeros(table.shape, dtype=table.dtype, device=dev)
 
     if register_queries:
         d_reg_out_v = d_reg_out.reshape(num_windows, num_registers, C)
@@ -1029,7 +1091,7 @@ def window_attention_backward(
         d_reg_out_v, d_reg_out_strides = d_out, (0, 0)
     if cfg["long"]:
         return _long_backward(
-            qkv, reg_qkv, table, lse, d_out, d_reg_out_v, d_reg_out_strides, rel_pos_indices, out, reg_out, dqkv,
+            qkv, reg_qkv, table, lse, d_out, d_reg_out_v, d_reg_out_strides, out, reg_out, dqkv,
             (B, H, W, C, nX, nY, num_windows), cfg, (q_off, k_off, v_off), window=window, num_registers=num_registers,
             heads=heads, head_dim=head_dim, grid_pattern=grid_pattern, register_queries=register_queries, scale=scale,
             dropout_p=dropout_p, seed=seed)
@@ -1054,7 +1116,7 @@ def window_attention_backward(
     if q_tiles > 1:
         align = min(align, _alignment([dkv], [C], dkv.element_size()))
     slots = min(num_windows, DBIAS_SLOTS)
-    dbias, table_buf = _zeroed_bias_buffers(slots, heads, seq, q_start, num_registers, table.shape[0], dev)
+    dbias = _zeroed_bias_partials(slots, heads, seq, q_start, dev)
     reg_batch_stride = reg_qkv.stride(0) if reg_qkv.shape[0] > 1 else 0
     window_attention_bwd_kernel[(num_windows, heads, q_tiles)](
         qkv, qkv.stride(0), qkv.stride(1), qkv.stride(2),
@@ -1083,10 +1145,9 @@ def window_attention_backward(
     else:
         d_reg = dreg.view(q_tiles, B, nX * nY, num_registers, c_reg).sum(dim=(0, 2))
 
-    # Bias table: dS summed over windows -> (heads, queries, keys) -> table entries.
-    scores = dbias.sum(0)  # (heads, queries, keys)
-    d_table = bias_table_gradient(scores, rel_pos_indices[q_start:, :], num_registers - q_start, num_registers,
-                                  table.shape[0], table_buf)
+    # Bias table: the slots' dS sums -> table entries, in the table's dtype (one launch)
+    d_table = bias_table_gradient(dbias, window=window, num_registers=num_registers, q_start=q_start,
+                                  table_size=table.shape[0], dtype=table.dtype)
     return dqkv, d_reg, d_table
 
 
@@ -1097,7 +1158,7 @@ def long_dbias_slots(num_windows: int, heads: int, seq: int, q_start: int) -> in
     return max(1, min(num_windows, DBIAS_SLOTS, DBIAS_LONG_BUDGET // per_slot))
 
 
-def _long_backward(qkv, reg_qkv, table, lse, d_out, d_reg_out_v, d_reg_out_strides, rel_pos_indices, out, reg_out,
+def _long_backward(qkv, reg_qkv, table, lse, d_out, d_reg_out_v, d_reg_out_strides, out, reg_out,
                    dqkv, geometry, cfg, offsets, *, window, num_registers, heads, head_dim, grid_pattern,
                    register_queries, scale, dropout_p, seed):
     """Backward of the key-loop forward: the dQ kernel (delta, dQ, bias gradient) then the dK/dV
@@ -1124,7 +1185,7 @@ def _long_backward(qkv, reg_qkv, table, lse, d_out, d_reg_out_v, d_reg_out_strid
     dreg = _alloc((num_windows, num_registers, c_reg), torch.float32, dev)  # q part: dQ kernel; k, v: dK/dV kernel
     delta = _alloc((num_windows, heads, seq - q_start), torch.float32, dev)
     slots = long_dbias_slots(num_windows, heads, seq, q_start)
-    dbias, table_buf = _zeroed_bias_buffers(slots, heads, seq, q_start, num_registers, table.shape[0], dev)
+    dbias = _zeroed_bias_partials(slots, heads, seq, q_start, dev)
 
     _check_int32_image(qkv, d_out, dqkv, out)
     threshold, keep_scale = dropout_threshold(dropout_p)
@@ -1173,36 +1234,45 @@ def _long_backward(qkv, reg_qkv, table, lse, d_out, d_reg_out_v, d_reg_out_strid
         d_reg = dreg.sum(0).unsqueeze(0)
     else:
         d_reg = dreg.view(B, nX * nY, num_registers, c_reg).sum(1)
-    scores = dbias.sum(0)  # (heads, queries, keys)
-    d_table = bias_table_gradient(scores, rel_pos_indices[q_start:, :], num_registers - q_start, num_registers,
-                                  table.shape[0], table_buf)
+    d_table = bias_table_gradient(dbias, window=window, num_registers=num_registers, q_start=q_start,
+                                  table_size=table.shape[0], dtype=table.dtype)
     return dqkv, d_reg, d_table
 
 
-def _zeroed_bias_buffers(slots, heads, seq, q_start, num_registers, table_size, device):
-    """The zero-filled fp32 buffers of the bias-table gradient from one ``torch.zeros`` (one
-    launch, not two): the kernels' atomic partial sums (slots, heads, n - q_start, n) and the
-    scatter buffer of :func:`bias_table_gradient` (token queries, table_size, heads)."""
-    tokens = seq - num_registers
-    partial = slots * heads * (seq - q_start) * seq
-    flat = torch.zeros(partial + tokens * table_size * heads, dtype=torch.float32, device=device)
-    return (flat[:partial].view(slots, heads, seq - q_start, seq),
-            flat[partial:].view(tokens, table_size, heads))
+def _zeroed_bias_partials(slots, heads, seq, q_start, device):
+    """The zero-filled fp32 (slots, heads, n - q_start, n) partial sums the backward kernels
+    atomically add dS into."""
+    return torch.zeros((slots, heads, seq - q_start, seq), dtype=torch.float32, device=device)
 
 
-def bias_table_gradient(scores, indices, first_token_query, num_registers, table_size, buf=None):
-    """Scatter summed score gradients (heads, queries, keys) into a (table_size, heads) table
-    gradient. Pairs with a register all go to the last entry; for token query rows the token keys
-    hit distinct entries, so a non-accumulating scatter per row followed by a sum over rows is
-    deterministic. ``buf``: a zero-filled fp32 (token queries, table_size, heads) buffer (else
-    allocated); laid out so the sum over rows is the (table_size, heads) gradient itself."""
-    heads = scores.shape[0]
-    r, t0 = num_registers, first_token_query
-    tokens = scores[:, t0:, r:]
-    if buf is None:
-        buf = torch.zeros((tokens.shape[1], table_size, heads), dtype=torch.float32, device=scores.device)
-    index = indices[t0:, r:].to(scores.device)[..., None].expand(-1, -1, heads)
-    buf.scatter_(1, index, tokens.permute(1, 2, 0))
-    d_table = buf.sum(0)
-    d_table[table_size - 1] += scores[:, :t0, :].sum(dim=(1, 2)) + scores[:, t0:, :r].sum(dim=(1, 2))
-    return d_table
+def bias_table_gradient(dbias, *, window: int, num_registers: int, q_start: int, table_size: int,
+                        dtype: torch.dtype, out=None):
+    """The (table_size, heads) gradient of the relative-position bias table, in ``dtype``, from the
+    partial dS sums ``dbias`` (slots, heads, n - q_start, n) fp32: one launch (one program per
+    table entry and head), deterministic. ``out``: a preallocated (table_size, heads) tensor."""
+    slots, heads, rows, seq = dbias.shape
+    span = 2 * window - 1
+    if seq != num_registers + window * window or rows != seq - q_start or q_start not in (0, num_registers):
+        raise ValueError(f"dbias {tuple(dbias.shape)} does not match window {window}, {num_registers} registers, "
+                         f"first query row {q_start}")
+    if table_size != span * span + 1:
+        raise ValueError(f"a window of {window} has a bias table of {span * span + 1} entries, got {table_size}")
+    if dbias.dtype != torch.float32 or dbias.stride(-1) != 1:
+        raise ValueError("dbias must be fp32 with contiguous keys")
+    if out is None:
+        out = _alloc((table_size, heads), dtype, dbias.device)
+    elif out.shape != (table_size, heads) or out.dtype != dtype:
+        raise ValueError(f"out must be a ({table_size}, {heads}) {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
+    if heads == 0:
+        return out
+    if slots == 0:
+        return out.zero_()
+    bias_table_gradient_kernel[(table_size, heads)](
+        dbias, dbias.stride(0), dbias.stride(1), dbias.stride(2), slots,
+        out, out.stride(0), out.stride(1),
+        WINDOW=window, NUM_REG=num_registers, Q_START=q_start,
+        BLOCK_T=triton.next_power_of_2(window * window), BLOCK_Q=32,
+        BLOCK_R=max(2, triton.next_power_of_2(num_registers)), BLOCK_K=64,
+        EMULATE_BF16_RTNE=INTERPRET and dtype == torch.bfloat16, num_warps=4,
+    )
+    return out

@@ -94,13 +94,12 @@ def window_attention_cases():
                               requires_grad=True)
         table = torch.randn(attn.rel_pos_bias.weight.shape, requires_grad=True)
         config = (window, r, heads, head_dim, pattern == "grid", register_queries, head_dim**-0.5, p, seed)
-        yield wa_op.window_attention_core_op, (qkv, reg_qkv, table, attn.rel_pos_indices, *config)
+        yield wa_op.window_attention_core_op, (qkv, reg_qkv, table, *config)
         with torch.no_grad():
-            _, _, lse = wa_op.window_attention_core_op(qkv, reg_qkv, table, attn.rel_pos_indices, *config)
+            _, _, lse = wa_op.window_attention_core_op(qkv, reg_qkv, table, *config)
         d_reg_out = torch.randn(B, H // window, W // window, r, C) if register_queries else None
         yield wa_op.window_attention_core_backward_op, (
-            qkv.detach(), reg_qkv.detach(), table.detach(), lse, torch.randn(B, H, W, C), d_reg_out,
-            attn.rel_pos_indices, *config,
+            qkv.detach(), reg_qkv.detach(), table.detach(), lse, torch.randn(B, H, W, C), d_reg_out, *config,
         )
 
 

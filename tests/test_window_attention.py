@@ -222,16 +222,15 @@ def test_key_loop_ops_pass_opcheck():
     table = torch.randn(attn.rel_pos_bias.weight.shape, **f16).requires_grad_()
     seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=DEVICE)
     config = (window, r, heads, dim_head, False, True, dim_head**-0.5, 0.3, seed)
-    indices = attn.rel_pos_indices.to(DEVICE)
-    torch.library.opcheck(wa_op.window_attention_core_op, (qkv, reg_qkv, table, indices, *config))
+    torch.library.opcheck(wa_op.window_attention_core_op, (qkv, reg_qkv, table, *config))
     with torch.no_grad():
-        out, reg_out, lse = wa_op.window_attention_core_op(qkv, reg_qkv, table, indices, *config)
+        out, reg_out, lse = wa_op.window_attention_core_op(qkv, reg_qkv, table, *config)
     d_out, d_reg_out = torch.randn_like(out), torch.randn_like(reg_out)
     torch.library.opcheck(wa_op.window_attention_core_backward_op, (
-        qkv.detach(), reg_qkv.detach(), table.detach(), lse, d_out, d_reg_out, indices, *config, out, reg_out))
+        qkv.detach(), reg_qkv.detach(), table.detach(), lse, d_out, d_reg_out, *config, out, reg_out))
     with pytest.raises(ValueError, match="forward's output"):
         wa_op.window_attention_core_backward_op(
-            qkv.detach(), reg_qkv.detach(), table.detach(), lse, d_out, d_reg_out, indices, *config)
+            qkv.detach(), reg_qkv.detach(), table.detach(), lse, d_out, d_reg_out, *config)
 
 
 def test_preallocated_poisoned_outputs_are_fully_written():
@@ -599,6 +598,61 @@ def test_bad_arguments_raise_clear_errors():
 
 
 # ---------------------------------------------------------------------------------------------
+# the bias-table gradient reduction
+# ---------------------------------------------------------------------------------------------
+
+TABLE_CASES = [  # window, registers, register queries, slots, heads, table dtype
+    (7, 4, True, 3, 2, torch.bfloat16), (7, 4, False, 1, 2, torch.float16), (7, 4, True, 2, 1, torch.float32),
+    (3, 1, True, 2, 1, torch.float16), (5, 2, False, 4, 2, torch.float32), (12, 4, True, 2, 1, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("window,r,register_queries,slots,heads,dtype", TABLE_CASES,
+                         ids=[f"w{c[0]}-r{c[1]}-{'q' if c[2] else 'noq'}-s{c[3]}-h{c[4]}-{str(c[5])[6:]}"
+                              for c in TABLE_CASES])
+def test_bias_table_gradient_kernel(window, r, register_queries, slots, heads, dtype):
+    """The kernel's inverse of the forward's index formula against a float64 scatter-add through
+    the module's own (n, n) index map, from random partial sums (slots, heads, n - q0, n); the
+    register query rows are absent without register queries (q0 = r). fp32: 1e-6 relative (fp32
+    sums of fp32 values); fp16/bf16: one rounding of the fp32 sum, half an ulp (+ 1e-6 relative).
+    Deterministic: two launches give bitwise the same table."""
+    attn = Attention(heads * 16, dim_head=16, window_size=window, num_registers=r)
+    n = r + window * window
+    q0 = 0 if register_queries else r
+    dbias = torch.randn(slots, heads, n - q0, n, device=DEVICE)
+    table_size = attn.rel_pos_bias.weight.shape[0]
+    index = attn.rel_pos_indices[q0:].reshape(-1).to(DEVICE)
+    expected = torch.zeros(table_size, heads, dtype=torch.float64, device=DEVICE)
+    expected.index_add_(0, index, dbias.double().sum(0).reshape(heads, -1).t())
+    out = poison_(torch.empty(table_size, heads, dtype=dtype, device=DEVICE))
+    got = K.bias_table_gradient(dbias, window=window, num_registers=r, q_start=q0, table_size=table_size,
+                                dtype=dtype, out=out)
+    assert got is out
+    again = K.bias_table_gradient(dbias, window=window, num_registers=r, q_start=q0, table_size=table_size,
+                                  dtype=dtype)
+    assert torch.equal(again, got)
+    err = (got.double() - expected).abs()
+    bound = 1e-6 * expected.abs().max() + 1e-6 * expected.abs()
+    if dtype != torch.float32:
+        bound = bound + 0.5 * torch.finfo(dtype).eps * expected.abs()
+    assert (err <= bound).all(), f"table gradient: error {(err - bound).max():.3e} above the bound"
+
+
+def test_bias_table_gradient_rejects_bad_arguments():
+    dbias = torch.zeros(2, 1, 53, 53, device=DEVICE)
+    with pytest.raises(ValueError, match="does not match"):
+        K.bias_table_gradient(dbias, window=6, num_registers=4, q_start=0, table_size=170, dtype=torch.float32)
+    with pytest.raises(ValueError, match="170 entries"):
+        K.bias_table_gradient(dbias, window=7, num_registers=4, q_start=0, table_size=169, dtype=torch.float32)
+    with pytest.raises(ValueError, match="fp32"):
+        K.bias_table_gradient(dbias.half(), window=7, num_registers=4, q_start=0, table_size=170,
+                              dtype=torch.float32)
+    with pytest.raises(ValueError, match="out must be"):
+        K.bias_table_gradient(dbias, window=7, num_registers=4, q_start=0, table_size=170, dtype=torch.float32,
+                              out=torch.empty(170, 1, dtype=torch.float16, device=DEVICE))
+
+
+# ---------------------------------------------------------------------------------------------
 # ahead-of-time compile of the default model's kernels and of the key-loop kernels
 # ---------------------------------------------------------------------------------------------
 
@@ -697,4 +751,30 @@ def test_kernels_compile_without_spills_on_tensor_cores(arch, configs):
         mma = k.uses("HMMA") if arch == 80 else (k.uses("HGMMA") or k.uses("HMMA"))
         if not mma and elem != "fp32":  # fp32 dots are FMA (input_precision="ieee")
             problems.append(f"{name}: no tensor-core instruction")
+    assert not problems, "\n".join(problems)
+
+
+def test_bias_table_gradient_kernel_compiles_without_spills():
+    """The table-gradient reduction at the default model's launches (window 7, 4 registers,
+    block step with register queries and grid step without; table fp16/bf16/fp32), sm_80 and
+    sm_90."""
+    from maxvit_fast.aot import compile_kernels
+
+    requests = []
+    for arch in (80, 90):
+        for elem in ("fp16", "bf16", "fp32"):
+            for q_start in (0, 4):
+                constexprs = dict(WINDOW=7, NUM_REG=4, Q_START=q_start, BLOCK_T=64, BLOCK_Q=32, BLOCK_R=4, BLOCK_K=64,
+                                  EMULATE_BF16_RTNE=False)
+                signature = dict(dbias_ptr="*fp32", stride_slot="i32", stride_head="i32", stride_q="i32", slots="i32",
+                                 out_ptr=f"*{elem}", stride_out_t="i32", stride_out_h="i32")
+                signature.update({name: "constexpr" for name in constexprs})
+                requests.append(dict(module="maxvit_fast.kernels.window_attention", kernel="bias_table_gradient_kernel",
+                                     signature=signature, constexprs=constexprs, arch=arch, num_warps=4, num_stages=3))
+    problems = []
+    for req, k in zip(requests, compile_kernels(requests)):
+        print(f"sm_{req['arch']} bias_table_gradient {req['signature']['out_ptr']} Q_START={req['constexprs']['Q_START']}: "
+              f"{k.registers} registers, stack {k.stack}, local {k.local}")
+        if k.local != 0 or k.stack != 0:
+            problems.append(f"sm_{req['arch']} {req['signature']['out_ptr']}: spills (local {k.local}, stack {k.stack})")
     assert not problems, "\n".join(problems)

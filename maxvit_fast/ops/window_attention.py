@@ -156,7 +156,7 @@ def _fused_unsupported(x, registers, attn) -> str | None:
 
 @custom_op("window_attention_core")
 def window_attention_core_op(
-    qkv: torch.Tensor, reg_qkv: torch.Tensor, table: torch.Tensor, rel_pos_indices: torch.Tensor, window: int,
+    qkv: torch.Tensor, reg_qkv: torch.Tensor, table: torch.Tensor, window: int,
     num_registers: int, heads: int, head_dim: int, grid_pattern: bool, register_queries: bool, scale: float,
     dropout_p: float, seed: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,8 +164,7 @@ def window_attention_core_op(
 
     qkv (B, H, W, 3C), register rows reg_qkv (1 or B, r, 3C or 2C), the bias table. Returns the
     per-head outputs (B, H, W, C), the register rows' (B, nX, nY, r, C) with register queries
-    (else an empty tensor) and the fp32 log-sum-exp the backward needs. ``rel_pos_indices``
-    (the (n, n) bias-table index map) is used by the backward only.
+    (else an empty tensor) and the fp32 log-sum-exp the backward needs.
     """
     from ..kernels import window_attention as K
 
@@ -180,7 +179,7 @@ def window_attention_core_op(
 
 
 @window_attention_core_op.register_fake
-def _(qkv, reg_qkv, table, rel_pos_indices, window, num_registers, heads, head_dim, grid_pattern,
+def _(qkv, reg_qkv, table, window, num_registers, heads, head_dim, grid_pattern,
       register_queries, scale, dropout_p, seed):
     from ..kernels import window_attention as K
 
@@ -196,7 +195,7 @@ def _(qkv, reg_qkv, table, rel_pos_indices, window, num_registers, heads, head_d
 @custom_op("window_attention_core_backward")
 def window_attention_core_backward_op(
     qkv: torch.Tensor, reg_qkv: torch.Tensor, table: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor,
-    d_reg_out: Optional[torch.Tensor], rel_pos_indices: torch.Tensor, window: int, num_registers: int, heads: int,
+    d_reg_out: Optional[torch.Tensor], window: int, num_registers: int, heads: int,
     head_dim: int, grid_pattern: bool, register_queries: bool, scale: float, dropout_p: float,
     seed: Optional[torch.Tensor], out: Optional[torch.Tensor] = None, reg_out: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -207,15 +206,15 @@ def window_attention_core_backward_op(
     from ..kernels import window_attention as K
 
     dqkv, d_reg, d_table = K.window_attention_backward(
-        qkv, reg_qkv, table, lse, d_out, d_reg_out, rel_pos_indices, window=window, num_registers=num_registers,
+        qkv, reg_qkv, table, lse, d_out, d_reg_out, window=window, num_registers=num_registers,
         heads=heads, head_dim=head_dim, grid_pattern=grid_pattern, register_queries=register_queries, scale=scale,
         dropout_p=dropout_p, seed=seed, out=out, reg_out=reg_out,
     )
-    return dqkv, d_reg.to(reg_qkv.dtype).contiguous(), d_table.to(table.dtype).contiguous()
+    return dqkv, d_reg.to(reg_qkv.dtype).contiguous(), d_table  # d_table: the table's dtype already
 
 
 @window_attention_core_backward_op.register_fake
-def _(qkv, reg_qkv, table, lse, d_out, d_reg_out, rel_pos_indices, window, num_registers, heads, head_dim,
+def _(qkv, reg_qkv, table, lse, d_out, d_reg_out, window, num_registers, heads, head_dim,
       grid_pattern, register_queries, scale, dropout_p, seed, out=None, reg_out=None):
     return (torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device),
             torch.empty(reg_qkv.shape, dtype=reg_qkv.dtype, device=reg_qkv.device),
@@ -234,9 +233,9 @@ def _is_long_sequence(window: int, num_registers: int) -> bool:
 
 
 def _core_setup_context(ctx, inputs, output):
-    qkv, reg_qkv, table, rel_pos_indices, *config = inputs
+    qkv, reg_qkv, table, *config = inputs
     ctx.cfg = dict(zip(_CORE_CONFIG, config))
-    saved = [qkv, reg_qkv, table, rel_pos_indices, output[2]]
+    saved = [qkv, reg_qkv, table, output[2]]
     # The one-tile backward forms delta = rowsum(P * dP) inside its tile and needs only the lse;
     # the key-loop backward takes delta = rowsum(dO * O), so it keeps O (the output projection's
     # backward keeps the same tensors for its weight gradient: no extra memory).
@@ -249,7 +248,7 @@ def _core_setup_context(ctx, inputs, output):
 
 
 def _core_backward(ctx, d_out, d_reg_out, _d_lse):
-    qkv, reg_qkv, table, rel_pos_indices, lse, *outputs = ctx.saved_tensors
+    qkv, reg_qkv, table, lse, *outputs = ctx.saved_tensors
     cfg = ctx.cfg
     B, H, W, C3 = qkv.shape
     if d_out is None:
@@ -265,7 +264,7 @@ def _core_backward(ctx, d_out, d_reg_out, _d_lse):
     if not cfg["register_queries"]:
         reg_out = None
     dqkv, d_reg, d_table = window_attention_core_backward_op(
-        qkv, reg_qkv, table, lse, d_out, d_reg_out, rel_pos_indices, *cfg.values(), out, reg_out
+        qkv, reg_qkv, table, lse, d_out, d_reg_out, *cfg.values(), out, reg_out
     )
     return dqkv, d_reg, d_table, None, *(None for _ in _CORE_CONFIG)
 
@@ -339,7 +338,7 @@ def _fused(x, registers, attn: Attention, pattern: str, need_register_outputs: b
     if attn_p > 0.0 or out_p > 0.0:
         seed = seed_tensor(_draw_seed(x.device), x.device)
     o, o_reg, _ = window_attention_core_op(
-        qkv, reg_qkv, attn.rel_pos_bias.weight, attn.rel_pos_indices, w, r, attn.heads, attn.dim_head, pattern == "grid",
+        qkv, reg_qkv, attn.rel_pos_bias.weight, w, r, attn.heads, attn.dim_head, pattern == "grid",
         register_queries, float(attn.scale), attn_p, seed if attn_p > 0.0 else None,
     )
 
