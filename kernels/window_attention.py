@@ -791,6 +791,16 @@ def window_attention_long_bwd_dkv_kernel(
 
 
 @triton.jit
+def _slot_sum(base, stride_slot, slots, offsets, mask):
+    """sum over the partial-sum slots (slots >= 1) of one tile of (query, key) offsets (fp32, 0
+    where masked)."""
+    acc = tl.load(base + offsets, mask=mask, other=0.0)
+    for slot in range(1, slots):
+        acc += tl.load(base + slot * stride_slot + offsets, mask=mask, other=0.0)
+    return acc
+
+
+@triton.jit
 def bias_table_gradient_kernel(
     dbias_ptr, stride_slot, stride_head, stride_q, slots,
     out_ptr, stride_out_t, stride_out_h,
@@ -817,31 +827,23 @@ def bias_table_gradient_kernel(
         kb = t % WINDOW - dy
         valid = (t < WINDOW * WINDOW) & (ka >= 0) & (ka < WINDOW) & (kb >= 0) & (kb < WINDOW)
         offsets = (NUM_REG + t - Q_START) * stride_q + NUM_REG + ka * WINDOW + kb
-        acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
-        for slot in range(0, slots):
-            acc += tl.load(base + slot * stride_slot + offsets, mask=valid, other=0.0)
-        total = tl.sum(acc, axis=0)
+        total = tl.sum(_slot_sum(base, stride_slot, slots, offsets, valid), axis=0)
     else:
         # register keys of every query row, then (with register queries, Q_START = 0) the token
         # keys of the register query rows
         r = tl.arange(0, BLOCK_R)
-        acc_keys = tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.float32)
+        total = 0.0
         for q0 in range(Q_START, SEQ, BLOCK_Q):
             q = q0 + tl.arange(0, BLOCK_Q)
-            offsets = (q - Q_START)[:, None] * stride_q + r[None, :]
-            mask = (q < SEQ)[:, None] & (r < NUM_REG)[None, :]
-            for slot in range(0, slots):
-                acc_keys += tl.load(base + slot * stride_slot + offsets, mask=mask, other=0.0)
-        total = tl.sum(tl.sum(acc_keys, axis=1), axis=0)
+            tile = _slot_sum(base, stride_slot, slots, (q - Q_START)[:, None] * stride_q + r[None, :],
+                             (q < SEQ)[:, None] & (r < NUM_REG)[None, :])
+            total += tl.sum(tl.sum(tile, axis=1), axis=0)
         if Q_START < NUM_REG:
-            acc_queries = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
             for k0 in range(NUM_REG, SEQ, BLOCK_K):
                 k = k0 + tl.arange(0, BLOCK_K)
-                offsets = (r - Q_START)[:, None] * stride_q + k[None, :]
-                mask = (r < NUM_REG)[:, None] & (k < SEQ)[None, :]
-                for slot in range(0, slots):
-                    acc_queries += tl.load(base + slot * stride_slot + offsets, mask=mask, other=0.0)
-            total += tl.sum(tl.sum(acc_queries, axis=1), axis=0)
+                tile = _slot_sum(base, stride_slot, slots, (r - Q_START)[:, None] * stride_q + k[None, :],
+                                 (r < NUM_REG)[:, None] & (k < SEQ)[None, :])
+                total += tl.sum(tl.sum(tile, axis=1), axis=0)
     value = total.to(tl.float32)
     if EMULATE_BF16_RTNE:
         value = round_fp32_to_bf16_nearest_even(value)
