@@ -64,19 +64,11 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .numerics import gelu, to_storage
+from .numerics import gelu, gelu_derivative, to_storage
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 COEFFICIENTS_BLOCK_R = 32
 COEFFICIENTS_BLOCK_C = 64
-
-
-@triton.jit
-def gelu_derivative(z):
-    # d/dz z * Phi(z) = Phi(z) + z * phi(z), exact erf GELU
-    cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
-    pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
-    return cdf + z * pdf
 
 
 @triton.jit

@@ -21,8 +21,10 @@ Kernels
   cancellation), re-reading the tile from L1/L2, instead of a separate stats kernel: that
   would add a launch and a round trip of mean/rstd, to save only cache hits.
 * ``ff_fused_mlp_backward_kernel`` (training, the one-pass widths): see "Backward" below.
-* ``ff_dropout_keep_kernel``: regenerates a forward dropout mask for the recompute backward of
-  the two-kernel widths (maxvit_fast/ops/feedforward.py).
+* ``ff_up_backward_kernel`` (training, the two-kernel widths): see "Backward of the two-kernel
+  widths" below.
+* ``ff_dropout_keep_kernel``: regenerates a forward dropout mask as a tensor (the reference
+  under the kernels' masks, in tests: maxvit_fast/ops/feedforward.py reference_with_masks).
 * ``linear_dropout_residual`` (launcher, shared): ``ff_down_kernel`` as a plain matmul + dropout +
   residual, HAS_BIAS off: the window attention's output projection in training
   (maxvit_fast/ops/output_projection.py), the tokens and the block step's register rows (second
@@ -159,6 +161,24 @@ the 7C sums), eager reference backward 1,482,624 B / 66 launches. Forward + back
 3,083,264 B / 132 launches, fused 1,254,448 B / 36 launches (the fused forward saves no 4C
 activation).
 
+Backward of the two-kernel widths (fp16/bf16 C >= 512, fp32 C >= 128)
+-----------------------------------------------------------------------
+No statistics are saved and no 4C activation either (the forward's hidden buffer is freed).
+``ff_up_backward_kernel`` has ff_up_kernel's tiles and row sets and its LayerNorm prologue: per
+(BLOCK_M tokens, BLOCK_N hidden columns) tile it recomputes pre = LayerNorm(x) W1^T + b1 and, in
+a second fp32 accumulator, d_act = dy W2[:, cols] (K = C for both), then stores act =
+Dropout(GELU(pre)) (bitwise the forward's hidden) and dh = d_act * keep * scale * GELU'(pre).
+The op layer (maxvit_fast/ops/feedforward.py) does the rest with cuBLAS and aten: dy from the
+output-dropout gradient kernel, dW2 = dy^T act, dW1 = dh^T xn, dxn = dh W1, the bias sums, and
+per row set aten's LayerNorm (recomputed: xn, mean, rstd) and its backward plus the residual's
+gradient. It replaced a recompute of the whole block with torch ops under regenerated uint8
+masks, differentiated by torch.func.vjp. Tiles from the resource report (bf16 C = 512, dropout
+on, sm_80 / sm_90 registers, no spills anywhere): BLOCK_M 64, BLOCK_N 128, BLOCK_K 64, 8 warps
+(ff_up_kernel's) 252 / 171; 64 x 64 x 64, 4 warps 228 / 173; 64 x 64 x 64, 8 warps 97 / 98
+(chosen: the two accumulators fit with room; each x row tile's LayerNorm is recomputed by
+32 instead of 16 column programs, from L2); 128 x 64 x 64, 8 warps 254 / 170. fp32 (ff_up's
+fp32 tiles 64 x 64 x 16, 4 warps): 168 / 142-168 at C = 128..512. GPU speed: not measured.
+
 Tiles (resource report, sm_80 / sm_90 registers, train = both dropouts / p = 0; no GPU
 measurement). The backward holds three (BLOCK_M, C) tiles across the hidden loop, xn and dy in
 the input dtype and the fp32 dxn accumulator, where the forward holds two, and does three dots
@@ -182,7 +202,7 @@ The forward's WRITE_STATS store costs at most one register (fp16 C=64 train 233 
 C=128 167 / 241, C=256 228 / 230, fp32 C=64 128 / 98), hence in-kernel rather than a separate
 statistics pass. Wider layers (the two-kernel widths) would need a (BLOCK_M, C) fp32 dxn
 accumulator over C = 512 (or fp32 C >= 128) in registers: already the forward's one-pass
-accumulator spills there, so they keep the recompute backward of the op layer. (Survey:
+accumulator spills there, so they take ff_up_backward_kernel (below). (Survey:
 maxvit_fast.aot.compile_kernels with the AOT test's signatures; the AOT test compiles every
 configuration in use: ``pytest tests/test_feedforward.py -k aot -s``.)
 """
@@ -194,7 +214,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, interpreter_upcasts_dot, seed_pointer
-from .numerics import gelu, to_storage
+from .numerics import gelu, gelu_derivative, to_storage
 
 
 # Dropout streams: the philox counter (column, token, stream, 0) names every random number.
@@ -237,6 +257,22 @@ def _token_offsets(rows, D1, stride0, stride1):
     row = i0 * D1 + i1) in a tensor with leading strides (stride0, stride1)."""
     # int32 division (row < M < 2**31), int64 offsets
     return (rows // D1).to(tl.int64) * stride0 + (rows % D1).to(tl.int64) * stride1
+
+
+@triton.jit
+def _row_set_tile(pid_m, x_row_tiles, x_ptr, extra_ptr, M, D1, stride_x0, stride_x1, stride_xc,
+                  M_extra, D1_extra, stride_e0, stride_e1, stride_ec, BLOCK_M: tl.constexpr):
+    """Row tile ``pid_m`` of the two row sets (x's tiles [0, x_row_tiles), then extra's): each
+    row's pointer to its channel 0, the row mask, the token indices (extra's numbered after x's:
+    M + row) and the channel stride."""
+    is_extra = pid_m >= x_row_tiles
+    src = tl.where(is_extra, extra_ptr, x_ptr)
+    rows = tl.where(is_extra, pid_m - x_row_tiles, pid_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < tl.where(is_extra, M_extra, M)
+    tokens = rows + tl.where(is_extra, M, 0)
+    x_rows = src + _token_offsets(rows, tl.where(is_extra, D1_extra, D1), tl.where(is_extra, stride_e0, stride_x0),
+                                  tl.where(is_extra, stride_e1, stride_x1))
+    return x_rows, row_ok, tokens, tl.where(is_extra, stride_ec, stride_xc)
 
 
 @triton.jit
@@ -459,8 +495,7 @@ def ff_fused_mlp_backward_kernel(
         d_act = _mma(dy_op, w2, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), FP32_DOT)
         # exact GELU and its derivative Phi(pre) + pre * phi(pre)
         act = gelu(pre)  # the forward's expression, so act is its second dot operand exactly
-        cdf = 0.5 * (1.0 + tl.erf(pre * 0.7071067811865476))
-        d_gelu = cdf + pre * (0.3989422804014327 * tl.exp(-0.5 * pre * pre))
+        d_gelu = gelu_derivative(pre)
         if DROPOUT_HIDDEN:
             keep = _keep(seed, tokens, hid, _STREAM_HIDDEN, p_hidden)
             act = tl.where(keep, act * scale_hidden, 0.0)
@@ -513,19 +548,14 @@ def ff_up_kernel(
     M + row); hidden is a contiguous (M + M_extra, HIDDEN) buffer in the input dtype, by token."""
     # axis 0 walks the output columns, so the programs that share one row tile run together
     pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    is_extra = pid_m >= x_row_tiles
-    src = tl.where(is_extra, extra_ptr, x_ptr)
-    rows = tl.where(is_extra, pid_m - x_row_tiles, pid_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < tl.where(is_extra, M_extra, M)
-    tokens = rows + tl.where(is_extra, M, 0)
+    x_rows, row_ok, tokens, stride_c = _row_set_tile(
+        tl.program_id(1), x_row_tiles, x_ptr, extra_ptr, M, D1, stride_x0, stride_x1, stride_xc,
+        M_extra, D1_extra, stride_e0, stride_e1, stride_ec, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if DROPOUT_HIDDEN:
         seed = tl.load(seed_ptr)
     col_ok = cols < HIDDEN
-    x_rows = src + _token_offsets(rows, tl.where(is_extra, D1_extra, D1), tl.where(is_extra, stride_e0, stride_x0),
-                                  tl.where(is_extra, stride_e1, stride_x1))
-    acc = layernorm_matmul(x_rows, row_ok, tl.where(is_extra, stride_ec, stride_xc), ln_w_ptr, ln_b_ptr, eps,
+    acc = layernorm_matmul(x_rows, row_ok, stride_c, ln_w_ptr, ln_b_ptr, eps,
                            w1_ptr + cols * C, col_ok, C, BLOCK_K, True, True, FP32_DOT, ROUND_BF16)
 
     b1 = tl.load(b1_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -534,6 +564,57 @@ def ff_up_kernel(
         act = tl.where(_keep(seed, tokens, cols, _STREAM_HIDDEN, p_hidden), act * scale_hidden, 0.0)
     h_ptrs = hidden_ptr + tokens.to(tl.int64)[:, None] * HIDDEN + cols[None, :]
     tl.store(h_ptrs, to_storage(act, hidden_ptr.dtype.element_ty, ROUND_BF16), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def ff_up_backward_kernel(
+    x_ptr, extra_ptr, dy_ptr, dh_ptr, act_ptr, ln_w_ptr, ln_b_ptr, w1_ptr, b1_ptr, w2_ptr,
+    M, D1,
+    stride_x0, stride_x1, stride_xc,
+    M_extra, D1_extra, stride_e0, stride_e1, stride_ec,  # the second row set, coalesced the same way
+    x_row_tiles, eps, seed_ptr, p_hidden, scale_hidden,
+    C: tl.constexpr, HIDDEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DROPOUT_HIDDEN: tl.constexpr, FP32_DOT: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    """The two-kernel widths' backward through the hidden layer, for a (BLOCK_M, BLOCK_N) tile of
+    tokens x hidden columns (the tiles and row sets of ff_up_kernel): pre = LayerNorm(rows) @
+    W1^T + b1 recomputed as ff_up_kernel computes it, d_act = dy @ W2[:, cols] (dy: the gradient
+    at the second Linear's output, contiguous (M + M_extra, C) by token), then
+
+        act = Dropout(GELU(pre))                 the dW2 operand (ff_up_kernel's hidden, bitwise)
+        dh  = d_act * keep * scale * GELU'(pre)  the dW1 and dxn operand
+
+    both stored (M + M_extra, HIDDEN) by token in the input dtype. Two fp32 accumulators."""
+    pid_n = tl.program_id(0)
+    x_rows, row_ok, tokens, stride_c = _row_set_tile(
+        tl.program_id(1), x_row_tiles, x_ptr, extra_ptr, M, D1, stride_x0, stride_x1, stride_xc,
+        M_extra, D1_extra, stride_e0, stride_e1, stride_ec, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < HIDDEN
+    pre = layernorm_matmul(x_rows, row_ok, stride_c, ln_w_ptr, ln_b_ptr, eps,
+                           w1_ptr + cols * C, col_ok, C, BLOCK_K, True, True, FP32_DOT, ROUND_BF16)
+    d_act = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dy_rows = dy_ptr + tokens.to(tl.int64) * C
+    for k0 in range(0, C, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < C
+        dy = tl.load(dy_rows[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        # W2 chunk (BLOCK_K, cols): W2 is (C, HIDDEN), element (k, n) = W2[k, n]
+        w2 = tl.load(w2_ptr + ks[:, None] * HIDDEN + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        d_act = _mma(dy, w2, d_act, FP32_DOT)
+
+    pre += tl.load(b1_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    act = gelu(pre)
+    dh = d_act * gelu_derivative(pre)
+    if DROPOUT_HIDDEN:
+        keep = _keep(tl.load(seed_ptr), tokens, cols, _STREAM_HIDDEN, p_hidden)
+        act = tl.where(keep, act * scale_hidden, 0.0)
+        dh = tl.where(keep, dh * scale_hidden, 0.0)
+    offsets = tokens.to(tl.int64)[:, None] * HIDDEN + cols[None, :]
+    ok = row_ok[:, None] & col_ok[None, :]
+    tl.store(act_ptr + offsets, to_storage(act, act_ptr.dtype.element_ty, ROUND_BF16), mask=ok)
+    tl.store(dh_ptr + offsets, to_storage(dh, dh_ptr.dtype.element_ty, ROUND_BF16), mask=ok)
 
 
 @triton.jit
@@ -673,6 +754,9 @@ UP_TILES = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 DOWN_TILES = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 UP_TILES_FP32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2)
 DOWN_TILES_FP32 = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2)
+# ff_up_backward_kernel (two accumulators): see "Backward of the two-kernel widths" in the header
+UP_BACKWARD_TILES = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
+UP_BACKWARD_TILES_FP32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2)
 
 
 # fp32 (exact "ieee" dots on the FMA units, operands in registers): one pass only up to C = 64,
@@ -906,6 +990,63 @@ def feedforward_residual(
     if extra is not None and kernel_eo is not extra_out:
         extra_out.copy_(kernel_eo)
     return result
+
+
+def up_backward_config(dtype: torch.dtype) -> dict:
+    """Tiles of ff_up_backward_kernel."""
+    return UP_BACKWARD_TILES_FP32 if dtype == torch.float32 else UP_BACKWARD_TILES
+
+
+def feedforward_hidden_backward(
+    x: torch.Tensor, dy: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
+    w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, p_hidden: float = 0.0, seed=None,
+    extra: torch.Tensor | None = None, out: tuple | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh, act) of the feed-forward's hidden layer for tokens x (..., C) and, numbered after
+    them, ``extra`` (the two-kernel path's two row sets), in one launch of
+    ff_up_backward_kernel: act = Dropout_hidden(GELU(LayerNorm(x) @ W1^T + b1)) (recomputed,
+    the same mask: stream STREAM_HIDDEN of ``seed``) and dh = d(loss)/d(LayerNorm(x) @ W1^T +
+    b1) from ``dy``, the gradient at the second Linear's output, contiguous (M + M_extra, C) by
+    token. Both (M + M_extra, 4C) in x's dtype; ``out``: two preallocated such tensors."""
+    _check_params(x, ln_weight, ln_bias, w1, b1, w2)
+    C, hidden = x.shape[-1], w1.shape[0]
+    if extra is not None and (extra.shape[-1:] != x.shape[-1:] or extra.dtype != x.dtype or extra.device != x.device):
+        raise ValueError(f"extra is {tuple(extra.shape)} {extra.dtype} on {extra.device}; x is "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device}")
+    M = x.numel() // C if C else 0
+    M_extra = extra.numel() // C if extra is not None and C else 0
+    if dy.shape != (M + M_extra, C) or dy.dtype != x.dtype or not dy.is_contiguous() or dy.device != x.device:
+        raise ValueError(f"dy must be a contiguous ({M + M_extra}, {C}) {x.dtype} tensor on {x.device}, got "
+                         f"{tuple(dy.shape)} {dy.dtype} on {dy.device}")
+    if out is None:
+        out = tuple(torch.empty((M + M_extra, hidden), dtype=x.dtype, device=x.device) for _ in range(2))
+    elif len(out) != 2 or any(t.shape != (M + M_extra, hidden) or t.dtype != x.dtype or not t.is_contiguous()
+                               for t in out):
+        raise ValueError(f"out must be two contiguous ({M + M_extra}, {hidden}) {x.dtype} tensors (dh, act)")
+    dh, act = out
+    if M + M_extra == 0 or hidden == 0:
+        return dh, act
+    if M + M_extra >= 2**31:
+        raise ValueError(f"{M + M_extra} tokens: at most 2**31 - 1 per call")
+    dropout = _dropout_args(p_hidden, 0.0, seed, w2)
+    kernel_x, _, D1, (sx0, sx1, sxc), _ = _io_layout(x, x)
+    if extra is not None:
+        kernel_e, _, D1_e, (se0, se1, sec), _ = _io_layout(extra, extra)
+    else:  # no second row set: no program reads these
+        kernel_e, D1_e, (se0, se1, sec) = kernel_x, 1, (0, 0, sxc)
+    ln_weight, ln_bias, w1, b1, w2 = (t.contiguous() for t in (ln_weight, ln_bias, w1, b1, w2))
+    cfg = dict(up_backward_config(x.dtype))
+    nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+    x_row_tiles = triton.cdiv(M, cfg["BLOCK_M"])
+    grid = (triton.cdiv(hidden, cfg["BLOCK_N"]), x_row_tiles + triton.cdiv(M_extra, cfg["BLOCK_M"]))
+    ff_up_backward_kernel[grid](
+        kernel_x, kernel_e, dy, dh, act, ln_weight, ln_bias, w1, b1, w2,
+        M, D1, sx0, sx1, sxc, M_extra, D1_e, se0, se1, sec, x_row_tiles,
+        float(eps), dropout["seed"], dropout["p_hidden"], dropout["scale_hidden"],
+        C=C, HIDDEN=hidden, **cfg, DROPOUT_HIDDEN=p_hidden > 0, FP32_DOT=fp32_dot(x.dtype),
+        ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16, num_warps=nw, num_stages=ns,
+    )
+    return dh, act
 
 
 def _check_stats(stats, M, device, at_least=False):

@@ -19,6 +19,14 @@ def gelu(x):
 
 
 @triton.jit
+def gelu_derivative(z):
+    # d/dz z * Phi(z) = Phi(z) + z * phi(z), exact erf GELU
+    cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+    pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+    return cdf + z * pdf
+
+
+@triton.jit
 def round_fp32_to_bf16_nearest_even(x):
     # add half an ulp of bf16 (minus one when the kept bit is even: ties go to even), then
     # clear the 16 bits bf16 drops

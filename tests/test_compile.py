@@ -71,7 +71,7 @@ def feedforward_cases():
     # the second row set: register rows (B, nX, nY, r, C) sliced out of window sequences
     regs = torch.randn(2, 1, 2, 5, C)[:, :, :, 2:].requires_grad_()
     for p_hidden, p_out, seed, extra in ((0.0, 0.0, None, None), (0.25, 0.1, seed_tensor(), regs)):
-        yield ff_op.feedforward_residual_op, (x, extra, *weights, 1e-5, p_hidden, p_out, seed)  # recompute backward
+        yield ff_op.feedforward_residual_op, (x, extra, *weights, 1e-5, p_hidden, p_out, seed)  # two-kernel backward
         yield ff_op.feedforward_residual_op, (x, extra, *weights, 1e-5, p_hidden, p_out, seed, True)  # backward kernel
         with torch.no_grad():
             *_, stats = ff_op.feedforward_residual_op(x, extra, *weights, 1e-5, p_hidden, p_out, seed, True)
@@ -79,6 +79,9 @@ def feedforward_cases():
         set2 = (None, None) if extra is None else (extra.detach(), torch.randn_like(extra))
         yield ff_op.feedforward_residual_backward_op, (x.detach(), torch.randn_like(x), *set2, stats, ln_w, ln_b, w1,
                                                        b1, w2, p_hidden, p_out, seed)
+        tokens = 30 + (0 if extra is None else extra.numel() // C)
+        yield ff_op.feedforward_hidden_backward_op, (x.detach(), torch.randn(tokens, C), set2[0], ln_w, ln_b, w1, b1, w2,
+                                                     1e-5, p_hidden, seed)
     yield ff_op.dropout_keep_mask_op, (x.detach(), 4 * C, 0.3, seed_tensor(), 0)
     yield ff_op.dropout_keep_mask_op, (x.detach(), C, 0.3, seed_tensor(), 1, 12)
 
@@ -161,7 +164,7 @@ def output_projection_cases():
     yield op_op.dropout_grad_op, (torch.randn(2, 3, 5, C), 0.3, seed_tensor(), 1, torch.randn(2, 2, 3, 2, C))
 
 
-CASE_GROUPS = {"feedforward": (feedforward_cases, 8), "window_attention": (window_attention_cases, 4),
+CASE_GROUPS = {"feedforward": (feedforward_cases, 10), "window_attention": (window_attention_cases, 4),
                "mbconv": (mbconv_cases, 6), "layernorm_linear": (layernorm_linear_cases, 3),
                "output_projection": (output_projection_cases, 4)}
 

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from maxvit_fast import ops
 from maxvit_fast.aot import compile_kernels
@@ -406,20 +407,83 @@ def test_backward_launcher_rejects_bad_arguments(device):
         K.feedforward_residual(x, *params[:2], 1e-5, *params[2:], ff[4].bias, stats=torch.empty(2, 15), path="two_pass")
 
 
-def test_recompute_backward_at_two_kernel_widths(device):
-    """fp32 C = 80 has a two-kernel forward and no backward kernel: the forward saves no
-    statistics and the backward recomputes under the regenerated masks (exact reference
-    gradients for those masks)."""
-    C, p_hidden, p_out = 80, 0.2, 0.1
+@pytest.mark.parametrize("C,shape,layout,p_hidden,p_out", [
+    (80, (1, 3, 5), "nchw_view", 0.2, 0.1),
+    (72, (2, 3, 7), "contiguous", 0.0, 0.0),
+    (80, (3, 1, 5), "nchw_view", 0.3, 0.0),
+])
+def test_two_kernel_backward_fp32(device, C, shape, layout, p_hidden, p_out):
+    """fp32 C = 72, 80 have a two-kernel forward and no one-pass backward kernel: the forward
+    saves no statistics and the backward is ff_up_backward_kernel (the hidden layer recomputed,
+    dh) plus the output-dropout gradient kernel (with output dropout) and torch ops; every
+    gradient against autograd through the reference under the forward's masks, 1e-5 relative
+    L2 (exact fp32 products on both sides)."""
     ff = set_dropout(make_ff(C, device=device), p_hidden, p_out)
-    x = make_input((1, 3, 5), C, "nchw_view", device=device)
+    x = make_input(shape, C, layout, device=device)
     grad_out = torch.randn_like(x)
     seed = int(torch.randint(0, 2**31 - 1, (1,)))
     assert K.backward_config(C, torch.float32) is None
     grads, launched = op_gradients(x, ff, grad_out, seed)
-    assert launched == {"ff_dropout_keep_kernel": 2}
+    expected = {"ff_up_backward_kernel": 1}
+    if p_out > 0:
+        expected["ff_dropout_grad_kernel"] = 1
+    assert launched == expected
     for name, g, r in zip(GRAD_NAMES, grads, masked_reference_gradients(x, ff, grad_out, seed)):
         assert_close_l2(g, r, 1e-5, name=name)
+
+
+@pytest.mark.parametrize("dtype,C,shape,p_hidden,p_out", [
+    (torch.bfloat16, 512, (1, 3, 5), 0.1, 0.1),
+    (torch.float16, 320, (2, 3, 3), 0.0, 0.2),
+])
+def test_two_kernel_backward_low_precision(device, dtype, C, shape, p_hidden, p_out):
+    """fp16/bf16 at two-kernel widths (C = 512: MaxViT-T stage 4; 320: a partial column tile):
+    each gradient within 2x the reference module's own error against fp64 under the same masks
+    (+ half an ulp of its largest entry), as for the backward kernel."""
+    ff = set_dropout(make_ff(C, dtype, device), p_hidden, p_out)
+    x = make_input(shape, C, "nchw_view", dtype, device)
+    grad_out = torch.randn_like(x)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    assert K.backward_config(C, dtype) is None
+    grads, launched = op_gradients(x, ff, grad_out, seed)
+    assert launched.get("ff_up_backward_kernel") == 1
+    truth = masked_reference_gradients(x, ff, grad_out, seed, torch.float64)
+    ref_lowp = masked_reference_gradients(x, ff, grad_out, seed)
+    for name, g, r, t in zip(GRAD_NAMES, grads, ref_lowp, truth):
+        assert g.dtype == dtype, name
+        half_ulp = 0.5 * torch.finfo(dtype).eps * t.abs().max().item()
+        assert_within_reference_error(g, r, t, factor=2.0, atol=half_ulp, name=f"{dtype} C={C} d{name}")
+
+
+def test_hidden_backward_launcher_writes_every_output(device):
+    """ff_up_backward_kernel through its launcher, both row sets, NaN-poisoned outputs: act equals
+    the forward's hidden activation (ff_up_kernel's, the same mask) and dh the reference's
+    gradient at the first Linear's output, fp32 (1e-5 relative L2)."""
+    C, p_hidden = 40, 0.25
+    ff = set_dropout(make_ff(C, device=device), p_hidden, 0.0)
+    x = make_input((2, 3, 5), C, "nchw_view", device=device)
+    regs = register_rows((2, 1, 3, 2), C, device=device)
+    M = x.numel() // C + regs.numel() // C
+    dy = torch.randn(M, C, device=device)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    params = [p.detach() for p in ff.parameters()]
+    out = tuple(poison_(torch.empty(M, 4 * C, device=device)) for _ in range(2))
+    dh, act = K.feedforward_hidden_backward(x, dy, params[0], params[1], ff[0].eps, params[2], params[3], params[4],
+                                            p_hidden, seed, extra=regs, out=out)
+    assert dh is out[0] and act is out[1]
+    tokens = torch.cat([x.reshape(-1, C), regs.reshape(-1, C)])
+    pre = F.linear(F.layer_norm(tokens, (C,), params[0], params[1], ff[0].eps), params[2], params[3]).requires_grad_()
+    keep = K.dropout_keep_mask(M, 4 * C, p_hidden, seed, K.STREAM_HIDDEN, device)
+    ref_act = F.gelu(pre) * keep / (1 - p_hidden)
+    ref_dh, = torch.autograd.grad(ref_act, pre, dy.mm(params[4]))
+    assert_close_l2(act, ref_act.detach(), 1e-5, name="act")
+    assert_close_l2(dh, ref_dh, 1e-5, name="dh")
+    with pytest.raises(ValueError, match="dy must be"):
+        K.feedforward_hidden_backward(x, dy[1:], params[0], params[1], ff[0].eps, params[2], params[3], params[4],
+                                      p_hidden, seed, extra=regs)
+    with pytest.raises(ValueError, match="out must be"):
+        K.feedforward_hidden_backward(x, dy, params[0], params[1], ff[0].eps, params[2], params[3], params[4],
+                                      p_hidden, seed, extra=regs, out=(out[0], out[1][1:]))
 
 
 def test_statistics_saved_only_for_a_backward(device, monkeypatch):
@@ -626,7 +690,8 @@ PAIR_GRAD_NAMES = ("x", "registers", *GRAD_NAMES[1:])
 @pytest.mark.parametrize("C,p_hidden,p_out,launches", [
     (24, 0.3, 0.2, ({"ff_fused_mlp_kernel": 1}, {"ff_fused_mlp_backward_kernel": 2})),  # backward kernel per set
     (48, 0.0, 0.0, ({"ff_fused_mlp_kernel": 1}, {"ff_fused_mlp_backward_kernel": 2})),  # dW2 without output dropout
-    (80, 0.2, 0.1, ({"ff_up_kernel": 1, "ff_down_kernel": 1}, {"ff_dropout_keep_kernel": 2})),  # recompute
+    (80, 0.2, 0.1, ({"ff_up_kernel": 1, "ff_down_kernel": 1},
+                    {"ff_dropout_grad_kernel": 1, "ff_up_backward_kernel": 1})),  # two-kernel widths
 ])
 def test_pair_gradients_fp32(device, C, p_hidden, p_out, launches):
     """Every gradient of both row sets against autograd through the reference under the
@@ -797,7 +862,8 @@ def maxvit_t_requests(dtypes=(torch.float16, torch.bfloat16), widths=(64, 128, 2
             else:
                 up, down = K.two_pass_configs(C, hidden, dtype)
                 launches = [(K.ff_up_kernel, dict(up), ("DROPOUT_HIDDEN",)),
-                            (K.ff_down_kernel, dict(down, stride_oc=1, stride_eoc=1), ("DROPOUT_OUT",))]
+                            (K.ff_down_kernel, dict(down, stride_oc=1, stride_eoc=1), ("DROPOUT_OUT",)),
+                            (K.ff_up_backward_kernel, dict(K.up_backward_config(dtype)), ("DROPOUT_HIDDEN",))]
             for kernel, cfg, flags in launches:
                 for train in (False, True):
                     sig = _signature(kernel, names[dtype])

@@ -13,11 +13,12 @@ activation. The backward is one Triton kernel (``ff_fused_mlp_backward_kernel``:
 hidden activation chunk by chunk, regenerates both dropout masks in registers, writes dx with the
 LayerNorm backward and the residual, the dot operands of the weight gradients and per-tile bias /
 LayerNorm-parameter sums) followed by two matmuls (dW1 = dh^T xn, dW2 = dy^T act) and one sum
-over the row tiles. Other widths (fp16/bf16 C > 256, fp32 C > 64: the two-kernel forward) keep
-the recompute backward: regenerate both dropout keep masks with a Triton kernel (the same philox
-counters as the forward), recompute the feed-forward with the reference torch ops under those
-masks and differentiate that with ``torch.func.vjp``; the gradients are then exactly the
-reference module's for the masks the forward used.
+over the row tiles. Other widths (fp16/bf16 C > 256, fp32 C > 64: the two-kernel forward) save
+nothing 4C wide either; their backward (``_two_kernel_backward``) is one Triton launch for the
+hidden layer of both row sets (``ff_up_backward_kernel``: recomputes the hidden activation,
+writes it and dh) after the output-dropout gradient kernel, then cuBLAS matmuls and aten's
+LayerNorm and LayerNorm backward per row set. It replaced recomputing the block with the
+reference torch ops under regenerated masks and differentiating that with ``torch.func.vjp``.
 
 Two row sets (``feedforward_residual(x, ff, fused, extra=regs)``, the block step's tokens and
 register rows): one op call, ``feedforward_residual_op(x, extra, ...)`` -> (out, extra_out,
@@ -26,13 +27,14 @@ two-kernel path); the dropout masks are those of one call on x's tokens followed
 seed). Backward: the backward kernel once per row set (``token0`` = x's token count for extra),
 writing the weight-gradient operands of both sets into one buffer (one matmul per weight
 gradient; without output dropout dW2 is one mm + one addmm, dy being the two incoming
-gradients); the recompute backward regenerates each mask once for both sets and differentiates
-both reference computations in one vjp. An unused output gets a zero incoming gradient. If
+gradients); the two-kernel widths' backward runs the dropout gradient and the hidden-layer
+kernel once for both sets, the LayerNorm backward per set. An unused output gets a zero incoming gradient. If
 extra cannot share x's launch (another dtype or device), the two sets run as two calls.
 
 torch.compile: the forward kernels, the backward kernel and the mask kernel are
 ``torch.library`` custom ops (``maxvit_fast::feedforward_residual``,
-``maxvit_fast::feedforward_residual_backward``, ``maxvit_fast::feedforward_dropout_keep_mask``)
+``maxvit_fast::feedforward_residual_backward``, ``maxvit_fast::feedforward_hidden_backward``,
+``maxvit_fast::feedforward_dropout_keep_mask``)
 with fake implementations; the rest of the backward is plain torch ops (traced into the backward
 graph). Double backward is not supported on the backward-kernel path. The
 dropout seed is a 1-element int64 tensor drawn with ``torch.randint`` on the inputs' device and
@@ -175,6 +177,25 @@ def _(x, grad, extra, grad_extra, stats, ln_weight, ln_bias, w1, b1, w2, p_hidde
             x.new_empty((M, hidden)), x.new_empty((M, hidden)), x.new_empty((hidden + 3 * C,), dtype=torch.float32))
 
 
+@custom_op("feedforward_hidden_backward")
+def feedforward_hidden_backward_op(
+    x: torch.Tensor, dy: torch.Tensor, extra: Optional[torch.Tensor], ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+    w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, eps: float, p_hidden: float, seed: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh, act), each (tokens of x and extra, 4C) by token: the gradient at the first Linear's
+    output and the recomputed hidden activation (ff_up_backward_kernel, one launch for both row
+    sets), from dy, the gradient at the second Linear's output ((tokens, C), contiguous)."""
+    from ..kernels import feedforward as kernels
+
+    return kernels.feedforward_hidden_backward(x, dy, ln_weight, ln_bias, eps, w1, b1, w2, p_hidden, seed, extra=extra)
+
+
+@feedforward_hidden_backward_op.register_fake
+def _(x, dy, extra, ln_weight, ln_bias, w1, b1, w2, eps, p_hidden, seed):
+    shape = (_rows(x) + _rows(extra), w1.shape[0])
+    return x.new_empty(shape), x.new_empty(shape)
+
+
 @custom_op("feedforward_dropout_keep_mask")
 def dropout_keep_mask_op(x: torch.Tensor, width: int, p: float, seed: torch.Tensor, stream: int,
                          extra_rows: int = 0) -> torch.Tensor:
@@ -218,7 +239,7 @@ def _ff_backward(ctx, grad_out, grad_extra_out, _grad_stats):
     if ctx.kernel_backward:
         grads = _kernel_backward(ctx, grad_out, grad_extra_out, x, extra, weights, stats)
     else:
-        grads = _recompute_backward(ctx, grad_out, grad_extra_out, x, extra, weights)
+        grads = _two_kernel_backward(ctx, grad_out, grad_extra_out, x, extra, weights)
     return (*grads, None, None, None, None, None)
 
 
@@ -245,24 +266,55 @@ def _kernel_backward(ctx, grad_out, grad_extra_out, x, extra, weights, stats):
     return dx, (d_extra if extra is not None else None), d_ln_weight, d_ln_bias, dw1, db1, dw2, db2
 
 
-def _recompute_backward(ctx, grad_out, grad_extra_out, x, extra, weights):
-    # Recompute with the reference torch ops under the forward's masks (regenerated from the
-    # seed) and differentiate them. torch.func.vjp rather than torch.autograd.grad: under
-    # torch.compile AOTAutograd traces this function into the backward graph.
-    masks = _keep_masks(x, weights[2].shape[0], ctx.p_hidden, ctx.p_out, ctx.seed, extra)
-    if extra is None:
-        _, vjp = torch.func.vjp(
-            lambda *t: _reference_under_masks(*t, ctx.eps, ctx.p_hidden, ctx.p_out, *masks[0]), x, *weights
-        )
-        dx, *d_weights = vjp(grad_out)
-        return (dx, None, *d_weights)
+def _two_kernel_backward(ctx, grad_out, grad_extra_out, x, extra, weights):
+    """The backward of the two-kernel widths: one Triton launch for the hidden layer of both row
+    sets (ff_up_backward_kernel: the hidden activation recomputed, dh from dy), cuBLAS for the
+    matmuls, aten's LayerNorm (recomputed for xn, mean, rstd) and its backward per row set:
 
-    def both(x, extra, *w):
-        return (_reference_under_masks(x, *w, ctx.eps, ctx.p_hidden, ctx.p_out, *masks[0]),
-                _reference_under_masks(extra, *w, ctx.eps, ctx.p_hidden, ctx.p_out, *masks[1]))
+        dy  = grad * keep_out * scale_out            (dropout_grad, both sets in one launch)
+        dh, act = ff_up_backward(x, extra, dy)       (both sets, by token)
+        dW2 = dy^T act    db2 = sum dy    db1 = sum dh    dxn = dh W1
+        dW1 = dh^T xn     dx = LayerNorm_backward(dxn) + grad     (per set)
 
-    _, vjp = torch.func.vjp(both, x, extra, *weights)
-    return vjp((grad_out, grad_extra_out))
+    Gradients of the masks the forward used (regenerated from the seed); the LayerNorm, GELU
+    and matmul inputs rounded where the forward rounds them."""
+    from .output_projection import dropout_grad_op
+    from ..kernels.feedforward import STREAM_OUT
+
+    ln_weight, ln_bias, w1, b1, w2, _ = weights
+    C, eps = x.shape[-1], ctx.eps
+    sets = [(x, grad_out)] + ([] if extra is None else [(extra, grad_extra_out)])
+    need = ctx.needs_input_grad
+    if ctx.p_out > 0:
+        dy = dropout_grad_op(grad_out, ctx.p_out, ctx.seed, STREAM_OUT, grad_extra_out)
+    elif extra is None:
+        dy = grad_out.reshape(-1, C).contiguous()
+    else:
+        dy = torch.cat([grad_out.reshape(-1, C), grad_extra_out.reshape(-1, C)])
+    dh, act = feedforward_hidden_backward_op(x, dy, extra, ln_weight, ln_bias, w1, b1, w2, eps, ctx.p_hidden,
+                                             ctx.seed)
+    dw2 = dy.t().mm(act) if need[6] else None
+    db2 = dy.sum(0) if need[7] else None
+    db1 = dh.sum(0) if need[5] else None
+    dxn = dh.mm(w1)  # (tokens, C), both sets
+    d_inputs, dw1, d_ln_weight, d_ln_bias, row0 = [], None, None, None, 0
+    for i, (t, g) in enumerate(sets):
+        rows = slice(row0, row0 + _rows(t))
+        row0 = rows.stop
+        xn, mean, rstd = torch.ops.aten.native_layer_norm(t, (C,), ln_weight, ln_bias, eps)
+        if need[4]:
+            if dw1 is None:
+                dw1 = dh[rows].t().mm(xn.reshape(-1, C))
+            else:
+                dw1.addmm_(dh[rows].t(), xn.reshape(-1, C))
+        need_t = need[0] if i == 0 else need[1]
+        dt, dg, dbeta = torch.ops.aten.native_layer_norm_backward(
+            dxn[rows].view(t.shape), t, (C,), mean, rstd, ln_weight, ln_bias, [need_t, need[2], need[3]])
+        d_inputs.append(dt.add_(g) if need_t else None)  # + the residual's gradient
+        d_ln_weight = dg if d_ln_weight is None or dg is None else d_ln_weight + dg
+        d_ln_bias = dbeta if d_ln_bias is None or dbeta is None else d_ln_bias + dbeta
+    d_extra = d_inputs[1] if extra is not None else None
+    return d_inputs[0], d_extra, d_ln_weight, d_ln_bias, dw1, db1, dw2, db2
 
 
 feedforward_residual_op.register_autograd(_ff_backward, setup_context=_ff_setup_context)
