@@ -63,7 +63,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..dispatch import kernels_unavailable_reason, use_kernels
 from ..reference import Attention
