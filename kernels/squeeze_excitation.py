@@ -55,6 +55,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import INTERPRET
+from .numerics import to_storage
+
 
 @triton.jit
 def se_gate_kernel(
@@ -145,12 +148,12 @@ def se_gate_backward_kernel(
     dm_ptr, d_logit_ptr, mean_ptr, hidden_ptr, d_reduced_ptr,
     T_mean, T_gate, C, R, inv_num_pixels,
     stride_mt, stride_mc, stride_gt, stride_gc,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr,
 ):
     """Backward of se_gate_kernel for one image. In: the forward's per-tile channel sums (T_mean
     rows per image), the per-tile partials of dL/dgate (T_gate rows per image, any strides: a
-    column of the BN backward's (rows, 5, C) sums), the saved gate. Out (fp32): dm = dL/dmean /
-    num_pixels and mean (B, C), d_logit = dL/d(w_expand @ hidden) (B, C), hidden = silu(s) and
+    column of the BN backward's (rows, 5, C) sums), the saved gate. Out: dm = dL/dmean /
+    num_pixels (fp32) and, in their pointers' dtype (the matmul operands), mean (B, C), d_logit = dL/d(w_expand @ hidden) (B, C), hidden = silu(s) and
     d_reduced = dL/ds (B, R), s = w_reduce @ mean; the weight gradients are d_logit^T hidden and
     d_reduced^T mean (two matmuls over the batch, left to the caller)."""
     image = tl.program_id(0)
@@ -180,8 +183,10 @@ def se_gate_backward_kernel(
         mean = channel_sum * inv_num_pixels  # as the forward formed it
         gate = tl.load(gate_ptr + image * C + offs_c, mask=mask_c, other=0.0)
         d_logit = d_gate * (1.0 - gate) * gate  # sigmoid'
-        tl.store(mean_ptr + image * C + offs_c, mean, mask=mask_c)
-        tl.store(d_logit_ptr + image * C + offs_c, d_logit, mask=mask_c)
+        tl.store(mean_ptr + image * C + offs_c, to_storage(mean, mean_ptr.dtype.element_ty, EMULATE_BF16_RTNE),
+                 mask=mask_c)
+        tl.store(d_logit_ptr + image * C + offs_c,
+                 to_storage(d_logit, d_logit_ptr.dtype.element_ty, EMULATE_BF16_RTNE), mask=mask_c)
         w_reduce = tl.load(w_reduce_ptr + offs_r[:, None] * C + offs_c[None, :],
                            mask=mask_r[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
         s += tl.sum(w_reduce * mean[None, :], axis=1)
@@ -192,8 +197,10 @@ def se_gate_backward_kernel(
     sig_s = 1.0 / (1.0 + tl.exp(-s))
     hidden = s * sig_s  # SiLU
     d_reduced = d_hidden * sig_s * (1.0 + s * (1.0 - sig_s))  # silu'
-    tl.store(hidden_ptr + image * R + offs_r, hidden, mask=mask_r)
-    tl.store(d_reduced_ptr + image * R + offs_r, d_reduced, mask=mask_r)
+    tl.store(hidden_ptr + image * R + offs_r, to_storage(hidden, hidden_ptr.dtype.element_ty, EMULATE_BF16_RTNE),
+             mask=mask_r)
+    tl.store(d_reduced_ptr + image * R + offs_r,
+             to_storage(d_reduced, d_reduced_ptr.dtype.element_ty, EMULATE_BF16_RTNE), mask=mask_r)
 
     # pass 2: dL/dmean = w_reduce^T @ d_reduced, divided by the pixel count (what the BN
     # backward adds per pixel)
@@ -219,15 +226,17 @@ def se_gate_backward(
     w_reduce: torch.Tensor,
     w_expand: torch.Tensor,
     *,
+    operand_dtype: torch.dtype = torch.float32,
     out: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Backward of ``se_gate``. mean_tile_sum: fp32 (B*T, C), the forward's tile sums (any
     strides); gate_tile_sum: fp32 (B*T', C), per-tile partials of dL/dgate (any strides, e.g.
     ``sums[:, 4]`` of the BN backward's (B*T', 5, C) sums); gate: the forward's fp32 (B, C)
-    contiguous; the weights as for ``se_gate``. Returns fp32 contiguous
-    (dm (B, C) = dL/dmean / num_pixels, d_logit (B, C), mean (B, C), hidden (B, R),
-    d_reduced (B, R)): dL/dw_expand = d_logit^T @ hidden, dL/dw_reduce = d_reduced^T @ mean.
-    ``out``: those five tensors to write into."""
+    contiguous; the weights as for ``se_gate``. Returns contiguous (dm (B, C) = dL/dmean /
+    num_pixels, fp32; d_logit (B, C), mean (B, C), hidden (B, R), d_reduced (B, R), in
+    ``operand_dtype``): dL/dw_expand = d_logit^T @ hidden, dL/dw_reduce = d_reduced^T @ mean
+    (in the weights' dtype, those two matmuls need no cast). ``out``: those five tensors to
+    write into."""
     for name, t in (("mean_tile_sum", mean_tile_sum), ("gate_tile_sum", gate_tile_sum)):
         if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.dtype != torch.float32:
             raise ValueError(f"{name} must be an fp32 (rows, C) tensor")
@@ -248,18 +257,21 @@ def se_gate_backward(
             or w_reduce.dtype not in weight_dtypes or w_expand.dtype not in weight_dtypes:
         raise ValueError(f"SE weights must be contiguous fp32/fp16/bf16 tensors, "
                          f"got {w_reduce.dtype} and {w_expand.dtype}")
+    if operand_dtype not in weight_dtypes:
+        raise ValueError(f"operand_dtype must be fp32, fp16 or bf16, got {operand_dtype}")
     shapes = ((B, C), (B, C), (B, C), (B, R), (B, R))
+    dtypes = (torch.float32,) + (operand_dtype,) * 4
     if out is None:
-        out = tuple(torch.empty(s, device=gate.device, dtype=torch.float32) for s in shapes)
-    elif len(out) != 5 or any(tuple(o.shape) != s or o.dtype != torch.float32 or not o.is_contiguous()
-                              for o, s in zip(out, shapes)):
-        raise ValueError(f"out must be 5 contiguous fp32 tensors of shapes {shapes}")
+        out = tuple(torch.empty(s, device=gate.device, dtype=dt) for s, dt in zip(shapes, dtypes))
+    elif len(out) != 5 or any(tuple(o.shape) != s or o.dtype != dt or not o.is_contiguous()
+                              for o, s, dt in zip(out, shapes, dtypes)):
+        raise ValueError(f"out must be 5 contiguous tensors of shapes {shapes}: dm fp32, the rest {operand_dtype}")
     dm, d_logit, mean, hidden, d_reduced = out
     cfg = se_gate_backward_config(C, R)
     se_gate_backward_kernel[(B,)](
         mean_tile_sum, gate_tile_sum, gate, w_reduce, w_expand, dm, d_logit, mean, hidden, d_reduced,
         mean_tile_sum.shape[0] // B, gate_tile_sum.shape[0] // B, C, R, 1.0 / num_pixels,
         mean_tile_sum.stride(0), mean_tile_sum.stride(1), gate_tile_sum.stride(0), gate_tile_sum.stride(1),
-        **cfg,
+        **cfg, EMULATE_BF16_RTNE=INTERPRET and operand_dtype == torch.bfloat16,
     )
     return tuple(out)

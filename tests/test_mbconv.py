@@ -910,6 +910,16 @@ def test_se_gate_backward_kernel(B, C, R, T_mean, T_gate, dtype):
     # the weight gradients as the op forms them from the kernel's outputs
     assert_close_normwise(d_logit.t() @ hidden_k, we.grad, FP32_RTOL, name="d w_expand")
     assert_close_normwise(d_reduced.t() @ mean_k, wr.grad, FP32_RTOL, name="d w_reduce")
+    if dtype != torch.float32:
+        # the matmul operands in the weights' dtype (what the MBConv backward asks for): the same
+        # fp32 values rounded once to nearest even, dm unchanged (fp32)
+        out_lp = (poison_(torch.empty(B, C)),) + tuple(
+            poison_(torch.empty(shape, dtype=dtype)) for shape in ((B, C),) * 2 + ((B, R),) * 2)
+        low = se_gate_backward(mean_tile_sum, gate_tile_sum, gate.detach().float(), num_pixels, w_reduce, w_expand,
+                               operand_dtype=dtype, out=out_lp)
+        assert torch.equal(low[0], dm)
+        for name, a, b in zip(("d_logit", "mean", "hidden", "d_reduced"), low[1:], (d_logit, mean_k, hidden_k, d_reduced)):
+            assert a.dtype == dtype and torch.equal(a, b.to(dtype)), name
 
 
 def test_se_gate_backward_rejects_bad_arguments():
@@ -1201,14 +1211,16 @@ def kernel_requests():
             hidden = 4 * blk["dim_out"]
             add("squeeze_excitation", "se_gate_kernel", se_sig, {}, se_gate_config(hidden, hidden // 4), {"C", "R"})
         # train backward: the forward's SE tile sums (contiguous) and column 4 of the BN2
-        # backward's (rows, 5, C) sums (row stride 5 C), channel strides 1
+        # backward's (rows, 5, C) sums (row stride 5 C), channel strides 1; the matmul operands
+        # it writes in the weights' dtype
         se_bwd_sig = dict(mean_sum_ptr="*fp32", gate_sum_ptr="*fp32", gate_ptr="*fp32", w_reduce_ptr=f"*{t}",
-                          w_expand_ptr=f"*{t}", dm_ptr="*fp32", d_logit_ptr="*fp32", mean_ptr="*fp32",
-                          hidden_ptr="*fp32", d_reduced_ptr="*fp32", T_mean="i32", T_gate="i32", C="i32", R="i32",
+                          w_expand_ptr=f"*{t}", dm_ptr="*fp32", d_logit_ptr=f"*{t}", mean_ptr=f"*{t}",
+                          hidden_ptr=f"*{t}", d_reduced_ptr=f"*{t}", T_mean="i32", T_gate="i32", C="i32", R="i32",
                           inv_num_pixels="fp32", stride_mt="i32", stride_mc="i32", stride_gt="i32", stride_gc="i32")
         for blk in maxvit_t_blocks():
             hidden = 4 * blk["dim_out"]
-            add("squeeze_excitation", "se_gate_backward_kernel", se_bwd_sig, dict(stride_mc=1, stride_gc=1),
+            add("squeeze_excitation", "se_gate_backward_kernel", se_bwd_sig,
+                dict(stride_mc=1, stride_gc=1, EMULATE_BF16_RTNE=False),
                 se_gate_backward_config(hidden, hidden // 4), {"C", "R", "stride_mt", "stride_gt"})
     # train: batch statistics from the tile partials (fp32 partials, BatchNorm weights fp32 or not)
     from maxvit_fast.kernels import batchnorm_statistics as bn_stats

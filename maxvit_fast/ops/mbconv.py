@@ -48,8 +48,8 @@ terms, applied on the fly), cuBLAS for the 1x1 convs' matmuls, aten's depthwise 
 backward (cuDNN on a GPU), and for the SE MLP one launch (kernels/squeeze_excitation.py
 se_gate_backward: the SE mean from the forward's tile sums, dL/dgate from column 4 of the BN2
 backward sums read in place, sigmoid' and silu' exact, fp32; it writes dm for the BN2 backward
-and the vectors of the weight gradients) plus two matmuls for d W_e and d W_r (cast to the
-weights' dtype with the other parameter gradients). It replaced 14 small torch ops per block
+and the vectors of the weight gradients, those in the SE weights' dtype) plus two matmuls for
+d W_e and d W_r (in that dtype: no casts). It replaced 14 small torch ops per block
 (two sums, two divisions, two fp32 copies of the SE weights, five matmuls, sigmoid_backward,
 silu, silu_backward): traffic model (``TRITON_INTERPRET=1 maxvit-bench --traffic --train --dtype
 bf16``, MaxViT-T, batch 1, 224) backward 1397 -> 1276 launches (-11 per block x 11 blocks),
@@ -473,9 +473,11 @@ def _train_gradients(grad_out, x, params, stats, saved, eps, stride: int, add_re
         # SE MLP backward, one launch from the tile sums (column 4 of sums2: the dL/dgate
         # partials, read in place); then its two weight gradients as matmuls over the batch
         R = wr.shape[0]
+        # (the matmul operands in the SE weights' dtype: the weight gradients need no cast)
         dm, d_logit, se_mean, se_hidden, d_reduced = se_gate_backward(
-            se_sums, sums2[:, 4], gate, P2, wr, we,
-            out=tuple(_empty(s, torch.float32, dev) for s in ((B, hidden),) * 3 + ((B, R),) * 2))
+            se_sums, sums2[:, 4], gate, P2, wr, we, operand_dtype=wr.dtype,
+            out=(_empty((B, hidden), torch.float32, dev),)
+            + tuple(_empty(s, wr.dtype, dev) for s in ((B, hidden),) * 2 + ((B, R),) * 2))
         dwe = torch.mm(d_logit.t(), se_hidden)
         dwr = torch.mm(d_reduced.t(), se_mean)
         dy2, dg2, dbe2 = bn_backward(d_a, y2, mean2, var2, eps[1], scale2, shift2, B * P2, g2, gelu=True,
@@ -498,7 +500,7 @@ def _train_gradients(grad_out, x, params, stats, saved, eps, stride: int, add_re
             dx = torch.mm(dy1_rows, w1_mat)
         dw1 = torch.mm(dy1_rows.t(), x_rows)
 
-    def like(g, p):  # no launch where g already has p's dtype (all but the SE weights' fp32 matmuls)
+    def like(g, p):  # no launch: every gradient already has its parameter's dtype
         return g.reshape(p.shape).to(p.dtype)
 
     grads = [dw1, dg1, dbe1, dwd, dg2, dbe2, dwr, dwe, dw3, dg3, dbe3]
