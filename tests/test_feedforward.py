@@ -766,17 +766,18 @@ def test_pair_statistics_by_token(device):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("train", [False, True])
-def test_model_with_fused_feedforward(device, monkeypatch, train):
+@pytest.mark.parametrize("train,dim", [(False, 16), (True, 16), (True, 64)])
+def test_model_with_fused_feedforward(device, monkeypatch, train, dim):
     """A small MaxViT with only the feed-forward fused (the other ops forced to the reference)
-    against the reference model: eval outputs, and in train mode (dropout 0) the gradients."""
+    against the reference model: eval outputs, and in train mode (dropout 0) the gradients.
+    dim 64: stage 2 is 128 wide, a two-kernel width in fp32 (its own backward)."""
     from maxvit_fast import MaxViT
 
     model_ops = sys.modules["maxvit_fast.model"].ops
     real_attn, real_mbconv = model_ops.window_attention_residual, model_ops.mbconv
     monkeypatch.setattr(model_ops, "window_attention_residual", lambda *a, **k: real_attn(*a[:4], False, **k))
     monkeypatch.setattr(model_ops, "mbconv", lambda x, m, fused: real_mbconv(x, m, False))
-    kwargs = dict(num_classes=5, dim=16, depth=(1, 1), dim_head=8, window_size=2, dropout=0.0)
+    kwargs = dict(num_classes=5, dim=dim, depth=(1, 1), dim_head=8, window_size=2, dropout=0.0)
     ref = MaxViT(**kwargs).to(device)
     fused = MaxViT(**kwargs, fused=True).to(device)
     fused.load_state_dict(ref.state_dict())
