@@ -36,7 +36,7 @@ torch.compile: the forward kernels, the backward kernel and the mask kernel are
 ``maxvit_fast::feedforward_residual_backward``, ``maxvit_fast::feedforward_hidden_backward``,
 ``maxvit_fast::feedforward_dropout_keep_mask``)
 with fake implementations; the rest of the backward is plain torch ops (traced into the backward
-graph). Double backward is not supported on the backward-kernel path. The
+graph). Double backward is not supported (the backward kernels have no autograd formula). The
 dropout seed is a 1-element int64 tensor drawn with ``torch.randint`` on the inputs' device and
 read by the kernels there (never on the host: no ``.item()``, no synchronisation, and a captured
 CUDA graph draws a fresh seed on every replay).
