@@ -208,14 +208,20 @@ class MaxViT(nn.Module):
 
     def _parameters_in(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Every parameter cast to ``dtype``. With autograd recording, cast anew at each call (the
-        casts are part of the graph, as autocast's are); for inference, cast once and reused
-        until a parameter or buffer changes, so the casts, and the folded BatchNorm weights
-        derived from them, are not recomputed at every forward."""
+        casts are part of the graph, as autocast's are), except the weights and biases of
+        train-mode BatchNorms, which the fused MBConv takes in their own dtype (they stay out of
+        the dict: functional_call uses the module's; autocast too runs BatchNorm in fp32), so
+        they need neither a cast nor a cast of their gradients back; for inference, cast once
+        and reused until a parameter or buffer changes, so the casts, and the folded BatchNorm
+        weights derived from them, are not recomputed at every forward."""
 
-        def cast():
-            return {name: p.to(dtype) for name, p in self.named_parameters()}
+        def cast(skip=frozenset()):
+            return {name: p.to(dtype) for name, p in self.named_parameters() if name not in skip}
 
         cache = _cast_parameters.get(dtype)
         if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return cast()
+            if not torch.is_grad_enabled():
+                return cast()
+            return cast({f"{prefix}.{name}" for prefix, m in self.named_modules()
+                         if isinstance(m, nn.BatchNorm2d) and m.training for name, _ in m.named_parameters()})
         return cache.get(self, cast)
