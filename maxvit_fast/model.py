@@ -197,7 +197,8 @@ class MaxViT(nn.Module):
     def _forward_in_autocast_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The fused forward under ``torch.autocast``: the kernels compute in one dtype per op,
         so instead of autocast's op-by-op casts the whole forward runs in the autocast dtype,
-        with autocast off: the input and every parameter cast to ``dtype`` (autocast casts the
+        with autocast off: the input and every parameter cast to ``dtype`` but the weights of
+        train-mode BatchNorms when autograd records (see _parameters_in; autocast casts the
         weights of every convolution and linear layer the same way; the casts are differentiable,
         so gradients reach the fp32 parameters in fp32), the buffers (BatchNorm running
         statistics) the module's own, updated in place in training. LayerNorm and softmax
