@@ -792,9 +792,19 @@ def test_model_with_fused_feedforward(device, monkeypatch, train, dim):
     assert_close_normwise(out_fused, out_ref, 1e-5, name="logits")
     g_ref = torch.autograd.grad(out_ref, list(ref.parameters()), grad)
     g_fused = torch.autograd.grad(out_fused, list(fused.parameters()), grad)
-    floor = 1e-3 * max(g.norm().item() for g in g_ref)
+    largest = max(g.norm().item() for g in g_ref)
+    # the conv biases in front of train-mode BatchNorms (MBConv runs the reference here): their
+    # exact gradient is zero, autograd returns the noise of a cancelling sum, which differs
+    # between any two runs whose upstream gradients differ in rounding; both must be noise-sized
+    cancelling = {f"{prefix}.{i}.bias" for prefix, seq in ref.named_modules() if isinstance(seq, torch.nn.Sequential)
+                  for i, (a, b) in enumerate(zip(seq, list(seq)[1:]))
+                  if isinstance(a, torch.nn.Conv2d) and isinstance(b, torch.nn.BatchNorm2d) and a.bias is not None}
+    assert cancelling
     for (name, _), a, b in zip(ref.named_parameters(), g_fused, g_ref):
-        assert_close_l2(a, b, 1e-4, name=name, floor=floor)
+        if name in cancelling:
+            assert max(a.norm().item(), b.norm().item()) <= 1e-5 * largest, name
+        else:
+            assert_close_l2(a, b, 1e-4, name=name, floor=1e-3 * largest)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -302,7 +302,14 @@ def test_low_precision_within_reference_error(case, dtype, mode):
 def test_train_fp32_batchnorm_parameters_with_low_precision_convs(dtype):
     """BatchNorm weights/buffers kept in fp32 while the convs and SE run in bf16/fp16 (a common
     mixed-precision layout): each parameter's gradient comes back in that parameter's dtype
-    (the BN backward kernel writes dgamma/dbeta in it) and within the reference's own error."""
+    (the BN backward kernel writes dgamma/dbeta in it) and within the reference's own error.
+
+    Tolerance of the fp32 BatchNorm parameters' gradients: sums over all B*H*W pixels of an
+    upstream gradient that has fp16/bf16 precision on both paths. The reference's error there
+    varies from draw to draw by more than 2x around the fused path's (12 draws, fp16, max-abs
+    error / max |truth|: fused mean 0.0023, max 0.0048; reference mean 0.0026, max 0.0086), so
+    the 2x rule gets an absolute term of 8 eps x max |truth| for them (4 eps for the others, as
+    in the same-dtype test)."""
     module, shape = build("down-8to16-e4-r.25-b3-15x15")
     module.train()
     lowp = module.to(dtype)
@@ -326,7 +333,8 @@ def test_train_fp32_batchnorm_parameters_with_low_precision_convs(dtype):
         if name in zero:
             assert torch.count_nonzero(p2.grad) == 0, f"fused grad {name} is not exactly zero"
             continue
-        atol = 4 * torch.finfo(dtype).eps * p32.grad.abs().max().item()
+        ulps = 8 if p.dtype == torch.float32 else 4
+        atol = ulps * torch.finfo(dtype).eps * p32.grad.abs().max().item()
         assert_within_reference_error(p2.grad, p.grad, p32.grad, atol=atol, name=f"grad {name}")
     for (name, b_lp), b_f, b_32 in zip(lowp.named_buffers(), twin.buffers(), truth.buffers()):
         assert b_f.dtype == b_lp.dtype, name
