@@ -60,6 +60,19 @@ from .numerics import to_storage
 
 
 @triton.jit
+def _tile_sum(rows_ptr, T, stride_t, stride_c, offs_c, mask_c, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sum over the T tile rows of one image's (T, C) partial sums (row stride stride_t, channel
+    stride stride_c), for the channels offs_c: fp32 (BLOCK_C,), 0 on masked channels."""
+    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        part = tl.load(rows_ptr + offs_t[:, None] * stride_t + offs_c[None, :] * stride_c,
+                       mask=(offs_t < T)[:, None] & mask_c[None, :], other=0.0)
+        total += tl.sum(part, axis=0)
+    return total
+
+
+@triton.jit
 def se_gate_kernel(
     tile_sum_ptr, w_reduce_ptr, w_expand_ptr, gate_ptr,
     T, C, R, inv_num_pixels,
@@ -74,13 +87,7 @@ def se_gate_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        channel_sum = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T)
-            part = tl.load(sums_image + offs_t[:, None] * C + offs_c[None, :],
-                           mask=(offs_t < T)[:, None] & mask_c[None, :], other=0.0)
-            channel_sum += tl.sum(part, axis=0)
-        mean = channel_sum * inv_num_pixels
+        mean = _tile_sum(sums_image, T, C, 1, offs_c, mask_c, BLOCK_T, BLOCK_C) * inv_num_pixels
         w_reduce = tl.load(w_reduce_ptr + offs_r[:, None] * C + offs_c[None, :],
                            mask=mask_r[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
         hidden += tl.sum(w_reduce * mean[None, :], axis=1)
@@ -168,18 +175,8 @@ def se_gate_backward_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        channel_sum = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for t0 in range(0, T_mean, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T)
-            part = tl.load(mean_sums_image + offs_t[:, None] * stride_mt + offs_c[None, :] * stride_mc,
-                           mask=(offs_t < T_mean)[:, None] & mask_c[None, :], other=0.0)
-            channel_sum += tl.sum(part, axis=0)
-        d_gate = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for t0 in range(0, T_gate, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T)
-            part = tl.load(gate_sums_image + offs_t[:, None] * stride_gt + offs_c[None, :] * stride_gc,
-                           mask=(offs_t < T_gate)[:, None] & mask_c[None, :], other=0.0)
-            d_gate += tl.sum(part, axis=0)
+        channel_sum = _tile_sum(mean_sums_image, T_mean, stride_mt, stride_mc, offs_c, mask_c, BLOCK_T, BLOCK_C)
+        d_gate = _tile_sum(gate_sums_image, T_gate, stride_gt, stride_gc, offs_c, mask_c, BLOCK_T, BLOCK_C)
         mean = channel_sum * inv_num_pixels  # as the forward formed it
         gate = tl.load(gate_ptr + image * C + offs_c, mask=mask_c, other=0.0)
         d_logit = d_gate * (1.0 - gate) * gate  # sigmoid'
