@@ -102,6 +102,18 @@ def se_gate_kernel(
         tl.store(gate_ptr + image * C + offs_c, 1.0 / (1.0 + tl.exp(-logit)), mask=mask_c)
 
 
+_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_weights(w_reduce, w_expand, R: int, C: int) -> None:
+    if tuple(w_reduce.shape) != (R, C) or tuple(w_expand.shape) != (C, R):
+        raise ValueError(f"w_reduce must be (R, {C}) and w_expand ({C}, R), got {tuple(w_reduce.shape)}, {tuple(w_expand.shape)}")
+    if not (w_reduce.is_contiguous() and w_expand.is_contiguous()) \
+            or w_reduce.dtype not in _WEIGHT_DTYPES or w_expand.dtype not in _WEIGHT_DTYPES:
+        raise ValueError(f"SE weights must be contiguous fp32/fp16/bf16 tensors, "
+                         f"got {w_reduce.dtype} and {w_expand.dtype}")
+
+
 def _weight_tile_config(C: int, R: int, tile_values: int) -> dict:
     """All R rows of a weight matrix by as many channels as fit in ``tile_values`` values."""
     block_r = max(16, triton.next_power_of_2(max(R, 1)))
@@ -133,13 +145,7 @@ def se_gate(
         raise ValueError(f"tile_sum has {BT} rows, not a multiple of num_images={B}")
     T = BT // B
     R = w_reduce.shape[0]
-    if tuple(w_reduce.shape) != (R, C) or tuple(w_expand.shape) != (C, R):
-        raise ValueError(f"w_reduce must be (R, {C}) and w_expand ({C}, R), got {tuple(w_reduce.shape)}, {tuple(w_expand.shape)}")
-    weight_dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    if not (w_reduce.is_contiguous() and w_expand.is_contiguous()) \
-            or w_reduce.dtype not in weight_dtypes or w_expand.dtype not in weight_dtypes:
-        raise ValueError(f"SE weights must be contiguous fp32/fp16/bf16 tensors, "
-                         f"got {w_reduce.dtype} and {w_expand.dtype}")
+    _check_weights(w_reduce, w_expand, R, C)
     if out is None:
         out = torch.empty((B, C), device=tile_sum.device, dtype=torch.float32)
     elif tuple(out.shape) != (B, C) or out.dtype != torch.float32 or not out.is_contiguous():
@@ -247,14 +253,8 @@ def se_gate_backward(
         if t.shape[1] != C or t.shape[0] % B != 0 or t.shape[0] == 0:
             raise ValueError(f"{name} must be ({B} * tiles, {C}), got {tuple(t.shape)}")
     R = w_reduce.shape[0] if w_reduce.ndim == 2 else -1
-    if tuple(w_reduce.shape) != (R, C) or tuple(w_expand.shape) != (C, R):
-        raise ValueError(f"w_reduce must be (R, {C}) and w_expand ({C}, R), got {tuple(w_reduce.shape)}, {tuple(w_expand.shape)}")
-    weight_dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    if not (w_reduce.is_contiguous() and w_expand.is_contiguous()) \
-            or w_reduce.dtype not in weight_dtypes or w_expand.dtype not in weight_dtypes:
-        raise ValueError(f"SE weights must be contiguous fp32/fp16/bf16 tensors, "
-                         f"got {w_reduce.dtype} and {w_expand.dtype}")
-    if operand_dtype not in weight_dtypes:
+    _check_weights(w_reduce, w_expand, R, C)
+    if operand_dtype not in _WEIGHT_DTYPES:
         raise ValueError(f"operand_dtype must be fp32, fp16 or bf16, got {operand_dtype}")
     shapes = ((B, C), (B, C), (B, C), (B, R), (B, R))
     dtypes = (torch.float32,) + (operand_dtype,) * 4
