@@ -213,18 +213,30 @@ def test_train_fp32_three_steps(case):
     for step in range(3):
         x = make_input(shape, "channels_last" if step == 1 else "contiguous").requires_grad_()
         x2 = x.detach().clone().requires_grad_()
-        ref, out = module(x), fused(x2, twin)
+        truth = copy.deepcopy(module).double()  # the same state, float64 (BatchNorm gradients below)
+        x64 = x.detach().double().requires_grad_()
+        ref, out, ref64 = module(x), fused(x2, twin), truth(x64)
         assert_close_normwise(out, ref, FP32_RTOL, name=f"step {step} output")
         grad = torch.randn_like(ref)
         ref.backward(grad)
         out.backward(grad)
+        ref64.backward(grad.double())
         assert_close_l2(x2.grad, x.grad, FP32_RTOL, name=f"step {step} grad x")
         largest = max(p.grad.norm().item() for p in module.parameters())
-        for (name, p), p2 in zip(module.named_parameters(), twin.parameters()):
+        bn_params = {f"{prefix}.{n}" for prefix, m in module.named_modules() if isinstance(m, nn.BatchNorm2d)
+                     for n in ("weight", "bias")}
+        for (name, p), p2, p64 in zip(module.named_parameters(), twin.parameters(), truth.parameters()):
             assert p2.grad is not None, f"{name} got no gradient"
             if name in zero_gradient_names(module):
                 assert torch.count_nonzero(p2.grad) == 0, f"fused grad {name} is not exactly zero"
                 assert p.grad.norm().item() <= 1e-5 * largest, f"reference grad {name}: {p.grad.norm().item():.3e}"
+            elif name in bn_params:
+                # dgamma = sum over all pixels of g * xhat cancels (the sum is far smaller than its
+                # terms), so two fp32 summation orders differ by more than 1e-5 of it now and then
+                # (seen: 1.2e-5, 1.7e-5): judged against float64 instead, at most 2x the fp32
+                # reference's own error plus 1e-5 of the gradient's largest entry
+                assert_within_reference_error(p2.grad, p.grad, p64.grad, atol=1e-5 * p64.grad.abs().max().item(),
+                                              name=f"step {step} grad {name}")
             else:
                 assert_close_l2(p2.grad, p.grad, FP32_RTOL, name=f"step {step} grad {name}")
         opt_ref.step(), opt_fused.step()
