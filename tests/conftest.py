@@ -4,9 +4,13 @@ Without a CUDA device the Triton kernels run through the Triton interpreter on t
 interpreter must be switched on before any @triton.jit function is created, i.e. before
 maxvit_fast.kernels is imported, hence before the imports below. On a GPU machine it stays
 off, so the same tests run the compiled kernels.
+
+Every test starts from a fresh random seed (fresh inputs on every run); a failing test's report
+names its seed, and ``MAXVIT_TEST_SEED=<seed>`` replays that draw.
 """
 
 import os
+import random
 
 import torch
 
@@ -39,6 +43,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def fresh_torch_seed(request):
+    """Seed torch (and Python's random) per test: from MAXVIT_TEST_SEED when set, else a fresh
+    random seed. The seed is attached to the test's report, so a failure can be replayed."""
+    seed = int(os.environ.get("MAXVIT_TEST_SEED") or random.SystemRandom().randrange(2**31))
+    torch.manual_seed(seed)
+    random.seed(seed)
+    request.node.user_properties.append(("torch_seed", seed))
+    yield seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        seed = dict(item.user_properties).get("torch_seed")
+        if seed is not None:
+            report.sections.append(("torch seed", f"replay with MAXVIT_TEST_SEED={seed}"))
 
 
 @pytest.fixture
