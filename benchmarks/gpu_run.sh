@@ -10,8 +10,11 @@
 #                                                         -> bench-*.json, bench-*.png
 #   e. summary.md (benchmarks/summarize.py)
 #
-# Results go to RESULTS_FOLDER, else $OUT/<device>-<date> when $OUT is set (the device
-# runner's output folder), else benchmarks/results/<device>-<date>. Each step has a time limit
+# Results go to RESULTS_FOLDER, else benchmarks/results/<device>-<date>. When $OUT is set (the
+# device runner's output folder, which returns at most 8 files), they are written to a temporary
+# folder and $OUT receives <device>-<date>.tar.gz of the whole folder plus summary.md and
+# steps.tsv; `tar -xzf <device>-<date>.tar.gz -C benchmarks/results` unpacks the folder to
+# commit. The archive is written on every exit of the script, a failed step's too. Each step has a time limit
 # (GPU_RUN_BUDGET seconds in all, default 465) and writes its JSON as it goes, so a step cut
 # short still leaves its figures; steps.tsv lists each step's exit status and seconds.
 #
@@ -34,7 +37,20 @@ left() { echo $(( BUDGET - $(elapsed) )); }
 
 # --- the package, as installed, from this working tree ---------------------------------------
 PKG=$(mktemp -d)
-trap 'rm -rf "$PKG"' EXIT
+PACK_TO=""  # set when the results are packed into $OUT on exit
+pack_results() {
+    if [ -n "$PACK_TO" ] && [ -d "${RESULTS:-}" ]; then
+        local name
+        name=$(basename "$RESULTS")
+        tar -C "$(dirname "$RESULTS")" -czf "$PACK_TO/$name.tar.gz" "$name" \
+            && echo "gpu_run: packed $PACK_TO/$name.tar.gz (tar -xzf $name.tar.gz -C benchmarks/results)"
+        for f in summary.md steps.tsv; do
+            [ -f "$RESULTS/$f" ] && cp "$RESULTS/$f" "$PACK_TO/$f"
+        done
+    fi
+    rm -rf "$PKG"
+}
+trap pack_results EXIT
 cp -r maxvit_fast "$PKG/maxvit_fast"
 rm -rf "$PKG/maxvit_fast/kernels"
 cp -r kernels "$PKG/maxvit_fast/kernels"
@@ -53,7 +69,8 @@ STAMP=$(date -u +%Y-%m-%d-%H%M)
 if [ $# -ge 1 ]; then
     RESULTS=$1
 elif [ -n "${OUT:-}" ]; then
-    RESULTS=$OUT/$DEVICE-$STAMP
+    RESULTS=$PKG/results/$DEVICE-$STAMP
+    PACK_TO=$OUT
 else
     RESULTS=benchmarks/results/$DEVICE-$STAMP
 fi
