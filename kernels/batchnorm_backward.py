@@ -28,11 +28,15 @@ Passes:
 2. ``batchnorm_backward_coefficients``: one launch over channel blocks, looping over the tile
    rows: dbeta, dgamma (stored in the BatchNorm parameters' dtype) and the per-channel terms
    w = -scale * dbeta / N, q = -scale * dgamma / N (fp32).
+   Frozen statistics (eval-mode BatchNorm with gradients: mean and var are the running
+   statistics, constants of the batch): dy = scale * g, so w = q = 0, and the gradient of the
+   conv bias in front, sum(dy) = scale * dbeta, is stored too (in the bias's dtype).
 3. ``batchnorm_backward_apply``: dy = scale * g + w + q * xhat, g recomputed from dh and y; out
    may be dh itself (each element is read and written by the same program).
 
-No bias sums: the gradient of a conv bias in front of a train-mode BatchNorm is exactly zero
-(the batch mean removes any per-channel constant), returned as zeros by maxvit_fast/ops/mbconv.py.
+No bias sums in train mode: the gradient of a conv bias in front of a train-mode BatchNorm is
+exactly zero (the batch mean removes any per-channel constant), returned as zeros by
+maxvit_fast/ops/mbconv.py.
 
 Layout: dh, y, out (B, P, C) contiguous (fp16/bf16/fp32, any mix; dy has dh's dtype); mean,
 var, scale, shift, w, q (C,) fp32 contiguous; gate, dm (B, C) fp32 contiguous. Tiles as in
@@ -130,9 +134,10 @@ def batchnorm_backward_sums_kernel(
 
 @triton.jit
 def batchnorm_backward_coefficients_kernel(
-    sums_ptr, scale_ptr, gate_ptr, dm_ptr, w_ptr, q_ptr, dgamma_ptr, dbeta_ptr,
+    sums_ptr, scale_ptr, gate_ptr, dm_ptr, w_ptr, q_ptr, dgamma_ptr, dbeta_ptr, dbias_ptr,
     rows, C, tiles_per_image, inv_count,
-    SE: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    SE: tl.constexpr, FROZEN: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
@@ -166,8 +171,14 @@ def batchnorm_backward_coefficients_kernel(
     # dgamma / dbeta in the parameters' dtype (one rounding of the fp32 sums); w, q stay fp32
     tl.store(dbeta_ptr + offs_c, to_storage(sum_g, dbeta_ptr.dtype.element_ty, EMULATE_BF16_RTNE), mask=mask_c)
     tl.store(dgamma_ptr + offs_c, to_storage(sum_gx, dgamma_ptr.dtype.element_ty, EMULATE_BF16_RTNE), mask=mask_c)
-    tl.store(w_ptr + offs_c, -scale * sum_g * inv_count, mask=mask_c)
-    tl.store(q_ptr + offs_c, -scale * sum_gx * inv_count, mask=mask_c)
+    if FROZEN:  # the statistics do not depend on the batch: dy = scale * g, d conv bias = sum(dy)
+        tl.store(w_ptr + offs_c, tl.zeros_like(sum_g), mask=mask_c)
+        tl.store(q_ptr + offs_c, tl.zeros_like(sum_g), mask=mask_c)
+        tl.store(dbias_ptr + offs_c, to_storage(scale * sum_g, dbias_ptr.dtype.element_ty, EMULATE_BF16_RTNE),
+                 mask=mask_c)
+    else:
+        tl.store(w_ptr + offs_c, -scale * sum_g * inv_count, mask=mask_c)
+        tl.store(q_ptr + offs_c, -scale * sum_gx * inv_count, mask=mask_c)
 
 
 @triton.jit
@@ -286,13 +297,17 @@ def batchnorm_backward_sums(dh, y, mean, var, eps: float, scale, shift, *, gelu:
 
 
 def batchnorm_backward_coefficients(sums, scale, *, images: int, count: int, gate=None, dm=None,
-                                    param_dtype: torch.dtype = torch.float32,
+                                    param_dtype: torch.dtype = torch.float32, frozen_bias_dtype=None,
                                     out: tuple[torch.Tensor, ...] | None = None):
     """(w, q, dgamma, dbeta), each (C,), from the tile sums of ``batchnorm_backward_sums`` (rows =
     images * T, row r a tile of image r // T): w, q fp32, dgamma and dbeta in ``param_dtype``
     (the BatchNorm weight's: no cast launches after). ``count`` = N = B * P, the rows the
     BatchNorm normalised. SE sums (K = 5) need ``gate`` and ``dm`` (images, C) fp32.
-    ``out``: four preallocated (C,) tensors of those dtypes."""
+
+    ``frozen_bias_dtype`` (a dtype): the statistics were frozen (eval-mode BatchNorm, the
+    running statistics); w = q = 0 (``count`` is not used) and a fifth tensor, the gradient of
+    the conv bias in front (scale * dbeta), is returned in that dtype.
+    ``out``: four (five when frozen) preallocated (C,) tensors of those dtypes."""
     if not isinstance(sums, torch.Tensor) or sums.ndim != 3 or sums.shape[1] not in (2, 5):
         raise ValueError(f"sums must be a (rows, 2 or 5, C) tensor, got {getattr(sums, 'shape', type(sums))}")
     if sums.dtype != torch.float32:
@@ -309,25 +324,29 @@ def batchnorm_backward_coefficients(sums, scale, *, images: int, count: int, gat
         raise ValueError("SE sums (K = 5) need gate and dm, plain/GELU sums (K = 2) take neither")
     if param_dtype not in _DTYPES:
         raise TypeError(f"param_dtype must be fp16, bf16 or fp32, got {param_dtype}")
-    dtypes = (torch.float32, torch.float32, param_dtype, param_dtype)
+    frozen = frozen_bias_dtype is not None
+    if frozen and frozen_bias_dtype not in _DTYPES:
+        raise TypeError(f"frozen_bias_dtype must be fp16, bf16 or fp32, got {frozen_bias_dtype}")
+    dtypes = (torch.float32, torch.float32, param_dtype, param_dtype) + ((frozen_bias_dtype,) if frozen else ())
     if out is None:
         out = tuple(torch.empty(C, dtype=dt, device=sums.device) for dt in dtypes)
     else:
-        if len(out) != 4:
-            raise ValueError("out must be four (C,) tensors (w, q fp32; dgamma, dbeta in param_dtype)")
-        for name, t, dt in zip(("w", "q", "dgamma", "dbeta"), out, dtypes):
+        if len(out) != len(dtypes):
+            raise ValueError(f"out must be {len(dtypes)} (C,) tensors (w, q fp32; dgamma, dbeta in param_dtype"
+                             f"{'; the conv bias gradient in frozen_bias_dtype' if frozen else ''})")
+        for name, t, dt in zip(("w", "q", "dgamma", "dbeta", "dbias"), out, dtypes):
             _check_vector(f"out {name}", t, (C,), dt, sums.device)
-    w, q, dgamma, dbeta = out
+    w, q, dgamma, dbeta = out[:4]
     if C > 0:
         cfg = batchnorm_backward_coefficients_config()
         grid = (triton.cdiv(C, cfg["BLOCK_C"]),)
         tiles_per_image = max(1, rows // images) if images else 1
         batchnorm_backward_coefficients_kernel[grid](
             sums, scale, gate if se else scale, dm if se else scale, w, q, dgamma, dbeta,
-            rows, C, tiles_per_image, 1.0 / count if count > 0 else 0.0,
-            SE=se, EMULATE_BF16_RTNE=INTERPRET and param_dtype == torch.bfloat16, **cfg,
+            out[4] if frozen else w, rows, C, tiles_per_image, 1.0 / count if count > 0 else 0.0,
+            SE=se, FROZEN=frozen, EMULATE_BF16_RTNE=INTERPRET and torch.bfloat16 in dtypes, **cfg,
         )
-    return w, q, dgamma, dbeta
+    return out
 
 
 def batchnorm_backward_apply(dh, y, mean, var, eps: float, scale, shift, w, q, *, gelu: bool, gate=None, dm=None,

@@ -15,6 +15,11 @@ With ``running`` it also computes what ``nn.BatchNorm2d`` makes of the running s
 in fp32 and rounded once to the buffers' dtype, into NEW tensors (the buffers are only read; the
 caller copies the results in, so the op that launches this kernel mutates nothing).
 
+``batchnorm_running_statistics`` launches the same kernel without tiles (FROZEN): eval-mode
+BatchNorm with gradients normalises with the running statistics, so mean and var are those
+buffers converted to fp32 (the forward's copy, which the backward reads), with the same scale
+and shift; one launch per BatchNorm instead of about ten torch ops.
+
 Tiles: tile t covers n_t rows; tiles come in groups (one group per image for per-image tilings,
 one group for a tiling of all rows), ``tiles_per_group`` tiles of ``block_rows`` rows over
 ``rows_per_group`` rows, the last tile of a group partial. n_t is computed here from that
@@ -47,33 +52,38 @@ def batchnorm_statistics_kernel(
     mean_ptr, var_ptr, scale_ptr, shift_ptr,
     running_mean_ptr, running_var_ptr, new_mean_ptr, new_var_ptr,
     T, C, tiles_per_group, rows_per_group, block_rows, inv_total, eps, momentum, unbias,
-    UPDATE_RUNNING: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, FROZEN: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
 
-    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        mask = (offs_t < T)[:, None] & mask_c[None, :]
-        s = tl.load(tile_sum_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
-        total += tl.sum(s, 0)
-    mean = total * inv_total
+    if FROZEN:  # eval mode: the running statistics (any float dtype), no tiles
+        mean = tl.load(running_mean_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        var = tl.load(running_var_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    else:
+        total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            mask = (offs_t < T)[:, None] & mask_c[None, :]
+            s = tl.load(tile_sum_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+            total += tl.sum(s, 0)
+        mean = total * inv_total
 
-    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        mask_t = offs_t < T
-        mask = mask_t[:, None] & mask_c[None, :]
-        # rows in tile t: a full tile but the last of its group
-        first_row = (offs_t % tiles_per_group) * block_rows
-        n_t = tl.minimum(block_rows, rows_per_group - first_row).to(tl.float32)
-        n_t = tl.where(mask_t, n_t, 1.0)  # padded tiles: any non-zero count (their sums are 0)
-        s = tl.load(tile_sum_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
-        q = tl.load(tile_m2_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
-        d = s / n_t[:, None] - mean[None, :]
-        m2 += tl.sum(tl.where(mask, q + n_t[:, None] * d * d, 0.0), 0)
-    var = m2 * inv_total
+        m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            mask_t = offs_t < T
+            mask = mask_t[:, None] & mask_c[None, :]
+            # rows in tile t: a full tile but the last of its group
+            first_row = (offs_t % tiles_per_group) * block_rows
+            n_t = tl.minimum(block_rows, rows_per_group - first_row).to(tl.float32)
+            n_t = tl.where(mask_t, n_t, 1.0)  # padded tiles: any non-zero count (their sums are 0)
+            s = tl.load(tile_sum_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+            q = tl.load(tile_m2_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+            d = s / n_t[:, None] - mean[None, :]
+            m2 += tl.sum(tl.where(mask, q + n_t[:, None] * d * d, 0.0), 0)
+        var = m2 * inv_total
 
     gamma = tl.load(gamma_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32)
     beta = tl.load(beta_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
@@ -139,9 +149,34 @@ def batchnorm_statistics(tile_sum: torch.Tensor, tile_m2: torch.Tensor, gamma: t
         tile_sum, tile_m2, gamma.contiguous(), beta.contiguous(), mean, var, scale, shift,
         run_mean, run_var, new_mean, new_var,
         T, C, tiles_per_group, rows_per_group, block_rows, 1.0 / total, float(eps), float(momentum),
-        total / max(total - 1, 1), UPDATE_RUNNING=running is not None,
+        total / max(total - 1, 1), UPDATE_RUNNING=running is not None, FROZEN=False,
         EMULATE_BF16_RTNE=INTERPRET and new_mean.dtype == torch.bfloat16, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
     )
     if running is not None:
         return mean, var, scale, shift, new_mean, new_var
+    return mean, var, scale, shift
+
+
+def batchnorm_running_statistics(running_mean: torch.Tensor, running_var: torch.Tensor, gamma: torch.Tensor,
+                                 beta: torch.Tensor, eps: float, *, out: tuple[torch.Tensor, ...] | None = None):
+    """(mean, var, scale, shift), each (C,) fp32: the running statistics converted to fp32 (new
+    tensors) and the normalisation eval-mode BatchNorm applies with them, scale = gamma *
+    rsqrt(var + eps), shift = beta - mean * scale. All (C,) inputs any float dtype, contiguous
+    running statistics. ``out``: four preallocated (C,) fp32 tensors."""
+    C = running_mean.shape[0] if running_mean.ndim == 1 else -1
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("gamma", gamma), ("beta", beta)):
+        if tuple(t.shape) != (C,) or not t.is_floating_point():
+            raise ValueError(f"{name} must be a float tensor of shape ({C},), got {t.dtype} {tuple(t.shape)}")
+    if not (running_mean.is_contiguous() and running_var.is_contiguous()):
+        raise ValueError("running statistics must be contiguous")
+    if out is None:
+        out = tuple(torch.empty(C, dtype=torch.float32, device=running_mean.device) for _ in range(4))
+    mean, var, scale, shift = out
+    if C > 0:
+        batchnorm_statistics_kernel[(triton.cdiv(C, BLOCK_C),)](
+            mean, mean, gamma.contiguous(), beta.contiguous(), mean, var, scale, shift,
+            running_mean, running_var, mean, var,
+            0, C, 1, 1, 1, 1.0, float(eps), 0.0, 1.0, UPDATE_RUNNING=False, FROZEN=True,
+            EMULATE_BF16_RTNE=False, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
+        )
     return mean, var, scale, shift

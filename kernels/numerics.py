@@ -38,7 +38,9 @@ def round_fp32_to_bf16_nearest_even(x):
 
 @triton.jit
 def to_storage(x, dtype: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr):
-    if EMULATE_BF16_RTNE:
+    # EMULATE_BF16_RTNE (interpreter only) rounds a bf16 store; stores of other dtypes in the same
+    # kernel are left alone
+    if EMULATE_BF16_RTNE and dtype == tl.bfloat16:
         x = round_fp32_to_bf16_nearest_even(x)
     return x.to(dtype)
 

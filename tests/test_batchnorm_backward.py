@@ -1,5 +1,6 @@
-"""kernels/batchnorm_backward.py (train-mode BatchNorm [+ GELU [+ SE gate and mean]] backward)
-against float64 torch autograd through F.batch_norm (+ F.gelu).
+"""kernels/batchnorm_backward.py (train-mode BatchNorm [+ GELU [+ SE gate and mean]] backward,
+and the same with frozen statistics: eval-mode BatchNorm with gradients) against float64 torch
+autograd through F.batch_norm (+ F.gelu).
 
 The three launchers are chained as the op layer chains them: sums -> coefficients -> apply.
 Inputs are fresh random tensors in the tested dtype; the reference runs in float64 on the same
@@ -65,13 +66,18 @@ def make_inputs(B, P, C, dtype, mode, bn_eps=1e-3):
     return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
 
 
-def reference(t, mode):
-    """float64 autograd: (dy, dgamma, dbeta, dL/dgate (B, C) or None)."""
+def reference(t, mode, frozen=False):
+    """float64 autograd: (dy, dgamma, dbeta, dL/dgate (B, C) or None). ``frozen``: eval-mode
+    BatchNorm with t's mean and var as its running statistics."""
     B, P, C = t["y"].shape
     y = t["y"].double().reshape(B * P, C).requires_grad_()
     gamma = t["gamma"].clone().requires_grad_()
     beta = t["beta"].clone().requires_grad_()
-    z = F.batch_norm(y, None, None, gamma, beta, training=True, eps=t["eps"]).reshape(B, P, C)
+    if frozen:
+        z = F.batch_norm(y, t["mean"].double(), t["var"].double(), gamma, beta, training=False, eps=t["eps"])
+    else:
+        z = F.batch_norm(y, None, None, gamma, beta, training=True, eps=t["eps"])
+    z = z.reshape(B, P, C)
     dh = t["dh"].double()
     if mode == "plain":
         loss = (dh * z).sum()
@@ -87,8 +93,9 @@ def reference(t, mode):
     return dy.reshape(B, P, C), dgamma, dbeta, dgate
 
 
-def run_kernels(t, mode, *, in_place=False):
-    """sums -> coefficients -> apply, every output preallocated NaN-filled (or dy in place)."""
+def run_kernels(t, mode, *, in_place=False, frozen=False):
+    """sums -> coefficients -> apply, every output preallocated NaN-filled (or dy in place).
+    ``frozen``: the coefficients of frozen statistics, and the conv bias gradient appended."""
     y, dh = t["y"], t["dh"]
     B, P, C = y.shape
     T = bnb.batchnorm_backward_tiles_per_image(P)
@@ -98,14 +105,15 @@ def run_kernels(t, mode, *, in_place=False):
                                        out=poison_(torch.empty(B * T, 5 if se else 2, C, device=DEVICE)))
     coeffs = bnb.batchnorm_backward_coefficients(
         sums, t["scale"], images=B, count=B * P, gate=t.get("gate"), dm=t.get("dm"),
-        out=tuple(poison_(torch.empty(C, device=DEVICE)) for _ in range(4)))
-    w, q, dgamma, dbeta = coeffs
+        frozen_bias_dtype=torch.float32 if frozen else None,
+        out=tuple(poison_(torch.empty(C, device=DEVICE)) for _ in range(5 if frozen else 4)))
+    w, q, dgamma, dbeta = coeffs[:4]
     out = dh.clone() if in_place else poison_(torch.empty_like(dh))
     dy = bnb.batchnorm_backward_apply(
         out if in_place else dh, y, *stats, w, q, gelu=gelu, gate=t.get("gate"), dm=t.get("dm"), out=out)
     assert dy is out
     dgate = sums[:, 4].reshape(B, T, C).sum(dim=1) if se else None
-    return dy, dgamma, dbeta, dgate
+    return (dy, dgamma, dbeta, dgate) + tuple(coeffs[4:])
 
 
 SHAPES = [(3, 15, 48), (3, 135, 96), (1, 49, 40)]  # several tiles + partial last tile; partial channel blocks; batch 1
@@ -137,6 +145,56 @@ def test_backward_matches_autograd(shape, mode, dtype):
     # in place (out = dh): the same values, bitwise
     dy_in_place = run_kernels(t, mode, in_place=True)[0]
     assert torch.equal(dy_in_place, dy)
+
+
+@pytest.mark.parametrize("dtype", list(NAMES), ids=list(NAMES.values()))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=["x".join(map(str, s)) for s in SHAPES[:2]])
+def test_frozen_statistics_backward_matches_autograd(shape, mode, dtype):
+    """Eval-mode BatchNorm with gradients: the statistics are constants (t's mean and var stand
+    for the running statistics; gamma and beta make them differ from the batch's), so dy = scale
+    * g, and the conv bias in front gets sum(dy). Same tolerances as the train-mode test; the
+    conv bias gradient is an fp32 sum like dbeta."""
+    t = make_inputs(*shape, dtype, mode)
+    # running statistics that are not the batch's
+    t["mean"] = t["mean"] + 0.3 * torch.randn_like(t["mean"])
+    t["var"] = t["var"] * (0.5 + torch.rand_like(t["var"]))
+    scale = t["gamma"] / torch.sqrt(t["var"].double() + t["eps"])
+    t["scale"], t["shift"] = scale.float(), (t["beta"] - t["mean"].double() * scale).float()
+    dy, dgamma, dbeta, dgate, dbias = run_kernels(t, mode, frozen=True)
+    ref_dy, ref_dgamma, ref_dbeta, ref_dgate = reference(t, mode, frozen=True)
+    assert_close_normwise(dy, ref_dy, 1e-5, atol=0 if dtype == torch.float32 else 0.5 * ulp(ref_dy.abs().max(), dtype),
+                          name="dy")
+    assert_close_normwise(dgamma, ref_dgamma, 1e-5, name="dgamma")
+    assert_close_normwise(dbeta, ref_dbeta, 1e-5, name="dbeta")
+    assert_close_normwise(dbias, ref_dy.sum(dim=(0, 1)), 1e-5, name="d conv bias")
+    if mode == "se" and dtype == torch.float32:
+        assert_close_normwise(dgate, ref_dgate, 1e-5, name="dL/dgate")
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_frozen_conv_bias_gradient_in_its_dtype(bias_dtype):
+    """The conv bias gradient is stored in its own dtype (one rounding of the fp32 value: within
+    half an ulp + fp32 noise), independently of the BatchNorm parameters' dtype (fp32 here)."""
+    t = make_inputs(3, 135, 96, torch.float32, "gelu")
+    B, P, C = t["y"].shape
+    sums = bnb.batchnorm_backward_sums(t["dh"], t["y"], t["mean"], t["var"], t["eps"], t["scale"], t["shift"],
+                                       gelu=True)
+    dtypes = (torch.float32,) * 4 + (bias_dtype,)
+    out = tuple(poison_(torch.empty(C, dtype=dt, device=DEVICE)) for dt in dtypes)
+    w, q, dgamma, dbeta, dbias = bnb.batchnorm_backward_coefficients(sums, t["scale"], images=B, count=B * P,
+                                                                     frozen_bias_dtype=bias_dtype, out=out)
+    assert dbias.dtype == bias_dtype and dgamma.dtype == torch.float32
+    assert torch.count_nonzero(w) == 0 and torch.count_nonzero(q) == 0
+    ref = dbeta.double() * t["scale"].double()
+    _, exponent = torch.frexp(ref)
+    bound = 0.5 * EPS_OF[bias_dtype] * torch.exp2(exponent.double() - 1) + 1e-6 * ref.abs().max()
+    assert ((dbias.double() - ref).abs() <= bound).all()
+    with pytest.raises(TypeError, match="frozen_bias_dtype"):
+        bnb.batchnorm_backward_coefficients(sums, t["scale"], images=B, count=B * P, frozen_bias_dtype=torch.int32)
+    with pytest.raises(ValueError, match="out must be 5"):
+        bnb.batchnorm_backward_coefficients(sums, t["scale"], images=B, count=B * P, frozen_bias_dtype=bias_dtype,
+                                            out=out[:4])
 
 
 @pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -273,11 +331,12 @@ def kernel_requests():
                 add("batchnorm_backward_apply_kernel", apply_sig, flags, cfg)
     for t in NAMES.values():  # dgamma / dbeta in the BatchNorm parameters' dtype
         coef_sig = dict(sums_ptr="*fp32", scale_ptr="*fp32", gate_ptr="*fp32", dm_ptr="*fp32", w_ptr="*fp32",
-                        q_ptr="*fp32", dgamma_ptr=f"*{t}", dbeta_ptr=f"*{t}", rows="i32", C="i32",
+                        q_ptr="*fp32", dgamma_ptr=f"*{t}", dbeta_ptr=f"*{t}", dbias_ptr=f"*{t}", rows="i32", C="i32",
                         tiles_per_image="i32", inv_count="fp32")
         for se in (False, True):
-            add("batchnorm_backward_coefficients_kernel", coef_sig, dict(SE=se, EMULATE_BF16_RTNE=False),
-                bnb.batchnorm_backward_coefficients_config())
+            for frozen in (False, True):  # train mode; eval mode with gradients (+ the conv bias gradient)
+                add("batchnorm_backward_coefficients_kernel", coef_sig,
+                    dict(SE=se, FROZEN=frozen, EMULATE_BF16_RTNE=False), bnb.batchnorm_backward_coefficients_config())
     return list(requests.values())
 
 

@@ -131,11 +131,18 @@ def mbconv_cases():
         bn_stats = [t.clone() for bn in parts.bns for t in (bn.running_mean, bn.running_var)]
         running = [t.clone() for t in bn_stats]
         yield mbconv_op.mbconv_eval_op, (x, params, bn_stats, folded, eps, stride, add_residual)
-        yield mbconv_op.mbconv_train_op, (x, params, running, eps, 0.1, stride, add_residual, True)
-        with torch.no_grad():  # a backward op: its inputs never require grad
-            out, stats, saved, _ = mbconv_op.mbconv_train_op(x, params, running, eps, 0.1, stride, add_residual, True)
-        yield mbconv_op.mbconv_train_backward_op, (torch.randn_like(out), x.detach(), [p.detach() for p in params],
-                                                    stats, saved, eps, stride, add_residual)
+        # train mode; frozen statistics (the eval backward's recompute: no autograd of its own)
+        for batch_statistics in (True, False):
+            args = (running, eps, 0.1, stride, add_residual, True, batch_statistics)
+            if batch_statistics:
+                yield mbconv_op.mbconv_train_op, (x, params) + args
+            else:
+                yield mbconv_op.mbconv_train_op, (x.detach(), [p.detach() for p in params]) + args
+            with torch.no_grad():  # a backward op: its inputs never require grad
+                out, stats, saved, _ = mbconv_op.mbconv_train_op(x, params, *args)
+            yield mbconv_op.mbconv_train_backward_op, (torch.randn_like(out), x.detach(),
+                                                        [p.detach() for p in params], stats, saved, eps, stride,
+                                                        add_residual, batch_statistics)
 
 
 def layernorm_linear_cases():
@@ -165,7 +172,7 @@ def output_projection_cases():
 
 
 CASE_GROUPS = {"feedforward": (feedforward_cases, 10), "window_attention": (window_attention_cases, 4),
-               "mbconv": (mbconv_cases, 6), "layernorm_linear": (layernorm_linear_cases, 3),
+               "mbconv": (mbconv_cases, 10), "layernorm_linear": (layernorm_linear_cases, 3),
                "output_projection": (output_projection_cases, 4)}
 
 

@@ -30,6 +30,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import maxvit_fast.kernels.expand_depthwise_conv as expand_dw  # created now, in the session's interpreter mode
@@ -157,20 +158,58 @@ def test_eval_fp32_matches_reference(case, fmt):
     assert_close_normwise(out, ref, FP32_RTOL, name="output")
 
 
-def test_eval_gradients_match_reference():
-    module, shape = build("res-12-e4-r.25-b3-8x8")
+@pytest.mark.parametrize("case", ["res-12-e4-r.25-b3-8x8", "down-8to16-e4-r.25-b3-15x15"])
+def test_eval_gradients_match_reference(case):
+    """Eval mode with gradients (frozen BatchNorm): the folded eval kernels forward; the backward
+    recomputes the block with the train kernels normalising with the running statistics, then
+    runs the Triton BatchNorm backward with frozen statistics. Every gradient (the conv biases'
+    too: not zero in eval mode) against autograd through the reference, fp32 1e-5; the running
+    statistics untouched."""
+    from maxvit_fast.traffic import triton_launches
+
+    module, shape = build(case)
     module.eval()
     twin = copy.deepcopy(module)
+    buffers = [b.clone() for b in twin.buffers()]
     x = make_input(shape).requires_grad_()
     x2 = x.detach().clone().requires_grad_()
-    grad = torch.randn(shape[0], 12, 8, 8)
-    ref, out = module(x), fused(x2, twin)
+    ref = module(x)
+    with triton_launches() as forward:
+        out = fused(x2, twin)
+    assert "batchnorm_gelu_kernel" not in forward.counts  # the folded eval kernels
     assert_close_normwise(out, ref, FP32_RTOL, name="output")
+    grad = torch.randn_like(ref)
     ref.backward(grad)
-    out.backward(grad)
+    with triton_launches() as backward:
+        out.backward(grad)
+    # the recompute: BN scale/shift from the running statistics (3 launches, no tile statistics)
+    # and 3 normalise passes; then 3 BatchNorm backwards
+    assert backward.counts["batchnorm_statistics_kernel"] == 3 and backward.counts["batchnorm_gelu_kernel"] == 3
+    assert backward.counts["batchnorm_backward_apply_kernel"] == 3
     assert_close_l2(x2.grad, x.grad, FP32_RTOL, name="grad x")
     for (name, p), p2 in zip(module.named_parameters(), twin.parameters()):
         assert_close_l2(p2.grad, p.grad, FP32_RTOL, name=f"grad {name}")
+    assert all(torch.equal(a, b) for a, b in zip(buffers, twin.buffers())), "eval mode changed a buffer"
+
+
+def test_eval_gradients_use_the_forwards_running_statistics():
+    """The frozen-BatchNorm backward differentiates the function the forward computed, even when
+    the running statistics change between forward and backward (a copy is saved)."""
+    module, shape = build("res-12-e4-r.25-b3-8x8")
+    module.eval()
+    twin = copy.deepcopy(module)
+    x = make_input(shape)
+    w, w2 = (m.fn[0].weight for m in (module, twin))
+    ref, out = module(x), fused(x, twin)
+    with torch.no_grad():
+        for bn in twin.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.add_(1.0)
+                bn.running_var.mul_(3.0)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    out.backward(grad)
+    assert_close_l2(w2.grad, w.grad, FP32_RTOL, name="grad conv1.weight")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1077,6 +1116,37 @@ def test_batchnorm_statistics_kernel_updates_running_statistics(dtype):
     assert n > 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("C", [24, 80])
+def test_batchnorm_running_statistics_kernel(C, dtype):
+    """Frozen statistics (eval mode with gradients): mean and var are the running buffers (in
+    ``dtype``, as a model cast with .to(dtype) holds them) converted to fp32 exactly, and scale,
+    shift = gamma * rsqrt(var + eps), beta - mean * scale in fp32 (1e-6 of float64). Outputs
+    NaN-poisoned, new tensors; the buffers are read only. C = 80: a partial channel block."""
+    from maxvit_fast.kernels.batchnorm_statistics import batchnorm_running_statistics
+
+    bn = nn.BatchNorm2d(C, eps=1e-3).to(dtype).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_(), bn.running_var.uniform_(0.1, 2), bn.weight.normal_(1, 0.3), bn.bias.normal_()
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    out = tuple(poison_(torch.empty(C)) for _ in range(4))
+    mean, var, scale, shift = batchnorm_running_statistics(bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                                           bn.eps, out=out)
+    assert all(a is b for a, b in zip((mean, var, scale, shift), out))
+    assert torch.equal(mean, bn.running_mean.float()) and torch.equal(var, bn.running_var.float())
+    assert torch.equal(before[0], bn.running_mean) and torch.equal(before[1], bn.running_var)
+    scale64 = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    assert_close_normwise(scale, scale64, 1e-6, name="scale")
+    assert_close_normwise(shift, bn.bias.double() - bn.running_mean.double() * scale64, 1e-6, name="shift")
+    # the affine map is eval-mode BatchNorm itself
+    y = torch.randn(2, C, 3, 3).to(dtype)
+    assert_close_normwise(y.float() * scale[:, None, None] + shift[:, None, None],
+                          F.batch_norm(y.double(), bn.running_mean.double(), bn.running_var.double(),
+                                       bn.weight.double(), bn.bias.double(), False, 0.0, bn.eps), 1e-6, name="BN(y)")
+    with pytest.raises(ValueError, match="running_var"):
+        batchnorm_running_statistics(bn.running_mean, bn.running_var[:-1], bn.weight, bn.bias, bn.eps)
+
+
 @pytest.mark.parametrize("variant", ["fp32-buffers", "momentum-none", "bf16-buffers"])
 def test_running_statistics_update_matches_batchnorm(variant):
     """update_running_stats_ (foreach fast path for fp32 buffers and one momentum; one BatchNorm
@@ -1251,9 +1321,10 @@ def kernel_requests():
                          running_mean_ptr=f"*{t}", running_var_ptr=f"*{t}", new_mean_ptr=f"*{t}", new_var_ptr=f"*{t}",
                          T="i32", C="i32", tiles_per_group="i32", rows_per_group="i32", block_rows="i32",
                          inv_total="fp32", eps="fp32", momentum="fp32", unbias="fp32")
-        for update in (False, True):
+        # batch statistics with and without the running update; frozen (eval mode with gradients)
+        for update, frozen in ((False, False), (True, False), (False, True)):
             add("batchnorm_statistics", "batchnorm_statistics_kernel", stats_sig,
-                dict(UPDATE_RUNNING=update, EMULATE_BF16_RTNE=False),
+                dict(UPDATE_RUNNING=update, FROZEN=frozen, EMULATE_BF16_RTNE=False),
                 dict(BLOCK_T=bn_stats.BLOCK_T, BLOCK_C=bn_stats.BLOCK_C, num_warps=4), {"C"})
     return list(requests.values())
 

@@ -69,11 +69,21 @@ views of one zero-filled buffer, made outside the custom op (its outputs may not
 22 -> 20: the SE backward kernel writes the weight-gradient operands in the weights' dtype (two
 casts). The reference's autograd: 20 launches, 16.6 MiB; fused 5.86 MiB.
 
-Backward, eval mode (rare: gradients through frozen BatchNorm): the autograd registered below
-recomputes the reference function with torch ops (F.conv2d, F.batch_norm with the forward's
-running statistics, F.gelu, ...) and differentiates it with torch.func.vjp: exactly the
-reference's gradients, at the cost of one reference forward inside the backward; only x and the
-parameters are saved.
+Backward, eval mode (frozen BatchNorm: fine-tuning with frozen statistics, input gradients of
+an eval model): the forward stays the folded eval kernels and keeps only x, the parameters and
+a copy of the running statistics, so an eval forward that never gets a backward (inference
+without torch.no_grad) costs what it costs without gradients. The backward recomputes the
+block with the train pipeline above, ``batch_statistics=False``: the BatchNorms normalise with
+the running statistics (kernels/batchnorm_statistics.py FROZEN gives their fp32 copy, scale and
+shift in one launch each; the convs write no tile statistics), which yields y1, h1, y2, h2, y3;
+then the train backward with frozen statistics: dy = scale * g (w = q = 0, no batch terms), and
+the coefficients kernel also writes the conv bias gradients, scale * dbeta, which are not zero
+here. Counted per block (maxvit_fast.traffic, bf16, MBConv(64, 64), 1x64x56x56 channels-last,
+fold cache warm; forward + backward, the backward with its recompute): stride 1 with residual
+41 launches / 16.4 MiB written (forward 10 / 3.5: 4 kernels and the 6 running-statistic copies),
+stride 2 38 / 7.6 MiB; the recompute of the reference function with torch ops differentiated by
+torch.func.vjp that this replaced 45 / 32.0 and 42 / 14.7; the reference's own autograd 35 / 28.5
+and 33 / 14.2. GPU speed: not measured.
 
 Layout: the fused path works channels-last. In eval mode the first kernel reads x through the
 view ``x.permute(0, 2, 3, 1)`` with its strides (no copy for any layout). The train-mode expand
@@ -95,7 +105,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..batchnorm import (FoldCache, copy_running_stats_, fold_batchnorm, running_update_momentum,
@@ -337,16 +346,21 @@ def _forward_eval(x: torch.Tensor, w: _Weights, stride: int, add_residual: bool)
 
 
 def _forward_train(x: torch.Tensor, params, running, eps, momentum: float, stride: int, add_residual: bool,
-                   keep: bool):
+                   keep: bool, batch_statistics: bool):
     """Returns (out (B, Ho, Wo, dim_out), [mean1, var1, mean2, var2, mean3, var3], saved,
-    new_running): the block output, the batch statistics (mean, biased variance; fp32) of the
-    three BatchNorms, when ``keep`` (a backward will run) what the backward reads: [y1, h1, y2,
-    h2, y3, gate, se_sums, scale1, shift1, scale2, shift2, scale3, shift3] (see
-    _train_gradients; without ``keep`` h1 and h2 overwrite y1 and y2), and with ``running`` (the
-    six running-statistic buffers, read only) their updated values at ``momentum`` (new tensors,
-    computed by the statistics kernels; the caller copies them in)."""
+    new_running): the block output, the statistics (mean, biased variance; fp32) the three
+    BatchNorms normalised with, when ``keep`` (a backward will run) what the backward reads: [y1,
+    h1, y2, h2, y3, gate, se_sums, scale1, shift1, scale2, shift2, scale3, shift3] (see
+    _train_gradients; without ``keep`` h1 and h2 overwrite y1 and y2), and new_running.
+
+    ``batch_statistics`` (train mode): the BatchNorms normalise with the batch statistics; with
+    ``running`` (the six running-statistic buffers, read only) new_running holds their updated
+    values at ``momentum`` (new tensors, computed by the statistics kernels; the caller copies
+    them in). Otherwise (eval mode with gradients: frozen BatchNorm) they normalise with
+    ``running`` (required), the statistics returned are fp32 copies of it, the convs write no
+    tile statistics and new_running is empty."""
     from ..kernels.batchnorm_gelu import batchnorm_gelu, batchnorm_gelu_tiles_per_image
-    from ..kernels.batchnorm_statistics import batchnorm_statistics
+    from ..kernels.batchnorm_statistics import batchnorm_running_statistics, batchnorm_statistics
     from ..kernels.depthwise_conv import (depthwise_conv3x3, depthwise_conv_config, depthwise_output_size,
                                           depthwise_tiles_per_image)
     from ..kernels.pointwise_conv import pointwise_conv, pointwise_conv_config
@@ -369,18 +383,26 @@ def _forward_train(x: torch.Tensor, params, running, eps, momentum: float, strid
 
     def bn_statistics(index, sums, m2, weight, bias, **tiling):
         # (mean, biased var, scale, shift) fp32, and the updated running statistics, in one launch
+        out = tuple(_empty((weight.shape[0],), f32, dev) for _ in range(4))
+        if not batch_statistics:  # frozen: fp32 copies of the running statistics, as eval mode uses them
+            return batchnorm_running_statistics(*running[2 * index: 2 * index + 2], weight.detach(), bias.detach(),
+                                                eps[index], out=out)
         update = {}
         if running:
             old = running[2 * index: 2 * index + 2]
             update = dict(running=old, momentum=momentum,
                           new_running=tuple(_empty(t.shape, t.dtype, dev) for t in old))
-        res = batchnorm_statistics(sums, m2, weight.detach(), bias.detach(), eps[index], **tiling, **update,
-                                   out=tuple(_empty((sums.shape[1],), f32, dev) for _ in range(4)))
+        res = batchnorm_statistics(sums, m2, weight.detach(), bias.detach(), eps[index], **tiling, **update, out=out)
         new_running.extend(res[4:])
         return res[:4]
 
-    def stats_buffers(rows, channels):
+    def stats_buffers(rows, channels):  # the tile statistics a conv writes for batch statistics
+        if not batch_statistics:
+            return {}
         return dict(tile_sum=_empty((rows, channels), f32, dev), tile_m2=_empty((rows, channels), f32, dev))
+
+    def with_stats(conv_result):  # (out, tile_sum, tile_m2): a 1x1 conv without statistics returns out
+        return conv_result if batch_statistics else (conv_result, None, None)
 
     with torch.no_grad():
         # the parameters go to the kernels as the module holds them (views, no per-step copies)
@@ -388,17 +410,17 @@ def _forward_train(x: torch.Tensor, params, running, eps, momentum: float, strid
 
         # 1. y1 = expand conv + conv bias, with tile statistics -> BN1 batch statistics
         a = _pixels_view(x)
-        y1, s1, m1 = pointwise_conv(
+        y1, s1, m1 = with_stats(pointwise_conv(
             a, w1.reshape(hidden, dim_in).t(), _ones(hidden, dev), b1,
-            stats=True, out=_empty((B, P1, hidden), dt, dev), **stats_buffers(T1, hidden),
-        )
+            stats=batch_statistics, out=_empty((B, P1, hidden), dt, dev), **stats_buffers(T1, hidden),
+        ))
         mean1, var1, scale1, shift1 = bn_statistics(0, s1, m1, g1, be1, block_rows=block_m1, rows_per_group=B * P1)
         # 2. h1 = gelu(BN1(y1)) (in place unless the backward needs y1)
         h1 = batchnorm_gelu(y1, scale1, shift1, out=_empty(y1.shape, dt, dev) if keep else y1)
 
         # 3. y2 = depthwise conv + conv bias, with tile statistics -> BN2 batch statistics
         y2, s2, m2 = depthwise_conv3x3(
-            h1.view(B, H, W, hidden), wd, bd, stride, out_gelu=False, m2=True,
+            h1.view(B, H, W, hidden), wd, bd, stride, out_gelu=False, m2=batch_statistics,
             out=_empty((B, Ho, Wo, hidden), dt, dev), **stats_buffers(B * T_dw, hidden),
         )
         mean2, var2, scale2, shift2 = bn_statistics(1, s2, m2, g2, be2, block_rows=block_p2, rows_per_group=P2,
@@ -410,10 +432,10 @@ def _forward_train(x: torch.Tensor, params, running, eps, momentum: float, strid
         gate = se_gate(se_sums, B, P2, wr, we, out=_empty((B, hidden), f32, dev))
 
         # 6. y3 = project conv on gate * h2 + conv bias, with tile statistics -> BN3 batch statistics
-        y3, s3, m3 = pointwise_conv(
+        y3, s3, m3 = with_stats(pointwise_conv(
             h2, w3.reshape(dim_out, hidden).t(), _ones(dim_out, dev), b3,
-            gate=gate, stats=True, out=_empty((B, P2, dim_out), dt, dev), **stats_buffers(T3, dim_out),
-        )
+            gate=gate, stats=batch_statistics, out=_empty((B, P2, dim_out), dt, dev), **stats_buffers(T3, dim_out),
+        ))
         mean3, var3, scale3, shift3 = bn_statistics(2, s3, m3, g3, be3, block_rows=block_m3, rows_per_group=B * P2)
 
         # 7. out = BN3(y3) (+ x): one elementwise pass, fp32, one rounding
@@ -424,9 +446,16 @@ def _forward_train(x: torch.Tensor, params, running, eps, momentum: float, strid
         return out.view(B, Ho, Wo, dim_out), stats, saved, new_running
 
 
-def _train_gradients(grad_out, x, params, stats, saved, eps, stride: int, add_residual: bool):
+def _train_gradients(grad_out, x, params, stats, saved, eps, stride: int, add_residual: bool,
+                     batch_statistics: bool):
     """[grad x, grads of the 11 params other than the three conv biases] of the train-mode
-    block from what its forward saved (the biases' gradients are exact zeros: _BIAS_INDICES).
+    block from what its forward saved (the biases' gradients are exact zeros: _BIAS_INDICES);
+    without ``batch_statistics`` (frozen BatchNorm: eval mode with gradients), of the block that
+    normalised with the fixed ``stats``, followed by the three conv biases' gradients.
+
+    Frozen statistics do not depend on the batch, so the BatchNorm backward is dy = scale * g:
+    the same three passes with w = q = 0, and the coefficients kernel also stores each conv
+    bias's gradient, sum(dy) = scale * dbeta (kernels/batchnorm_backward.py, FROZEN).
 
     Per BatchNorm, kernels/batchnorm_backward.py: one read-only pass for the per-tile sums the
     BN backward needs, one launch that turns them into per-channel coefficients (and the gamma /
@@ -451,18 +480,24 @@ def _train_gradients(grad_out, x, params, stats, saved, eps, stride: int, add_re
     Ho, Wo = -(-H // stride), -(-W // stride)
     dt, dev = x.dtype, x.device
 
-    def bn_backward(dh, y, mean, var, bn_eps, scale, shift, count, gamma, *, gelu, out, gate=None, dm=None, sums=None):
+    def bn_backward(dh, y, mean, var, bn_eps, scale, shift, count, gamma, conv_bias, *, gelu, out, gate=None, dm=None,
+                    sums=None):
         if sums is None:
             sums = batchnorm_backward_sums(dh, y, mean, var, bn_eps, scale, shift, gelu=gelu, se=False)
-        w, q, d_gamma, d_beta = batchnorm_backward_coefficients(sums, scale, images=B, count=count, gate=gate, dm=dm,
-                                                                param_dtype=gamma.dtype)
+        coefficients = batchnorm_backward_coefficients(
+            sums, scale, images=B, count=count, gate=gate, dm=dm, param_dtype=gamma.dtype,
+            frozen_bias_dtype=None if batch_statistics else conv_bias.dtype)
+        w, q, d_gamma, d_beta = coefficients[:4]
+        bias_grads.extend(coefficients[4:])  # frozen: the conv bias's gradient
         dy = batchnorm_backward_apply(dh, y, mean, var, bn_eps, scale, shift, w, q, gelu=gelu, gate=gate, dm=dm, out=out)
         return dy, d_gamma, d_beta
+
+    bias_grads = []  # frozen statistics: BN3's, BN2's, BN1's conv bias, in backward order
 
     with torch.no_grad():
         grad = grad_out.reshape(B, P2, dim_out).contiguous()
         # BN3 (no activation): dy3 = d(conv3 output), a new tensor (grad_out is not ours to overwrite)
-        dy3, dg3, dbe3 = bn_backward(grad, y3, mean3, var3, eps[2], scale3, shift3, B * P2, g3, gelu=False,
+        dy3, dg3, dbe3 = bn_backward(grad, y3, mean3, var3, eps[2], scale3, shift3, B * P2, g3, b3, gelu=False,
                                           out=_empty(grad.shape, dt, dev))
         dy3_rows = dy3.view(B * P2, dim_out)
         # project conv: the gradient of its input A = gate * h2, and of its weight (A rebuilt once)
@@ -482,7 +517,7 @@ def _train_gradients(grad_out, x, params, stats, saved, eps, stride: int, add_re
             + tuple(_empty(s, wr.dtype, dev) for s in ((B, hidden),) * 2 + ((B, R),) * 2))
         dwe = torch.mm(d_logit.t(), se_hidden)
         dwr = torch.mm(d_reduced.t(), se_mean)
-        dy2, dg2, dbe2 = bn_backward(d_a, y2, mean2, var2, eps[1], scale2, shift2, B * P2, g2, gelu=True,
+        dy2, dg2, dbe2 = bn_backward(d_a, y2, mean2, var2, eps[1], scale2, shift2, B * P2, g2, bd, gelu=True,
                                           out=d_a, gate=gate, dm=dm, sums=sums2)
         # depthwise conv backward (cuDNN on a GPU): channels-last views of dy2 and h1
         dh1, dwd, _ = torch.ops.aten.convolution_backward(
@@ -490,7 +525,7 @@ def _train_gradients(grad_out, x, params, stats, saved, eps, stride: int, add_re
             None, [stride, stride], [1, 1], [1, 1], False, [0, 0], hidden, [True, True, False])
         dh1 = dh1.permute(0, 2, 3, 1).reshape(B, P1, hidden).contiguous()  # no copy when cuDNN returns channels-last
         # BN1 + GELU, dy1 in place over dh1
-        dy1, dg1, dbe1 = bn_backward(dh1, y1, mean1, var1, eps[0], scale1, shift1, B * P1, g1, gelu=True,
+        dy1, dg1, dbe1 = bn_backward(dh1, y1, mean1, var1, eps[0], scale1, shift1, B * P1, g1, b1, gelu=True,
                                       out=dh1)
         # expand conv: dx (+ the residual's gradient in the same matmul) and dW1
         dy1_rows = dy1.view(B * P1, hidden)
@@ -506,7 +541,9 @@ def _train_gradients(grad_out, x, params, stats, saved, eps, stride: int, add_re
         return g.reshape(p.shape).to(p.dtype)
 
     grads = [dw1, dg1, dbe1, dwd, dg2, dbe2, dwr, dwe, dw3, dg3, dbe3]
-    return [dx.view(B, H, W, dim_in).permute(0, 3, 1, 2)] + [like(g, p) for g, p in zip(grads, _weight_params(params))]
+    grads = [dx.view(B, H, W, dim_in).permute(0, 3, 1, 2)] + [like(g, p) for g, p in zip(grads, _weight_params(params))]
+    biases = [params[i] for i in _BIAS_INDICES]  # conv1, dw, conv3
+    return grads + [like(g, p) for g, p in zip(bias_grads[::-1], biases)]
 
 
 # positions of conv1.bias, dw.bias and conv3.bias in the 14 params (_Parts.params order)
@@ -536,31 +573,14 @@ def _with_zero_bias_gradients(weight_grads, params):
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference function for the backward (functional form of reference.MBConv)
-# ----------------------------------------------------------------------------------------------
-
-def _reference_function(x, params, eps, stride: int, training: bool, bn_stats, add_residual: bool):
-    (w1, b1, g1, be1, wd, bd, g2, be2, wr, we, w3, b3, g3, be3) = params
-
-    def bn(y, idx, weight, bias):
-        if training:  # batch statistics; the forward already updated the running statistics
-            return F.batch_norm(y, None, None, weight, bias, True, 0.0, eps[idx])
-        return F.batch_norm(y, bn_stats[2 * idx], bn_stats[2 * idx + 1], weight, bias, False, 0.0, eps[idx])
-
-    h = F.gelu(bn(F.conv2d(x, w1, b1), 0, g1, be1))
-    h = F.gelu(bn(F.conv2d(h, wd, bd, stride=stride, padding=1, groups=h.shape[1]), 1, g2, be2))
-    gate = torch.sigmoid(F.linear(F.silu(F.linear(h.mean(dim=(2, 3)), wr)), we))
-    y = bn(F.conv2d(h * gate[:, :, None, None], w3, b3), 2, g3, be3)
-    return y + x if add_residual else y
-
-
-# ----------------------------------------------------------------------------------------------
 # torch.library ops: the kernel pipelines as opaque ops with shape-only fake implementations,
-# so torch.compile traces the fused model without graph breaks; their backward is torch ops
-# (traced into the backward graph). Module state stays outside them: the eval op receives the folded weights (from the
-# cache in eager mode, folded inside the traced graph under torch.compile), the train op returns
-# the batch statistics and the caller updates the running statistics with torch ops.
-# ``params`` is always the 14 tensors of ``_Parts.params``; ``eps`` the three BatchNorm eps.
+# so torch.compile traces the fused model without graph breaks. Module state stays outside them:
+# the eval op (no gradients) receives the folded weights (from the cache in eager mode, folded
+# inside the traced graph under torch.compile); the train op (train mode, and eval mode when
+# gradients are needed, with frozen statistics) returns the statistics it normalised with and
+# the updated running statistics, which the caller copies into the buffers. Its backward is
+# the mbconv_train_backward op. ``params`` is always the 14 tensors of ``_Parts.params``;
+# ``eps`` the three BatchNorm eps.
 # ----------------------------------------------------------------------------------------------
 
 def _output_like(x: torch.Tensor, dim_out: int, stride: int) -> torch.Tensor:
@@ -576,7 +596,7 @@ def mbconv_eval_op(
 ) -> torch.Tensor:
     """Eval-mode block output (B, Ho, Wo, dim_out) from the folded weights ``folded`` (the fields
     of ``_Weights`` in order). ``params``, ``bn_stats`` (running mean/var of BN1..3) and ``eps``
-    are for the backward only."""
+    are for the backward only (see _backward_eval)."""
     return _forward_eval(x, _Weights(*folded), stride, add_residual)
 
 
@@ -588,13 +608,15 @@ def _(x, params, bn_stats, folded, eps, stride, add_residual):
 @custom_op("mbconv_train")
 def mbconv_train_op(
     x: torch.Tensor, params: list[torch.Tensor], running: list[torch.Tensor], eps: list[float], momentum: float,
-    stride: int, add_residual: bool, keep: bool,
+    stride: int, add_residual: bool, keep: bool, batch_statistics: bool,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Train-mode block output (B, Ho, Wo, dim_out), the BN batch statistics
+    """Block output (B, Ho, Wo, dim_out), the statistics the BNs normalised with
     [mean1, var1, mean2, var2, mean3, var3] (fp32, biased variances), with ``keep`` the tensors
-    the backward reads, and with ``running`` (the BNs' six running buffers, or an empty list)
-    their updated values at ``momentum`` (see _forward_train; empty lists otherwise)."""
-    return _forward_train(x, params, running, eps, momentum, stride, add_residual, keep)
+    the backward reads, and the updated running statistics. ``batch_statistics`` (train mode):
+    batch statistics, and with ``running`` (the BNs' six running buffers, or an empty list)
+    their updated values at ``momentum``. Otherwise (eval mode with gradients) the fixed
+    ``running`` statistics, and no updated ones (see _forward_train; empty lists otherwise)."""
+    return _forward_train(x, params, running, eps, momentum, stride, add_residual, keep, batch_statistics)
 
 
 def _train_saved_like(x, params, stride):
@@ -611,69 +633,73 @@ def _train_saved_like(x, params, stride):
 
 
 @mbconv_train_op.register_fake
-def _(x, params, running, eps, momentum, stride, add_residual, keep):
+def _(x, params, running, eps, momentum, stride, add_residual, keep, batch_statistics):
     hidden, dim_out = params[0].shape[0], params[10].shape[0]
     stats = [x.new_empty((n,), dtype=torch.float32) for n in (hidden, hidden, hidden, hidden, dim_out, dim_out)]
     saved = _train_saved_like(x, params, stride) if keep else []
-    return _output_like(x, dim_out, stride), stats, saved, [torch.empty_like(t) for t in running]
+    new_running = [torch.empty_like(t) for t in running] if batch_statistics else []
+    return _output_like(x, dim_out, stride), stats, saved, new_running
 
 
 @custom_op("mbconv_train_backward")
 def mbconv_train_backward_op(
     grad_out: torch.Tensor, x: torch.Tensor, params: list[torch.Tensor], stats: list[torch.Tensor],
-    saved: list[torch.Tensor], eps: list[float], stride: int, add_residual: bool,
+    saved: list[torch.Tensor], eps: list[float], stride: int, add_residual: bool, batch_statistics: bool,
 ) -> list[torch.Tensor]:
-    """[grad x, grads of the 11 params other than the conv biases] of the train-mode block (Triton
-    BatchNorm backward kernels, cuBLAS/cuDNN for the convs; see _train_gradients)."""
+    """[grad x, grads of the 11 params other than the conv biases] of mbconv_train's block
+    (Triton BatchNorm backward kernels, cuBLAS/cuDNN for the convs; see _train_gradients),
+    without ``batch_statistics`` followed by the gradients of the three conv biases."""
     # the op computes in the dtypes it was given: a backward called inside torch.autocast must not
     # recast its matmuls (the model's fused autocast path runs the whole block in one dtype)
     with torch.autocast(x.device.type, enabled=False):
-        return _train_gradients(grad_out, x, params, stats, saved, eps, stride, add_residual)
+        return _train_gradients(grad_out, x, params, stats, saved, eps, stride, add_residual, batch_statistics)
 
 
 @mbconv_train_backward_op.register_fake
-def _(grad_out, x, params, stats, saved, eps, stride, add_residual):
+def _(grad_out, x, params, stats, saved, eps, stride, add_residual, batch_statistics):
     B, C, H, W = x.shape
-    return [x.new_empty((B, H, W, C)).permute(0, 3, 1, 2)] + [torch.empty_like(p) for p in _weight_params(params)]
-
-
-def _backward(ctx, grad_out, x, params, bn_stats):
-    """[grad x, grads of the 14 params]: the reference function recomputed with torch ops and
-    differentiated with torch.func.vjp (traced into the backward graph under torch.compile)."""
-    eps, stride, training, add_residual = ctx.config
-
-    def block(x, *params):
-        return _reference_function(x, params, eps, stride, training, bn_stats, add_residual).permute(0, 2, 3, 1)
-
-    _, vjp = torch.func.vjp(block, x, *params)
-    return vjp(grad_out)
+    biases = [] if batch_statistics else [params[i] for i in _BIAS_INDICES]
+    return ([x.new_empty((B, H, W, C)).permute(0, 3, 1, 2)]
+            + [torch.empty_like(p) for p in _weight_params(params) + biases])
 
 
 def _setup_eval(ctx, inputs, output):
-    x, params, bn_stats, _, eps, stride, add_residual = inputs
+    x, params, bn_stats, folded, eps, stride, add_residual = inputs
     ctx.save_for_backward(x, *params, *bn_stats)
-    ctx.config = (eps, stride, False, add_residual)
-    ctx.num_folded = len(inputs[3])
+    ctx.config = (eps, stride, add_residual)
+    ctx.num_folded = len(folded)
 
 
 def _backward_eval(ctx, grad_out):
+    """Eval mode (frozen BatchNorm): the forward kept only x, the parameters and the running
+    statistics, so the backward first recomputes the block with mbconv_train's kernels,
+    normalising with those statistics, for the tensors its backward reads, then runs that
+    backward with frozen statistics."""
     x, *rest = ctx.saved_tensors
-    grads = _backward(ctx, grad_out, x, rest[:14], rest[14:])
+    params, bn_stats = rest[:14], rest[14:]
+    eps, stride, add_residual = ctx.config
+    _, stats, saved, _ = mbconv_train_op(x, params, bn_stats, eps, 0.0, stride, add_residual, True, False)
+    grads = mbconv_train_backward_op(grad_out, x, params, stats, saved, eps, stride, add_residual, False)
+    param_grads = grads[1:12]  # the 11 weight gradients, then the three conv biases'
+    for i, g in zip(_BIAS_INDICES, grads[12:]):
+        param_grads.insert(i, g)
     # list inputs take a list of gradients (None for the non-differentiable ones)
-    return grads[0], list(grads[1:]), [None] * len(rest[14:]), [None] * ctx.num_folded, None, None, None
+    return grads[0], param_grads, [None] * len(bn_stats), [None] * ctx.num_folded, None, None, None
 
 
 def _setup_train(ctx, inputs, output):
     # (no default arguments: the dispatcher drops trailing defaults from ``inputs``, which would
     # change the structure of the gradients to return)
-    x, params, running, eps, momentum, stride, add_residual, keep = inputs
+    x, params, running, eps, momentum, stride, add_residual, keep, batch_statistics = inputs
     _, stats, saved, _ = output
     ctx.num_running = len(running)
     if not keep:
         ctx.config = None  # no backward will run (the caller saw no autograd graph)
         return
+    if not batch_statistics:  # (called with frozen statistics only by _backward_eval, without autograd)
+        raise NotImplementedError("mbconv_train with frozen statistics has no autograd of its own")
     ctx.save_for_backward(x, *params, *stats, *saved)
-    ctx.config = (eps, stride, True, add_residual)
+    ctx.config = (eps, stride, add_residual)
     ctx.set_materialize_grads(False)  # the batch statistics and saved tensors get no (zero-filled) gradient
 
 
@@ -683,11 +709,12 @@ def _backward_train(ctx, grad_out, _grad_stats, _grad_saved, _grad_running):
     x, *rest = ctx.saved_tensors
     params, stats, saved = rest[:14], rest[14:20], rest[20:]
     no_running = [None] * ctx.num_running
+    no_grads = (None,) * 6  # eps, momentum, stride, add_residual, keep, batch_statistics
     if grad_out is None:  # the block output did not reach the loss
-        return None, [None] * len(params), no_running, None, None, None, None, None
-    eps, stride, _, add_residual = ctx.config
-    grads = mbconv_train_backward_op(grad_out, x, params, stats, saved, eps, stride, add_residual)
-    return grads[0], _with_zero_bias_gradients(grads[1:], params), no_running, None, None, None, None, None
+        return (None, [None] * len(params), no_running) + no_grads
+    eps, stride, add_residual = ctx.config
+    grads = mbconv_train_backward_op(grad_out, x, params, stats, saved, eps, stride, add_residual, True)
+    return (grads[0], _with_zero_bias_gradients(grads[1:], params), no_running) + no_grads
 
 
 mbconv_eval_op.register_autograd(_backward_eval, setup_context=_setup_eval)
@@ -718,7 +745,7 @@ def _fused(x: torch.Tensor, p: _Parts) -> torch.Tensor:
         momentum = running_update_momentum(p.bns)  # None: the running statistics are updated here
         running = [t for bn in p.bns for t in (bn.running_mean, bn.running_var)] if momentum is not None else []
         out, stats, _, new_running = mbconv_train_op(x, params, running, eps, momentum or 0.0, p.stride,
-                                                     add_residual, keep)
+                                                     add_residual, keep, True)
         if momentum is not None:
             copy_running_stats_(p.bns, new_running)
         else:
