@@ -168,10 +168,10 @@ No statistics are saved and no 4C activation either (the forward's hidden buffer
 (BLOCK_M tokens, BLOCK_N hidden columns) tile it recomputes pre = LayerNorm(x) W1^T + b1 and, in
 a second fp32 accumulator, d_act = dy W2[:, cols] (K = C for both), then stores act =
 Dropout(GELU(pre)) (bitwise the forward's hidden) and dh = d_act * keep * scale * GELU'(pre).
-The op layer (maxvit_fast/ops/feedforward.py) does the rest with cuBLAS and aten: dy from the
+The op layer (maxvit_fast/ops/feedforward.py) does the rest with cuBLAS and torch: dy from the
 output-dropout gradient kernel, dW2 = dy^T act, dW1 = dh^T xn, dxn = dh W1, the bias sums, and
-per row set aten's LayerNorm (recomputed: xn, mean, rstd) and its backward plus the residual's
-gradient. It replaced a recompute of the whole block with torch ops under regenerated uint8
+per row set kernels/layernorm_backward.py (the LayerNorm recomputed; dx plus the residual's
+gradient, xn, the dgamma / dbeta partials). It replaced a recompute of the whole block with torch ops under regenerated uint8
 masks, differentiated by torch.func.vjp. Tiles from the resource report (bf16 C = 512, dropout
 on, sm_80 / sm_90 registers, no spills anywhere): BLOCK_M 64, BLOCK_N 128, BLOCK_K 64, 8 warps
 (ff_up_kernel's) 252 / 171; 64 x 64 x 64, 4 warps 228 / 173; 64 x 64 x 64, 8 warps 97 / 98

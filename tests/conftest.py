@@ -27,6 +27,7 @@ import maxvit_fast.kernels.batchnorm_statistics  # noqa: E402,F401
 import maxvit_fast.kernels.depthwise_conv  # noqa: E402,F401
 import maxvit_fast.kernels.expand_depthwise_conv  # noqa: E402,F401
 import maxvit_fast.kernels.feedforward  # noqa: E402,F401
+import maxvit_fast.kernels.layernorm_backward  # noqa: E402,F401
 import maxvit_fast.kernels.layernorm_linear  # noqa: E402,F401
 import maxvit_fast.kernels.pointwise_conv  # noqa: E402,F401
 import maxvit_fast.kernels.squeeze_excitation  # noqa: E402,F401

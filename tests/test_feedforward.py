@@ -319,7 +319,8 @@ def test_backward_kernel_low_precision(device, dtype, C, shape, p_hidden, p_out)
     """fp16/bf16: each gradient's error against the fp64 reference (same masks) is at most 2x
     the reference module's own error in that dtype, plus half an ulp of the gradient's largest
     entry (for gradients the reference happens to round almost exactly). One-pass widths: the
-    backward kernel alone; two-kernel widths: ff_up_backward_kernel (+ the dropout gradient)."""
+    backward kernel alone; two-kernel widths: ff_up_backward_kernel, the LayerNorm backward
+    kernel (+ the dropout gradient)."""
     ff = set_dropout(make_ff(C, dtype, device), p_hidden, p_out)
     x = make_input(shape, C, "nchw_view", dtype, device)
     grad_out = torch.randn_like(x)
@@ -328,7 +329,8 @@ def test_backward_kernel_low_precision(device, dtype, C, shape, p_hidden, p_out)
     if K.backward_config(C, dtype) is not None:
         assert launched == {"ff_fused_mlp_backward_kernel": 1}
     else:
-        assert launched == {"ff_up_backward_kernel": 1, **({"ff_dropout_grad_kernel": 1} if p_out > 0 else {})}
+        assert launched == {"ff_up_backward_kernel": 1, "layernorm_backward_kernel": 1,
+                            **({"ff_dropout_grad_kernel": 1} if p_out > 0 else {})}
     truth = masked_reference_gradients(x, ff, grad_out, seed, torch.float64)
     ref_lowp = masked_reference_gradients(x, ff, grad_out, seed)
     for name, g, r, t in zip(GRAD_NAMES, grads, ref_lowp, truth):
@@ -431,7 +433,7 @@ def test_two_kernel_backward_fp32(device, C, shape, layout, p_hidden, p_out):
     seed = int(torch.randint(0, 2**31 - 1, (1,)))
     assert K.backward_config(C, torch.float32) is None
     grads, launched = op_gradients(x, ff, grad_out, seed)
-    expected = {"ff_up_backward_kernel": 1}
+    expected = {"ff_up_backward_kernel": 1, "layernorm_backward_kernel": 1}
     if p_out > 0:
         expected["ff_dropout_grad_kernel"] = 1
     assert launched == expected
@@ -675,7 +677,8 @@ PAIR_GRAD_NAMES = ("x", "registers", *GRAD_NAMES[1:])
     (24, 0.3, 0.2, ({"ff_fused_mlp_kernel": 1}, {"ff_fused_mlp_backward_kernel": 2})),  # backward kernel per set
     (48, 0.0, 0.0, ({"ff_fused_mlp_kernel": 1}, {"ff_fused_mlp_backward_kernel": 2})),  # dW2 without output dropout
     (80, 0.2, 0.1, ({"ff_up_kernel": 1, "ff_down_kernel": 1},
-                    {"ff_dropout_grad_kernel": 1, "ff_up_backward_kernel": 1})),  # two-kernel widths
+                    {"ff_dropout_grad_kernel": 1, "ff_up_backward_kernel": 1,
+                     "layernorm_backward_kernel": 2})),  # two-kernel widths: LayerNorm backward per set
 ])
 def test_pair_gradients_fp32(device, C, p_hidden, p_out, launches):
     """Every gradient of both row sets against autograd through the reference under the

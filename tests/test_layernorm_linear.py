@@ -156,6 +156,38 @@ def test_gradients_through_the_op(monkeypatch, case):
         assert_close_l2(a, r, 1e-5, name=f"grad {name}")
 
 
+@pytest.mark.parametrize("path", ["kernel", "aten"])
+def test_layernorm_backward_rows_matches_autograd(monkeypatch, path):
+    """The op-level LayerNorm backward over several row sets (the attention's and the wide
+    feed-forward's backward): the Triton kernel, and aten's LayerNorm backward for rows wider than
+    the kernel takes (forced here by lowering MAX_CHANNELS). dx with the residual gradient, xn,
+    and dgamma / dbeta summed over both sets, fp32 1e-5 against autograd."""
+    import maxvit_fast.kernels.layernorm_backward as LB
+    from maxvit_fast.ops.layernorm_linear import layernorm_backward_rows
+
+    monkeypatch.setattr(LB, "POISON_OUTPUTS", True)
+    if path == "aten":
+        monkeypatch.setattr(LB, "MAX_CHANNELS", 8)
+    C = 24
+    x = make_tokens(2, 3, 5, C, torch.float32, "channels_last")
+    extra = torch.randn(2, 3, C)
+    ln_w, ln_b = 1 + 0.3 * torch.randn(C), 0.2 * torch.randn(C)
+    dxn = [torch.randn(30, C), torch.randn(6, C)]
+    res = [torch.randn(30, C), None]
+    dxs, xns, dg, db = layernorm_backward_rows([(x, dxn[0], res[0]), (extra, dxn[1], res[1])], ln_w, ln_b, 1e-5,
+                                               True, True, True)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, extra, ln_w, ln_b)]
+    outs = [F.layer_norm(t, (C,), leaves[2], leaves[3], 1e-5) for t in leaves[:2]]
+    loss = sum((o.reshape(-1, C) * d).sum() for o, d in zip(outs, dxn))
+    ref = torch.autograd.grad(loss, leaves)
+    assert_close_normwise(dxs[0], ref[0] + res[0].view(x.shape), 1e-5, name="dx")
+    assert_close_normwise(dxs[1], ref[1], 1e-5, name="d extra")
+    for got, o in zip(xns, outs):
+        assert_close_normwise(got, o.reshape(-1, C), 1e-5, name="xn")
+    assert_close_normwise(dg, ref[2], 1e-5, name="dgamma")
+    assert_close_normwise(db, ref[3], 1e-5, name="dbeta")
+
+
 def test_op_without_extra_rows_gradients():
     C = 16
     x = make_tokens(3, 3, 3, C, torch.float32, "channels_last").detach().requires_grad_()

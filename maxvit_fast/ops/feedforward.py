@@ -16,8 +16,10 @@ LayerNorm-parameter sums) followed by two matmuls (dW1 = dh^T xn, dW2 = dy^T act
 over the row tiles. Other widths (fp16/bf16 C > 256, fp32 C > 64: the two-kernel forward) save
 nothing 4C wide either; their backward (``_two_kernel_backward``) is one Triton launch for the
 hidden layer of both row sets (``ff_up_backward_kernel``: recomputes the hidden activation,
-writes it and dh) after the output-dropout gradient kernel, then cuBLAS matmuls and aten's
-LayerNorm and LayerNorm backward per row set. It replaced recomputing the block with the
+writes it and dh) after the output-dropout gradient kernel, then cuBLAS matmuls and, per row
+set, one launch of kernels/layernorm_backward.py (the LayerNorm recomputed; dx with the
+residual's gradient added, xn for dW1, dgamma / dbeta partials summed once for both sets; aten's
+LayerNorm backward above 4096 channels). It replaced recomputing the block with the
 reference torch ops under regenerated masks and differentiating that with ``torch.func.vjp``.
 
 Two row sets (``feedforward_residual(x, ff, fused, extra=regs)``, the block step's tokens and
@@ -51,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dispatch import use_kernels
+from .layernorm_linear import layernorm_backward_rows
 from .library import custom_op, draw_seed, seed_tensor
 
 
@@ -269,7 +272,8 @@ def _kernel_backward(ctx, grad_out, grad_extra_out, x, extra, weights, stats):
 def _two_kernel_backward(ctx, grad_out, grad_extra_out, x, extra, weights):
     """The backward of the two-kernel widths: one Triton launch for the hidden layer of both row
     sets (ff_up_backward_kernel: the hidden activation recomputed, dh from dy), cuBLAS for the
-    matmuls, aten's LayerNorm (recomputed for xn, mean, rstd) and its backward per row set:
+    matmuls, the LayerNorm backward kernel per row set (ops/layernorm_linear.py
+    layernorm_backward_rows: the LayerNorm recomputed in it):
 
         dy  = grad * keep_out * scale_out            (dropout_grad, both sets in one launch)
         dh, act = ff_up_backward(x, extra, dy)       (both sets, by token)
@@ -297,24 +301,18 @@ def _two_kernel_backward(ctx, grad_out, grad_extra_out, x, extra, weights):
     db2 = dy.sum(0) if need[7] else None
     db1 = dh.sum(0) if need[5] else None
     dxn = dh.mm(w1)  # (tokens, C), both sets
-    d_inputs, dw1, d_ln_weight, d_ln_bias, row0 = [], None, None, None, 0
-    for i, (t, g) in enumerate(sets):
-        rows = slice(row0, row0 + _rows(t))
-        row0 = rows.stop
-        xn, mean, rstd = torch.ops.aten.native_layer_norm(t, (C,), ln_weight, ln_bias, eps)
-        if need[4]:
-            if dw1 is None:
-                dw1 = dh[rows].t().mm(xn.reshape(-1, C))
-            else:
-                dw1.addmm_(dh[rows].t(), xn.reshape(-1, C))
-        need_t = need[0] if i == 0 else need[1]
-        dt, dg, dbeta = torch.ops.aten.native_layer_norm_backward(
-            dxn[rows].view(t.shape), t, (C,), mean, rstd, ln_weight, ln_bias, [need_t, need[2], need[3]])
-        d_inputs.append(dt.add_(g) if need_t else None)  # + the residual's gradient
-        d_ln_weight = dg if d_ln_weight is None or dg is None else d_ln_weight + dg
-        d_ln_bias = dbeta if d_ln_bias is None or dbeta is None else d_ln_bias + dbeta
-    d_extra = d_inputs[1] if extra is not None else None
-    return d_inputs[0], d_extra, d_ln_weight, d_ln_bias, dw1, db1, dw2, db2
+    # per set the LayerNorm backward (recomputed in the kernel) + the residual's gradient
+    bounds = [0, _rows(x)] + ([_rows(x) + _rows(extra)] if extra is not None else [])
+    d_inputs, xns, d_ln_weight, d_ln_bias = layernorm_backward_rows(
+        [(t, dxn[a:b], g.reshape(-1, C)) for (t, g), a, b in zip(sets, bounds, bounds[1:])], ln_weight, ln_bias, eps,
+        need[4], need[2], need[3])
+    dw1 = None
+    if need[4]:
+        dw1 = dh[:bounds[1]].t().mm(xns[0])
+        if extra is not None:
+            dw1.addmm_(dh[bounds[1]:].t(), xns[1])
+    d_extra = d_inputs[1] if extra is not None and need[1] else None
+    return (d_inputs[0] if need[0] else None), d_extra, d_ln_weight, d_ln_bias, dw1, db1, dw2, db2
 
 
 feedforward_residual_op.register_autograd(_ff_backward, setup_context=_ff_setup_context)

@@ -4,15 +4,22 @@ as the ``maxvit_fast::layernorm_linear`` torch.library op (fake implementation, 
 Used by the window attention for the q/k/v projection of a step's tokens and register rows.
 
 Backward: the forward saves its inputs only (no normalised rows between forward and backward).
-Per row set (the tokens; the extra rows with their weight rows ``first:``) the backward recomputes
-the LayerNorm with ``aten.native_layer_norm`` (one launch: the rounded normalised rows xn and the
-fp32 per-row mean / rstd), then
+Per row set (the tokens; the extra rows with their weight rows ``first:``):
 
-    dxn = dout @ W[first:]          dW[first:] += dout^T xn          db[first:] += dout.sum(0)
-    dx, dln_w, dln_b = aten.native_layer_norm_backward(dxn, x, mean, rstd, ...)
+    dxn = dout @ W[first:]                                       (cuBLAS)
+    dx, xn, dgamma / dbeta partials = LayerNorm backward(x, dxn)  (kernels/layernorm_backward.py)
+    dW[first:] += dout^T xn          db[first:] += dout.sum(0)
 
-which are exactly the ops autograd runs for ``F.linear(F.layer_norm(x))`` (same operands, same
-rounding: the gradients equal the reference's). The previous backward differentiated a recompute
+The LayerNorm backward kernel recomputes the row statistics from x (they never leave the
+program) and writes dx, the normalised rows xn (the dW operand, rounded as the forward's
+LayerNorm output) and per-tile dgamma / dbeta sums into one buffer for both row sets; one sum and
+one cast give dgamma and dbeta (``layernorm_backward_rows``, shared with the wide feed-forwards'
+backward). Before, per row set ``aten.native_layer_norm`` (the recompute) and
+``aten.native_layer_norm_backward``, and two adds for the parameter gradients of the two sets:
+``maxvit-bench --traffic --train`` (MaxViT-T, 224, batch 1), training-step backward bf16 844 -> 793
+launches, fp32 911 -> 792 (the fp32 feed-forwards from width 128 take the same kernel). Rows
+wider than 4096 channels keep the aten ops; with no gradient for x, the rows or the LayerNorm
+parameters only xn is recomputed (aten). Earlier still, the backward differentiated a recompute
 of the whole op with ``torch.func.vjp``, so it also recomputed the 3C-wide projection (discarded)
 and, for the weight slice ``W[first:]``, zero-filled a full weight gradient (``slice_backward``).
 
@@ -109,18 +116,114 @@ def _row_set_backward(d_out, x, ln_weight, ln_bias, weight, eps, needs, dw=None)
     return dx, dg, db, dw
 
 
+@custom_op("layernorm_backward")
+def layernorm_backward_op(
+    x: torch.Tensor, dxn: torch.Tensor, residual: Optional[torch.Tensor], extra: Optional[torch.Tensor],
+    d_extra_n: Optional[torch.Tensor], extra_residual: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor],
+    ln_bias: Optional[torch.Tensor], eps: float, write_xn: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LayerNorm backward of one or two row sets, (M, C) contiguous rows each, one launch of
+    kernels/layernorm_backward.py per set: (dx, xn, d_extra, extra's xn, sums), xn only with
+    ``write_xn`` and the extra ones only with ``extra`` (else empty tensors); sums (2, C) fp32 =
+    (dgamma, dbeta) over both sets (one sum over the per-tile partials of one shared buffer)."""
+    from ..kernels.layernorm_backward import layernorm_backward, layernorm_backward_tiles
+
+    c = x.shape[1]
+    sets = [(x, dxn, residual)] + ([(extra, d_extra_n, extra_residual)] if extra is not None else [])
+    tiles = [layernorm_backward_tiles(t.shape[0], c) for t, _, _ in sets]
+    partials = torch.empty((sum(tiles), 2, c), dtype=torch.float32, device=x.device)
+    results, start = [], 0
+    for (t, d, res), count in zip(sets, tiles):
+        dx, xn, _ = layernorm_backward(t, d, ln_weight, ln_bias, eps, residual_grad=res, write_xn=write_xn,
+                                       out_partials=partials[start:start + count])
+        start += count
+        results += [dx, xn if write_xn else x.new_empty((0,))]
+    if extra is None:
+        results += [x.new_empty((0,)), x.new_empty((0,))]
+    return (*results, partials.sum(0))
+
+
+@layernorm_backward_op.register_fake
+def _(x, dxn, residual, extra, d_extra_n, extra_residual, ln_weight, ln_bias, eps, write_xn):
+    def pair(t):
+        if t is None:
+            return [x.new_empty((0,)), x.new_empty((0,))]
+        return [torch.empty_like(t), torch.empty_like(t) if write_xn else x.new_empty((0,))]
+    return (*pair(x), *pair(extra), x.new_empty((2, x.shape[1]), dtype=torch.float32))
+
+
+def layernorm_backward_rows(row_sets, ln_weight, ln_bias, eps: float, need_xn: bool, need_dg: bool, need_db: bool):
+    """The LayerNorm backward of one or two row sets (layernorm_backward_op: the LayerNorm
+    recomputed in the kernel). ``row_sets``: [(x (..., C), dxn (rows, C), residual gradient (rows,
+    C) or None)]. Returns ([dx in x's shape], [xn (rows, C) or None: the forward's LayerNorm
+    output, a weight-gradient operand], dgamma, dbeta (None unless needed))."""
+    from ..kernels.layernorm_backward import MAX_CHANNELS
+
+    c = row_sets[0][0].shape[-1]
+    if c > MAX_CHANNELS:
+        return _aten_layernorm_backward_rows(row_sets, ln_weight, ln_bias, eps, need_xn, need_dg, need_db)
+    args = []  # (M, C) rows of each set (no copy for the model's layouts), None for a missing one
+    for x, dxn, residual in row_sets + [(None, None, None)] * (2 - len(row_sets)):
+        args += [None if t is None else t.reshape(-1, c).contiguous() for t in (x, dxn, residual)]
+    dx, xn, d_extra, extra_xn, sums = layernorm_backward_op(*args, ln_weight, ln_bias, float(eps), need_xn)
+    if ln_weight is not None and ln_bias is not None and ln_weight.dtype == ln_bias.dtype:
+        sums = sums.to(ln_weight.dtype)  # one cast for both (none for fp32 parameters)
+    dg = sums[0].to(ln_weight.dtype) if need_dg and ln_weight is not None else None
+    db = sums[1].to(ln_bias.dtype) if need_db and ln_bias is not None else None
+    dxs = [dx, d_extra][:len(row_sets)]
+    xns = [xn, extra_xn][:len(row_sets)] if need_xn else [None] * len(row_sets)
+    return [d.view(x.shape) for d, (x, _, _) in zip(dxs, row_sets)], xns, dg, db
+
+
+def _aten_layernorm_backward_rows(row_sets, ln_weight, ln_bias, eps, need_xn, need_dg, need_db):
+    """layernorm_backward_rows with aten's LayerNorm (recomputed) and its backward, for rows
+    wider than the kernel takes."""
+    c = row_sets[0][0].shape[-1]
+    dxs, xns, dg, db = [], [], None, None
+    for x, dxn, residual in row_sets:
+        xn, mean, rstd = torch.ops.aten.native_layer_norm(x, (c,), ln_weight, ln_bias, eps)
+        dx, dg_x, db_x = torch.ops.aten.native_layer_norm_backward(
+            dxn.reshape(x.shape), x, (c,), mean, rstd, ln_weight, ln_bias,
+            [True, need_dg and ln_weight is not None, need_db and ln_bias is not None])
+        dxs.append(dx if residual is None else dx.add_(residual.reshape(x.shape)))
+        xns.append(xn.reshape(-1, c) if need_xn else None)
+        dg = dg_x if dg is None or dg_x is None else dg + dg_x
+        db = db_x if db is None or db_x is None else db + db_x
+    return dxs, xns, dg, db
+
+
+def _kernel_backward(ctx, d_out, d_extra_out, x, extra, ln_weight, ln_bias, weight):
+    """(dx, d_extra, d ln_weight, d ln_bias, dW): per row set dxn = dout @ W[first:] (cuBLAS), the
+    LayerNorm backward (layernorm_backward_rows: dx, and xn for dW), dW[first:] += dout^T xn."""
+    first, n = ctx.extra_first_col, weight.shape[0]
+    nx, ne, ng, nb, nw = ctx.needs_input_grad[:5]
+    sets = [(x, d_out.reshape(-1, n), weight)]
+    if extra is not None:
+        sets.append((extra, d_extra_out.reshape(-1, n - first), weight[first:]))
+    d_inputs, xns, dg, db = layernorm_backward_rows([(t, d.mm(w), None) for t, d, w in sets], ln_weight, ln_bias,
+                                                    ctx.eps, nw, ng, nb)
+    dw = None
+    if nw:  # the extra rows' weight gradient goes straight into rows first: of dW (one addmm_)
+        dw = sets[0][1].t().mm(xns[0])
+        if extra is not None:
+            dw[first:].addmm_(sets[1][1].t(), xns[1])
+    return (d_inputs[0] if nx else None), (d_inputs[1] if extra is not None and ne else None), dg, db, dw
+
+
 def _backward(ctx, d_out, d_extra_out):
     x, extra, ln_weight, ln_bias, weight, bias = ctx.saved_tensors
     first = ctx.extra_first_col
     nx, ne, ng, nb, nw, nbias = ctx.needs_input_grad[:6]
-    dx, dg, db, dw = _row_set_backward(d_out, x, ln_weight, ln_bias, weight, ctx.eps, (nx, ng, nb, nw))
-    d_extra = None
-    if extra is not None:
-        # the extra rows' weight gradient goes straight into rows first: of dW (one addmm_)
-        d_extra, dg_e, db_e, _ = _row_set_backward(d_extra_out, extra, ln_weight, ln_bias, weight[first:], ctx.eps,
-                                                   (ne, ng, nb, nw), None if dw is None else dw[first:])
-        dg = None if dg is None else dg + dg_e
-        db = None if db is None else db + db_e
+    if nx or ne or ng or nb:
+        dx, d_extra, dg, db, dw = _kernel_backward(ctx, d_out, d_extra_out, x, extra, ln_weight, ln_bias, weight)
+    else:  # only dW: the LayerNorm output, no LayerNorm backward
+        dx, dg, db, dw = _row_set_backward(d_out, x, ln_weight, ln_bias, weight, ctx.eps, (nx, ng, nb, nw))
+        d_extra = None
+        if extra is not None:
+            d_extra, dg_e, db_e, _ = _row_set_backward(d_extra_out, extra, ln_weight, ln_bias, weight[first:],
+                                                       ctx.eps, (ne, ng, nb, nw), None if dw is None else dw[first:])
+            dg = None if dg is None else dg + dg_e
+            db = None if db is None else db + db_e
     d_bias = None
     if bias is not None and nbias:
         d_bias = d_out.reshape(-1, weight.shape[0]).sum(0)
