@@ -125,14 +125,17 @@ def test_bad_arguments_raise_clear_errors():
 
 
 def test_aot_compile_maxvit_t_configurations():
-    """Every width the MaxViT-T backward launches (attention LayerNorm at 64-512; the wide
-    feed-forward's at 512 in fp16/bf16, 128-512 in fp32), sm_80 and sm_90: no spills."""
+    """Every configuration the MaxViT-T backward launches (the attention's LayerNorm at 64-512
+    without a residual; the wide feed-forwards' with the residual gradient: 512 in fp16/bf16,
+    128-512 in fp32), sm_80 and sm_90: no spills."""
     requests = []
     for t in NAMES.values():
         sig = dict(x_ptr=f"*{t}", dxn_ptr=f"*{t}", res_ptr=f"*{t}", gamma_ptr=f"*{t}", beta_ptr=f"*{t}",
                    dx_ptr=f"*{t}", xn_ptr=f"*{t}", partial_ptr="*fp32", M="i32", C="i32", eps="fp32")
         for C in (64, 128, 256, 512):
             for residual in (False, True):
+                if residual and C < (128 if t == "fp32" else 512):
+                    continue  # feed-forwards this narrow take the one-pass backward kernel
                 cfg = K.layernorm_backward_config(C)
                 num_warps = cfg.pop("num_warps")
                 requests += [dict(module="maxvit_fast.kernels.layernorm_backward", kernel="layernorm_backward_kernel",

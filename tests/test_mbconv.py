@@ -346,7 +346,12 @@ def test_low_precision_within_reference_error(case, dtype, mode):
             if name.endswith("num_batches_tracked"):
                 assert torch.equal(b_f, b_lp) and b_f.item() == 3
             else:
-                assert_within_reference_error(b_f, b_lp, b_32, atol=quarter_ulp_atol(b_32, dtype), name=name)
+                # buffers in the low-precision dtype are rounded after each of the three updates:
+                # 0.5 ulp each, carried with factor 1 - momentum = 0.9, up to 0.5 * (1 + 0.9 +
+                # 0.81) = 1.36 ulp even from exact statistics, an error the reference can escape
+                # by luck (seed 676565368: fused 2.9e-4, reference 9.5e-5, 1 ulp 3.1e-4)
+                atol = 1.5 * torch.finfo(dtype).eps * b_32.abs().max().item()
+                assert_within_reference_error(b_f, b_lp, b_32, atol=atol, name=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
