@@ -702,27 +702,36 @@ def write_plot(path: str, results: list[dict], title: str) -> str | None:
 # ------------------------------------------------------------------------------------------------
 
 
+# the section of the loss's, the head's, the register means' and the stem's backward
+_BACKWARD_REST = "stem, head, register mean (backward)"
+
+
 @contextlib.contextmanager
 def _sections(counter):
     """Label what each of the model's ops writes (wraps the functions in maxvit_fast.ops that the
-    model calls through the module attribute)."""
+    model calls through the module attribute), in the forward and, when autograd records, in the
+    backward: each op's backward as "<section> (backward)" (TrafficCounter.label_backward)."""
     from . import ops
 
     originals = {name: getattr(ops, name) for name in ("mbconv", "window_attention_residual", "feedforward_residual")}
     last_pattern = ["block"]
 
+    def labelled(name, fn, *a, **k):
+        a, k = counter.label_backward((a, k), _BACKWARD_REST)
+        with counter.section(name):
+            out = fn(*a, **k)
+        return counter.label_backward(out, f"{name} (backward)")
+
     def mbconv(*a, **k):
-        with counter.section("MBConv"):
-            return originals["mbconv"](*a, **k)
+        return labelled("MBConv", originals["mbconv"], *a, **k)
 
     def window_attention_residual(x, registers, attn, pattern, *a, **k):
         last_pattern[0] = pattern
-        with counter.section(f"{pattern} attention"):
-            return originals["window_attention_residual"](x, registers, attn, pattern, *a, **k)
+        return labelled(f"{pattern} attention", originals["window_attention_residual"],
+                        x, registers, attn, pattern, *a, **k)
 
     def feedforward_residual(*a, **k):
-        with counter.section(f"{last_pattern[0]} feed-forward"):
-            return originals["feedforward_residual"](*a, **k)
+        return labelled(f"{last_pattern[0]} feed-forward", originals["feedforward_residual"], *a, **k)
 
     ops.mbconv, ops.window_attention_residual, ops.feedforward_residual = (
         mbconv, window_attention_residual, feedforward_residual)
@@ -750,12 +759,12 @@ def run_traffic(args, base, model_kwargs, device, doc, notes) -> dict:
 
     def step(model, counter=None):
         # eval: one forward; train: forward + backward of the cross-entropy (no optimizer step:
-        # it is the same for both paths); the backward's ops are one section of their own
+        # it is the same for both paths); the backward's ops are counted per section (_sections)
         if not args.train:
             return model(x)
         model.zero_grad(set_to_none=True)  # as a training loop does: no accumulation into .grad
         loss = torch.nn.functional.cross_entropy(model(x).float(), target)
-        with counter.section("backward") if counter is not None else contextlib.nullcontext():
+        with counter.section(_BACKWARD_REST) if counter is not None else contextlib.nullcontext():
             loss.backward()
     if dry_run:
         section["note"] = ("CPU: Triton launches were recorded but not executed (dry run): the counts "

@@ -34,7 +34,7 @@ from collections import defaultdict
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from .ops.library import see_inside
 
@@ -292,6 +292,23 @@ class TrafficCounter:
         finally:
             self._section = previous
 
+    def label_backward(self, tree, name: str):
+        """``tree`` with its grad-requiring tensors passed through an identity whose backward
+        makes ``name`` the current section: put on a piece of code's outputs (with ``name``)
+        and on its inputs (with the section of what runs around it), the backward of that code
+        is counted under ``name``. Autograd runs a node once all gradients flowing into it are
+        summed, so for code that is a chain of steps (a model's blocks) each step's backward
+        runs between its outputs' identity and its inputs'. Views only: nothing is written."""
+        if not torch.is_grad_enabled():
+            return tree
+        flat, spec = tree_flatten(tree)
+        slots = [i for i, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if slots:
+            labelled = _BackwardLabel.apply(self, name, *(flat[i] for i in slots))
+            for i, t in zip(slots, labelled):
+                flat[i] = t
+        return tree_unflatten(flat, spec)
+
     # -- recording -------------------------------------------------------------------------------
     def _record(self, op: str, launches: int, nbytes: int):
         key = (self._section, op)
@@ -357,6 +374,21 @@ class TrafficCounter:
             host_syncs=self._host_syncs,
             unwritten_allocation_bytes=self._unwritten + sum(self._pending.values()),
         )
+
+
+class _BackwardLabel(torch.autograd.Function):
+    """Identity (views) whose backward sets the counter's section; see label_backward."""
+
+    @staticmethod
+    def forward(ctx, counter, name, *tensors):
+        ctx.counter, ctx.name = counter, name
+        ctx.set_materialize_grads(False)  # no zero-filled gradients: they would be counted
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.counter._section = ctx.name
+        return (None, None, *grads)
 
 
 def count_traffic(fn, *args, execute_triton: bool = True, **kwargs) -> TrafficReport:

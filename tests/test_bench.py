@@ -91,6 +91,30 @@ def test_traffic_sections_and_host_syncs(device):
     assert counter.report().host_syncs == 1
 
 
+def test_traffic_labels_each_steps_backward(device):
+    """label_backward: a chain of two labelled steps; each step's backward ops are counted under
+    its own label, what runs around them under the outer one; the values pass through."""
+    x = torch.randn(64, device=device, requires_grad=True)
+    with TrafficCounter() as counter:
+        y_in = counter.label_backward(x, "rest")
+        with counter.section("a"):
+            y = y_in * 2
+        y = counter.label_backward(y, "a (backward)")
+        z_in, k = counter.label_backward((y, 5), "rest")  # non-tensors pass through
+        with counter.section("b"):
+            z = z_in * z_in
+        z = counter.label_backward(z, "b (backward)")
+        with counter.section("rest"):
+            z.sum().backward()
+    sections = counter.report().by_section()
+    nbytes = 64 * 4
+    assert k == 5
+    assert sections["b (backward)"] == {"bytes": 3 * nbytes, "launches": 3}  # two products and their sum
+    assert sections["a (backward)"] == {"bytes": nbytes, "launches": 1}
+    assert sections["rest"]["launches"] == 2  # the sum and the initial ones_like gradient
+    torch.testing.assert_close(x.grad, 8 * x.detach())
+
+
 def test_traffic_counts_triton_launches(device):
     from triton.runtime.jit import JITFunction
 
@@ -212,7 +236,8 @@ def test_cli_traffic(tmp_path, capsys):
 
 
 def test_cli_traffic_training_step(tmp_path, capsys):
-    """--traffic --train counts a forward + backward per path, the backward as its own section."""
+    """--traffic --train counts a forward + backward per path, each op's backward under its own
+    "<section> (backward)" label."""
     out = tmp_path / "traffic-train.json"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -221,7 +246,10 @@ def test_cli_traffic_training_step(tmp_path, capsys):
     t = json.loads(out.read_text())["traffic"]
     assert t["mode"] == "train"
     for entry in t["paths"].values():
-        assert entry["by_section"]["backward"]["launches"] > 0 and entry["by_section"]["backward"]["bytes"] > 0
+        for name in ("MBConv", "block attention", "grid attention", "block feed-forward", "grid feed-forward",
+                     "stem, head, register mean"):
+            backward = entry["by_section"][f"{name} (backward)"]
+            assert backward["launches"] > 0 and backward["bytes"] > 0, name
         assert sum(s["bytes"] for s in entry["by_section"].values()) == pytest.approx(entry["bytes_per_image"])
     assert any(o["op"].startswith("triton:window_attention_bwd") for o in t["paths"]["fused"]["by_op"])
 
