@@ -6,6 +6,7 @@
 #   a. GPU-marked tests (pytest tests -m gpu)             -> gpu_tests.xml, gpu_tests.log
 #   b. the memory-traffic model with the real kernels     -> traffic-*.json
 #   c. kernel benchmarks, stages 1 and 3 (run_kernels.py) -> kernels.json, kernels.md
+#      and the 1x1 convs, Triton vs cuBLAS + epilogue      -> conv1x1/kernels.json, .md
 #   d. maxvit-bench, tiny preset, batch sweeps, fp32/bf16, inference and training
 #                                                         -> bench-*.json, bench-*.png
 #   e. summary.md (benchmarks/summarize.py)
@@ -153,7 +154,10 @@ step traffic-bf16 25 345 "${BENCH[@]}" --traffic --dtype bf16 --batch-sizes 8 --
 step traffic-fp32 25 320 "${BENCH[@]}" --traffic --dtype fp32 --batch-sizes 8 --json "$RESULTS/traffic-fp32.json"
 
 # c. kernel benchmarks (the plain runner: pytest-benchmark not needed)
-step kernels 130 190 "$PY" benchmarks/run_kernels.py --out "$RESULTS" --max-seconds 100 "${KERNEL_ARGS[@]}"
+step kernels 115 190 "$PY" benchmarks/run_kernels.py --out "$RESULTS" --max-seconds 85 "${KERNEL_ARGS[@]}" \
+    --ops window_attention_block,window_attention_grid,mbconv_first,mbconv,feedforward
+step conv1x1 45 150 "$PY" benchmarks/run_kernels.py --out "$RESULTS/conv1x1" --max-seconds 35 "${KERNEL_ARGS[@]}" \
+    --ops conv1x1_expand,conv1x1_expand_stats,conv1x1_project,conv1x1_project_stats --directions fwd
 
 # d. maxvit-bench sweeps (compiled paths run last in each, so a budget cuts them first)
 step bench-infer-bf16 80 110 "${BENCH[@]}" --dtype bf16 --batch-sizes 1,8,32,128 --warmup 5 --iters 10 --repeats 5 \

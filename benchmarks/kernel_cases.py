@@ -17,6 +17,16 @@ MBConv (first block of the stage: stride 2; and a repeated block: residual)
   fused, reference, compile (torch.compile of the reference module)
 feed-forward + residual
   fused, reference, compile
+1x1 convs of the MBConv (stride-1 blocks' shapes; forward only: issue 4's "Triton matmul vs
+cuBLAS + a fused epilogue, per shape"), each role as the fused MBConv runs it:
+  conv1x1_expand        eval expand conv: gelu(x W + b), BatchNorm folded into W, b
+  conv1x1_expand_stats  train expand conv: x W + b and per-channel batch statistics
+  conv1x1_project       eval project conv: (gate * h) W * s + t + residual
+  conv1x1_project_stats train project conv: (gate * h) W + b and per-channel batch statistics
+  fused       kernels/pointwise_conv.py (one launch; "stats": per-tile sums the BatchNorm
+              statistics kernel merges)
+  reference   cuBLAS (torch.addmm) and the epilogue as eager torch ops
+  compile     torch.compile of the same: cuBLAS with Inductor's fused epilogue kernel(s)
 
 Directions: ``fwd`` (eval mode, no grad) and ``fwd+bwd`` (train mode, gradients of the input
 and every parameter). Dropout is 0 in every case so that peers without dropout (flex) compute
@@ -50,8 +60,14 @@ IMPLS = {
     "mbconv_first": ("fused", "reference", "compile"),
     "mbconv": ("fused", "reference", "compile"),
     "feedforward": ("fused", "reference", "compile"),
+    "conv1x1_expand": ("fused", "reference", "compile"),
+    "conv1x1_expand_stats": ("fused", "reference", "compile"),
+    "conv1x1_project": ("fused", "reference", "compile"),
+    "conv1x1_project_stats": ("fused", "reference", "compile"),
 }
 DIRECTIONS = ("fwd", "fwd+bwd")
+# ops timed in the forward only (default: DIRECTIONS)
+OP_DIRECTIONS = {op: ("fwd",) for op in IMPLS if op.startswith("conv1x1")}
 # Sanity gate before timing a peer: normwise relative error of its forward vs the reference.
 AGREEMENT = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
@@ -83,7 +99,7 @@ def all_specs(ops_filter=None, stages=(0, 1, 2, 3), directions=DIRECTIONS, impls
         if ops_filter and op not in ops_filter:
             continue
         for stage in stages:
-            for direction in directions:
+            for direction in (d for d in directions if d in OP_DIRECTIONS.get(op, DIRECTIONS)):
                 for impl in op_impls:
                     if impls is None or impl in impls:
                         specs.append(CaseSpec(op, stage, impl, direction))
@@ -263,6 +279,8 @@ def build_case(spec: CaseSpec, batch: int, dtype: torch.dtype, device, compile_f
         flops = 2 * p_in * dim_in * hidden + 2 * 9 * p_out * hidden + 2 * p_out * hidden * width
         inputs, params = [x_used], list(module.parameters())
         shape = f"x {tuple(x.shape)} -> ({batch}, {width}, {side}, {side}), hidden {hidden}, stride {2 if first else 1}"
+    elif spec.op.startswith("conv1x1"):
+        return _build_conv1x1_case(spec, batch, dtype, dev, side, width)
     elif spec.op == "feedforward":
         module = FeedForward(width, dropout=0.0).to(dev, dtype).train(train)
         x = torch.randn(batch, side, side, width, device=dev, dtype=dtype)
@@ -306,6 +324,89 @@ def build_case(spec: CaseSpec, batch: int, dtype: torch.dtype, device, compile_f
             return _first(reference())
 
     return Built(fn=fn, forward=forward, reference_forward=reference_forward, ideal_bytes=ideal, flops=flops, shape=shape)
+
+
+def _conv1x1_torch(role: str):
+    """The 1x1 conv role with cuBLAS (addmm) and its epilogue as torch ops (see the header)."""
+    def expand(a, w_t, shift):
+        return F.gelu(torch.addmm(shift, a.flatten(0, 1), w_t)).view(*a.shape[:2], -1)
+
+    def expand_stats(a, w_t, bias):
+        y = torch.addmm(bias, a.flatten(0, 1), w_t)
+        var, mean = torch.var_mean(y.float(), dim=0, correction=0)
+        return y.view(*a.shape[:2], -1), mean, var
+
+    def project(h, gate, w_t_scaled, shift, residual):
+        gated = (h * gate[:, None, :].to(h.dtype)).flatten(0, 1)
+        return torch.addmm(shift, gated, w_t_scaled).view(residual.shape) + residual
+
+    def project_stats(h, gate, w_t, bias):
+        y = torch.addmm(bias, (h * gate[:, None, :].to(h.dtype)).flatten(0, 1), w_t)
+        var, mean = torch.var_mean(y.float(), dim=0, correction=0)
+        return y.view(*h.shape[:2], -1), mean, var
+
+    return {"expand": expand, "expand_stats": expand_stats, "project": project, "project_stats": project_stats}[role]
+
+
+def _build_conv1x1_case(spec: CaseSpec, batch: int, dtype: torch.dtype, dev, side: int, width: int) -> Built:
+    from maxvit_fast.kernels.pointwise_conv import pointwise_conv
+
+    role = spec.op[len("conv1x1_"):]
+    project = role.startswith("project")
+    stats = role.endswith("stats")
+    hidden = 4 * width
+    K, N = (hidden, width) if project else (width, hidden)
+    P = side * side
+    a = torch.randn(batch, P, K, device=dev, dtype=dtype)
+    w_t = (torch.randn(K, N, device=dev) / K ** 0.5).to(dtype)
+    ones = torch.ones(N, device=dev)
+    scale = 0.5 + torch.rand(N, device=dev)  # a folded BatchNorm's per-channel scale (eval project)
+    shift = 0.1 * torch.randn(N, device=dev)
+    gate = torch.rand(batch, K, device=dev)
+    residual = torch.randn(batch, P, N, device=dev, dtype=dtype)
+    if role == "expand":
+        args = (a, w_t, shift.to(dtype))
+        fused = lambda: pointwise_conv(a, w_t, ones, shift, out_gelu=True)  # noqa: E731
+    elif role == "expand_stats":
+        args = (a, w_t, shift.to(dtype))
+        fused = lambda: pointwise_conv(a, w_t, ones, shift.to(dtype), stats=True)  # noqa: E731
+    elif role == "project":
+        args = (a, gate, (w_t.float() * scale).to(dtype), shift.to(dtype), residual)
+        fused = lambda: pointwise_conv(a, w_t, scale, shift, gate=gate, residual=residual)  # noqa: E731
+    else:
+        args = (a, gate, w_t, shift.to(dtype))
+        fused = lambda: pointwise_conv(a, w_t, ones, shift.to(dtype), gate=gate, stats=True)  # noqa: E731
+    torch_fn = _conv1x1_torch(role)
+    if spec.impl == "fused":
+        call = fused
+    elif spec.impl == "reference":
+        call = lambda: torch_fn(*args)  # noqa: E731
+    elif spec.impl == "compile":
+        compiled = torch.compile(torch_fn)
+        call = lambda: compiled(*args)  # noqa: E731
+    else:
+        raise ValueError(spec.impl)
+
+    def fn():
+        with torch.no_grad():
+            return call()
+
+    def forward():
+        with torch.no_grad():
+            return _first(call())
+
+    def reference_forward():
+        with torch.no_grad():
+            return _first(torch_fn(*args))
+
+    # compulsory: read the input, the weight (and gate, residual), write the output (the
+    # statistics are N-sized per tile or per channel: not counted)
+    ideal = _nbytes(a, w_t) + batch * P * N * a.element_size()
+    if project:
+        ideal += _nbytes(gate) + (_nbytes(residual) if role == "project" else 0)
+    shape = f"({batch}, {P}, {K}) x ({K}, {N}), {role.replace('_', ' + ')}"
+    return Built(fn=fn, forward=forward, reference_forward=reference_forward, ideal_bytes=ideal,
+                 flops=2 * batch * P * K * N, shape=shape)
 
 
 def _keep(result, need_regs):

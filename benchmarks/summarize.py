@@ -117,14 +117,15 @@ def summarize(folder: str) -> str:
                     lines.append(f"| {parts[0]} | {rc} | {parts[2]} |")
     lines += ["", "## Tests", ""] + _tests(folder)
 
-    lines += ["", "## Kernels", ""]
-    kernels_md = os.path.join(folder, "kernels.md")
-    if os.path.exists(kernels_md):
-        with open(kernels_md) as f:
-            body = f.read().split("\n", 1)[-1]  # without its title
-        lines.append(body.replace("\n## ", "\n### "))
-    else:
-        lines.append("missing (see kernels.log)")
+    for title, sub in (("Kernels", ""), ("1x1 convs: Triton vs cuBLAS + epilogue", "conv1x1")):
+        lines += ["", f"## {title}", ""]
+        kernels_md = os.path.join(folder, sub, "kernels.md")
+        if os.path.exists(kernels_md):
+            with open(kernels_md) as f:
+                body = f.read().split("\n", 1)[-1]  # without its title
+            lines.append(body.replace("\n## ", "\n### "))
+        else:
+            lines.append(f"missing (see {sub or 'kernels'}.log)")
 
     lines += ["", "## maxvit-bench", ""]
     for path in sorted(glob.glob(os.path.join(folder, "bench-*.json"))):

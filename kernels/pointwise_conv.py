@@ -35,7 +35,10 @@ Decisions
   extra passes over the hidden tensor that the fusion exists to remove: for the expand conv,
   torch.matmul writes the pre-activation hidden tensor and an epilogue kernel reads and rewrites
   it (2 extra hidden-sized passes); for the project conv, the gate would have to be applied to a
-  materialised copy of the hidden tensor first (2 extra passes). Revisit with measurements.
+  materialised copy of the hidden tensor first (2 extra passes). Revisit with measurements:
+  the benchmark that decides is ready (benchmarks/kernel_cases.py conv1x1_* cases, each role
+  against cuBLAS + eager epilogue and cuBLAS + Inductor's fused epilogue; gpu_run.sh runs them
+  at stages 1 and 3 into conv1x1/kernels.md).
 - Block sizes (``pointwise_conv_config``), chosen from the compiled resource reports (GPU speed:
   not measured): 16-bit: 128x128 tiles, 8 warps, 3 stages, BLOCK_K 64 (expand) or 32 (project,
   whose gate tile [BLOCK_M, BLOCK_K] fp32 is pipelined along with A: at BLOCK_K 64 it took 255

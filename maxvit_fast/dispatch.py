@@ -14,6 +14,10 @@ import warnings
 import torch
 
 
+# the dtypes the fused kernels compute in
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 class FusedFallbackWarning(UserWarning):
     """The fused path could not run and the reference PyTorch modules were used instead."""
 

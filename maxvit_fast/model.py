@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from . import ops
 from .batchnorm import FoldCache
-from .dispatch import kernels_autocast_dtype
+from .dispatch import KERNEL_DTYPES, kernels_autocast_dtype, warn_fallback
 from .reference import Attention, FeedForward, MBConv
 
 
@@ -174,6 +174,11 @@ class MaxViT(nn.Module):
             dtype = kernels_autocast_dtype(x)
             if dtype is not None:
                 return self._forward_in_autocast_dtype(x, dtype)
+        if fused and x.dtype not in KERNEL_DTYPES:
+            # one warning for the model, not one per op (each op would refuse the dtype too)
+            warn_fallback(f"the fused kernels compute in {', '.join(str(d)[6:] for d in KERNEL_DTYPES)}; "
+                          f"the input is {str(x.dtype)[6:]}")
+            fused = False
         if fused:
             # Channels-last from the start: the stem's convolutions keep the memory format, so
             # every later op reads each pixel's channels contiguously (a copy of the 3-channel

@@ -338,3 +338,25 @@ def test_attention_peers_match_reference(pattern, device):
     for out, regs in peers:
         torch.testing.assert_close(out, expected[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(regs, expected[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["conv1x1_expand", "conv1x1_expand_stats", "conv1x1_project", "conv1x1_project_stats"])
+def test_conv1x1_cases_compute_the_same_function(op, device):
+    """The 1x1-conv benchmark cases (Triton kernel vs cuBLAS + epilogue): the fused case and the
+    torch peer agree on the output and, for the "stats" roles, on the per-channel mean (from the
+    kernel's per-tile sums); stage 4 shapes (7x7, width 512), batch 1, fp32."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import kernel_cases as kc
+    finally:
+        sys.path.pop(0)
+    assert kc.OP_DIRECTIONS[op] == ("fwd",) and all(s.direction == "fwd" for s in kc.all_specs([op]))
+    built = {impl: kc.build_case(kc.CaseSpec(op, 3, impl, "fwd"), 1, torch.float32, device)
+             for impl in ("fused", "reference")}
+    fused, reference = built["fused"].fn(), built["reference"].fn()
+    assert kc.relative_error(kc._first(fused), kc._first(reference)) <= 1e-5
+    if op.endswith("stats"):
+        _, tile_sum, _ = fused
+        y, mean, _ = reference
+        torch.testing.assert_close(tile_sum.sum(0) / y.flatten(0, 1).shape[0], mean, rtol=1e-5, atol=1e-5)
+    assert built["fused"].ideal_bytes > 0 and built["fused"].flops == built["reference"].flops

@@ -114,6 +114,25 @@ def test_fused_on_cpu_without_interpreter_falls_back_with_exactly_one_warning(mo
     torch.testing.assert_close(out2, out, rtol=0, atol=0)
 
 
+def test_fused_model_in_float64_falls_back_with_exactly_one_warning():
+    """float64 (which no kernel computes in): the whole model runs the reference modules, after
+    one warning naming the dtype (not one per op)."""
+    maxvit_fast.reset_fallback_warnings()
+    m = small_model(fused=True).double().train()
+    ref = small_model().double().train()
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.manual_seed(0)
+        out = m(x)
+    ours = [w for w in caught if issubclass(w.category, FusedFallbackWarning)]
+    assert len(ours) == 1, [str(w.message) for w in ours]
+    assert "float64" in str(ours[0].message)
+    torch.manual_seed(0)  # the same dropout masks: the reference path draws them with torch
+    torch.testing.assert_close(out, ref(x), rtol=1e-12, atol=1e-12)
+
+
 def test_dispatch_reasons(monkeypatch):
     x = torch.zeros(1)
     assert not dispatch.use_kernels(x, fused=False)
