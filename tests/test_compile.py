@@ -155,6 +155,8 @@ def layernorm_linear_cases():
     yield ln_op.layernorm_linear_op, (x_strided, shared, ln_w, ln_b, w, None, 1e-5, 0)  # block step
     yield ln_op.layernorm_linear_op, (x, per_image, ln_w, ln_b, w, b, 1e-5, C)  # grid step: k/v columns
     yield ln_op.layernorm_linear_op, (x, None, ln_w, None, w, None, 1e-5, 0)  # no extra rows
+    # training: the residual-gradient carrier output
+    yield ln_op.layernorm_linear_op, (x_strided, shared, ln_w, ln_b, w, None, 1e-5, 0, True)
     rows, regs = torch.randn(30, C), torch.randn(6, C)  # the backward's LayerNorm op (no autograd)
     yield ln_op.layernorm_backward_op, (rows, torch.randn(30, C), torch.randn(30, C), regs, torch.randn(6, C), None,
                                         ln_w.detach(), ln_b.detach(), 1e-5, True)
@@ -176,7 +178,7 @@ def output_projection_cases():
 
 
 CASE_GROUPS = {"feedforward": (feedforward_cases, 10), "window_attention": (window_attention_cases, 4),
-               "mbconv": (mbconv_cases, 10), "layernorm_linear": (layernorm_linear_cases, 5),
+               "mbconv": (mbconv_cases, 10), "layernorm_linear": (layernorm_linear_cases, 6),
                "output_projection": (output_projection_cases, 4)}
 
 

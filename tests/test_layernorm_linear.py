@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from maxvit_fast.kernels import layernorm_linear as K
-from maxvit_fast.ops.layernorm_linear import layernorm_linear, layernorm_linear_op, reference
+from maxvit_fast.ops.layernorm_linear import layernorm_linear, layernorm_linear_op, reference, route_residual_gradient
 
 from .conftest import DEVICE
 from .helpers import assert_close_l2, assert_close_normwise, assert_within_reference_error, poison_
@@ -143,7 +143,8 @@ def test_gradients_through_the_op(monkeypatch, case):
     monkeypatch.setattr(K, "POISON_OUTPUTS", True)
     x, extra, ln_w, ln_b, w, b, first = inputs(case, torch.float32)
     leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, extra, ln_w, ln_b, w, b)]
-    out, extra_out = layernorm_linear(*leaves, 1e-5, first)
+    out, extra_out, carrier = layernorm_linear(*leaves, 1e-5, first)
+    assert carrier is None  # only on request
     ref, ref_extra = reference(*leaves, 1e-5, first)
     assert_close_normwise(out, ref, 1e-5, name="token rows")
     assert_close_normwise(extra_out, ref_extra, 1e-5, name="extra rows")
@@ -188,17 +189,29 @@ def test_layernorm_backward_rows_matches_autograd(monkeypatch, path):
     assert_close_normwise(db, ref[3], 1e-5, name="dbeta")
 
 
-def test_op_without_extra_rows_gradients():
+@pytest.mark.parametrize("carrier", [False, True], ids=["plain", "residual_carrier"])
+def test_op_without_extra_rows_gradients(carrier):
+    """Gradients through the op; with the residual carrier, y = x + (anything) computed with x
+    detached and joined by route_residual_gradient gives x the residual's gradient too, added in
+    the op's backward (fp32 at 1e-5 against autograd of the reference)."""
     C = 16
     x = make_tokens(3, 3, 3, C, torch.float32, "channels_last").detach().requires_grad_()
     ln_w, ln_b, w, _ = make_params(C, 3 * C, torch.float32)
     params = [t.requires_grad_() for t in (ln_w, ln_b, w)]
-    out, empty = layernorm_linear_op(x, None, *params[:2], params[2], None, 1e-5, 0)
+    out, empty, carried = layernorm_linear_op(x, None, *params[:2], params[2], None, 1e-5, 0, carrier)
     assert empty.numel() == 0
     ref = F.linear(F.layer_norm(x, (C,), params[0], params[1], 1e-5), params[2])
-    cot = torch.randn_like(ref)
-    for name, a, r in zip(("x", "ln_weight", "ln_bias", "weight"), torch.autograd.grad((out * cot).sum(), [x, *params]),
-                          torch.autograd.grad((ref * cot).sum(), [x, *params])):
+    cot, cot_residual = torch.randn_like(ref), torch.randn_like(x)
+    loss, loss_ref = (out * cot).sum(), (ref * cot).sum()
+    if carrier:
+        assert carried.shape == x.shape and carried.untyped_storage().nbytes() == x.element_size()
+        assert torch.all(carried == 0)
+        y = route_residual_gradient(x.detach() + 1.0, carried)  # y = x + 1 with x detached
+        loss, loss_ref = loss + (y * cot_residual).sum(), loss_ref + ((x + 1.0) * cot_residual).sum()
+    else:
+        assert carried.numel() == 0
+    for name, a, r in zip(("x", "ln_weight", "ln_bias", "weight"), torch.autograd.grad(loss, [x, *params]),
+                          torch.autograd.grad(loss_ref, [x, *params])):
         assert_close_l2(a, r, 1e-5, name=f"grad {name}")
 
 
@@ -240,11 +253,12 @@ def maxvit_t_requests(arch):
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         for elem in ("fp16", "bf16"):
             for step, first in (("block", 0), ("grid", C)):
-                sig = {n: f"*{elem}" for n in ("x_ptr", "extra_ptr", "out_ptr", "extra_out_ptr", "ln_w_ptr", "ln_b_ptr",
-                                               "w_ptr")}
+                sig = {n: f"*{elem}" for n in ("x_ptr", "extra_ptr", "out_ptr", "extra_out_ptr", "carrier_ptr",
+                                               "ln_w_ptr", "ln_b_ptr", "w_ptr")}
                 sig.update({n: "i32" for n in _INTS}, eps="fp32")
                 constexprs = dict(C=C, N=3 * C, EXTRA_COL0=first, **cfg, HAS_LN_WEIGHT=True, HAS_LN_BIAS=True,
-                                  HAS_BIAS=False, FP32_DOT=False, ROUND_BF16=False, stride_xc=1, stride_ec=1, b_ptr=None)
+                                  HAS_BIAS=False, FP32_DOT=False, ROUND_BF16=False, stride_xc=1, stride_ec=1, b_ptr=None,
+                                  WRITE_CARRIER=step == "block")  # (training writes it, both steps)
                 requests.append(dict(module="maxvit_fast.kernels.layernorm_linear", kernel="layernorm_linear_kernel",
                                      signature=sig, constexprs=constexprs, arch=arch, num_warps=warps, num_stages=stages,
                                      divisible=_DIVISIBLE, label=f"C={C} {step} {elem}"))

@@ -281,6 +281,31 @@ def test_eval_step_is_four_or_three_launches_and_matches(pattern):
         assert_close_normwise(regs_f, regs_r, 1e-5, name="register rows")
 
 
+@pytest.mark.parametrize("pattern", ["block", "grid"])
+def test_backward_sums_the_residual_gradient_in_the_layernorm_kernel(pattern):
+    """Training: x's residual gradient reaches the LayerNorm + qkv op's backward through its
+    carrier output and is added inside the LayerNorm backward kernel: the backward writes no
+    x-sized sum (autograd's add of x's two gradients), and x's gradient is the reference's."""
+    batch, nx, ny, window, r, dim_head, heads = 2, 2, 2, 3, 4, 16, 2
+    dim = dim_head * heads
+    attn = make_attention(dim, dim_head, window, r, dropout=0.0).train()
+    x = make_inputs(batch, nx, ny, window, dim, pattern).contiguous().requires_grad_()
+    registers = make_registers(batch, r, dim, per_image=pattern == "grid").requires_grad_()
+    need_regs = pattern == "block"
+    out_f, regs_f = run(x, registers, attn, pattern, True, need_regs)
+    out_r, regs_r = run(x, registers, attn, pattern, False, need_regs)
+    cot = [torch.randn_like(out_r), torch.randn_like(regs_r) if need_regs else None]
+    loss = sum((o * c).sum() for o, c in zip((out_f, regs_f), cot) if o is not None)
+    with TrafficCounter() as counter:
+        (gx_f,) = torch.autograd.grad(loss, [x])
+    x_bytes = x.numel() * x.element_size()
+    sums = [o for o in counter.report().ops if o.op.split(".")[0] in ("aten::add", "aten::add_") and o.bytes >= x_bytes]
+    assert not sums, sums
+    assert any(o.op == "triton:layernorm_backward_kernel" for o in counter.report().ops)
+    (gx_r,) = torch.autograd.grad(sum((o * c).sum() for o, c in zip((out_r, regs_r), cot) if o is not None), [x])
+    assert_close_l2(gx_f, gx_r, 1e-5, name="grad x")
+
+
 def test_eval_per_image_registers_with_register_outputs():
     """(B, r, C) register rows with register outputs (not a model configuration): the register
     projection takes the addmm over an expanded residual; fp32 at 1e-5."""

@@ -38,7 +38,11 @@ step, in eval mode 4 launches (block step) or 3 (grid step):
    never use it), the register rows numbered after the tokens (rows B*H*W + i), and regenerated
    in the backward: one dropout_grad launch for both sets, one mm for both input gradients and
    mm + in-place addmm_ for the weight gradient. Eval keeps cuBLAS (one launch either way, a
-   tuned GEMM).
+   tuned GEMM). With autograd recording, the tokens' residual is added with x detached and its
+   gradient reaches step 1's backward through that op's carrier output
+   (``route_residual_gradient``, ops/layernorm_linear.py), which adds it inside the LayerNorm
+   backward kernel: no autograd sum of x's two gradients (-1 launch and one x-sized write per
+   step in the backward).
 
 Training step, counted (``maxvit_fast.traffic``, Triton launches dry-run; MaxViT-T, 224 x 224,
 batch 1; ``TRITON_INTERPRET=1 maxvit-bench --traffic --train --dtype bf16``), attention forward
@@ -66,7 +70,7 @@ import torch
 
 from ..dispatch import kernels_unavailable_reason, use_kernels
 from ..reference import Attention
-from .layernorm_linear import layernorm_linear
+from .layernorm_linear import layernorm_linear, route_residual_gradient
 from .layernorm_linear import unsupported_reason as layernorm_linear_unsupported
 from .library import custom_op, draw_seed, seed_tensor
 from .output_projection import linear_dropout_residual
@@ -325,9 +329,20 @@ def _fused(x, registers, attn: Attention, pattern: str, need_register_outputs: b
     # (grid step), so their output columns start at C. Where that kernel cannot run (rows beyond
     # its int32 indexing), LayerNorm + cuBLAS per row set.
     regs = registers if registers.ndim == 3 else registers.unsqueeze(0)  # (1 or B, r, C)
-    qkv, reg_qkv = layernorm_linear(
+    use_kernel = layernorm_linear_unsupported(x, regs) is None
+    # Training: x's two gradients (the residual's and the LayerNorm's) are summed inside the
+    # LayerNorm backward kernel instead of by autograd in a pass over the map: the residual is
+    # added with x detached, and its gradient reaches the LayerNorm + qkv op's backward through
+    # the op's carrier output (route_residual_gradient).
+    carry = use_kernel and torch.is_grad_enabled() and x.requires_grad
+    qkv, reg_qkv, carrier = layernorm_linear(
         x, regs, norm.weight, norm.bias, qkv_weight, attn.to_qkv.bias, norm.eps,
-        extra_first_col=0 if register_queries else c, use_kernel=layernorm_linear_unsupported(x, regs) is None)
+        extra_first_col=0 if register_queries else c, use_kernel=use_kernel, residual_carrier=carry)
+    residual = x.detach() if carry else x
+
+    def joined(out):
+        return route_residual_gradient(out, carrier) if carry else out
+
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
 
@@ -349,10 +364,11 @@ def _fused(x, registers, attn: Attention, pattern: str, need_register_outputs: b
         # rows' residual the shared rows expanded (stride 0) and their dropout rows numbered
         # after the tokens'; one dropout_grad launch for both in the backward
         if not register_queries:
-            return linear_dropout_residual(o, out_weight, x, out_p, seed, _STREAM_OUT), None
-        return linear_dropout_residual(o, out_weight, x, out_p, seed, _STREAM_OUT, o_reg,
-                                       _expand_registers(regs, o_reg))
-    out = _project_residual(o, x, out_weight)
+            return joined(linear_dropout_residual(o, out_weight, residual, out_p, seed, _STREAM_OUT)), None
+        out, reg_out = linear_dropout_residual(o, out_weight, residual, out_p, seed, _STREAM_OUT, o_reg,
+                                               _expand_registers(regs, o_reg))
+        return joined(out), reg_out
+    out = joined(_project_residual(o, residual, out_weight))
     reg_out = _project_register_rows(o_reg, regs, out_weight) if register_queries else None
     return out, reg_out
 
