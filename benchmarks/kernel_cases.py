@@ -353,7 +353,6 @@ def _build_conv1x1_case(spec: CaseSpec, batch: int, dtype: torch.dtype, dev, sid
 
     role = spec.op[len("conv1x1_"):]
     project = role.startswith("project")
-    stats = role.endswith("stats")
     hidden = 4 * width
     K, N = (hidden, width) if project else (width, hidden)
     P = side * side
